@@ -1,0 +1,317 @@
+"""Prototype drift and virtual features (paper Section 3.3, Eq. 3–6).
+
+Pure functions on tensors, plus :class:`DriftCompensator`, the state a trainer keeps across stages.
+
+Vocabulary (stage b < i−1 is an earlier stage, F_b its model; F_{i−1} is the teacher of stage i):
+
+* ``prototypes``: μ^b_{b,k}, the mean F_b embedding of class k of stage b (end of stage b).
+* ``prototype_drift``: Δμ^{b→i−1}_{b,k}, how far that prototype moved between F_b and F_{i−1} (Eq. 3),
+  estimated from the drift of stage i−1's training features, weighted by their similarity to μ.
+* ``feature_drift``: Δf^{i−1→b}_x, the estimated shift taking a teacher feature back to F_b (Eq. 4).
+* ``virtual_features``: f̂^b_x = f^{i−1}_x + Δf^{i−1→b}_x, what F_b would have output for x — without
+  loading F_b.
+
+The similarity weight S: the paper uses the cosine, which can be negative and make Σ S ≈ 0 (the
+ratio then explodes). ``"cosine_relu"`` (default) uses max(cos, 0) + eps, ``"cosine"`` is the paper's
+raw weights and raises when a weight sum is ≈ 0, ``"gaussian"`` is SDC's exp(−‖f − μ‖² / 2σ²).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+SIMILARITIES = ("cosine_relu", "cosine", "gaussian")
+DRIFT_MODES = ("direct", "chained")
+
+
+def _check_features(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n, embedding_size), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
+def _check_same_dim(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> None:
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"{a_name} and {b_name} have different embedding sizes: {a.shape[1]} vs {b.shape[1]}"
+        )
+
+
+def prototypes(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means μ_k of ``embeddings`` (N, D) grouped by integer ``labels`` (N,).
+
+    Returns ``(class_ids, means)``: sorted unique labels (K,) and their mean embeddings (K, D), float32.
+    """
+    _check_features(embeddings, "embeddings")
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"labels must be a 1-D tensor with one entry per embedding ({embeddings.shape[0]}), "
+            f"got {getattr(labels, 'shape', type(labels).__name__)}"
+        )
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be integers, got {labels.dtype}")
+    class_ids, inverse = torch.unique(labels.to(embeddings.device), sorted=True, return_inverse=True)
+    sums = torch.zeros(len(class_ids), embeddings.shape[1], dtype=torch.float32, device=embeddings.device)
+    sums.index_add_(0, inverse, embeddings.float())
+    counts = torch.bincount(inverse, minlength=len(class_ids)).to(sums)
+    return class_ids, sums / counts[:, None]
+
+
+def similarity_weights(
+    feats: torch.Tensor,
+    prototypes: torch.Tensor,
+    similarity: str = "cosine_relu",
+    dim: int = 0,
+    sigma: float = 0.2,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """S(f_x, μ_k) for every feature and prototype, normalised to sum to 1 along ``dim``; (N, K).
+
+    ``dim=0`` normalises over features (Eq. 3), ``dim=1`` over prototypes (Eq. 4).
+    """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    feats, prototypes = feats.float(), prototypes.float()
+    if similarity == "gaussian":
+        if not sigma > 0:
+            raise ValueError(f"sigma must be positive, got {sigma!r}")
+        # The softmax of the log-weights is the normalised Gaussian weight without underflow to 0/0.
+        return torch.softmax(-torch.cdist(feats, prototypes).pow(2) / (2 * sigma**2), dim=dim)
+    cos = F.normalize(feats, dim=1) @ F.normalize(prototypes, dim=1).T
+    if similarity == "cosine_relu":
+        weights = cos.clamp(min=0) + eps
+    else:
+        weights = cos
+    total = weights.sum(dim=dim, keepdim=True)
+    if similarity == "cosine" and bool((total.abs() < eps).any()):
+        raise ValueError(
+            "a sum of raw cosine weights is ~0, so the weighted drift is undefined (Eq. 3/4 divide by it); "
+            "use similarity='cosine_relu' or 'gaussian'"
+        )
+    return weights / total
+
+
+def prototype_drift(
+    old_feats: torch.Tensor,
+    new_feats: torch.Tensor,
+    prototypes: torch.Tensor,
+    similarity: str = "cosine_relu",
+    **weight_kwargs,
+) -> torch.Tensor:
+    """Eq. 3: Δμ_k = Σ_x S(f^old_x, μ_k) (f^new_x − f^old_x) / Σ_x S(f^old_x, μ_k); shape (K, D).
+
+    ``old_feats`` and ``new_feats`` are the same images embedded by the old and the new model;
+    ``prototypes`` live in the old model's space.
+    """
+    _check_features(old_feats, "old_feats")
+    _check_features(new_feats, "new_feats")
+    _check_features(prototypes, "prototypes")
+    if old_feats.shape != new_feats.shape:
+        raise ValueError(
+            f"old_feats and new_feats must embed the same images: shapes {tuple(old_feats.shape)} "
+            f"and {tuple(new_feats.shape)}"
+        )
+    _check_same_dim(prototypes, old_feats, "prototypes", "old_feats")
+    weights = similarity_weights(old_feats, prototypes, similarity, dim=0, **weight_kwargs)
+    return weights.T @ (new_feats.float() - old_feats.float())
+
+
+def feature_drift(
+    feats: torch.Tensor,
+    prototypes: torch.Tensor,
+    prototype_drift: torch.Tensor,
+    similarity: str = "cosine_relu",
+    **weight_kwargs,
+) -> torch.Tensor:
+    """Eq. 4: Δf_x = − Σ_k S(f_x, μ_k) Δμ_k / Σ_k S(f_x, μ_k); shape (B, D).
+
+    ``feats`` are teacher (F_{i−1}) features, ``prototypes`` the drifted prototypes μ^{i−1}_{b,k} in
+    the teacher's space, ``prototype_drift`` their drift Δμ^{b→i−1}_{b,k}. The result takes the
+    teacher features back toward stage b's space.
+    """
+    _check_features(feats, "feats")
+    _check_features(prototypes, "prototypes")
+    _check_features(prototype_drift, "prototype_drift")
+    _check_same_dim(prototypes, feats, "prototypes", "feats")
+    if prototype_drift.shape != prototypes.shape:
+        raise ValueError(
+            f"prototype_drift must have the prototypes' shape {tuple(prototypes.shape)}, "
+            f"got {tuple(prototype_drift.shape)}"
+        )
+    weights = similarity_weights(feats, prototypes, similarity, dim=1, **weight_kwargs)
+    return -(weights @ prototype_drift.float())
+
+
+@torch.no_grad()
+def virtual_features(
+    teacher_feats: torch.Tensor,
+    prototypes: torch.Tensor,
+    prototype_drift: torch.Tensor,
+    similarity: str = "cosine_relu",
+    normalize: bool = True,
+    **weight_kwargs,
+) -> torch.Tensor:
+    """f̂^b = f^{i−1} + Δf^{i−1→b} (Eq. 4), a constant (no gradient), float32.
+
+    ``normalize`` re-projects onto the unit sphere: the Gram loss normalises rows anyway, and the
+    models output L2-normalised embeddings, so drift is measured and undone in that space.
+    """
+    virtual = teacher_feats.float() + feature_drift(teacher_feats, prototypes, prototype_drift, similarity, **weight_kwargs)
+    return F.normalize(virtual, dim=1) if normalize else virtual
+
+
+class DriftCompensator:
+    """Per-stage prototypes and their accumulated drift: what stage i needs of stages < i−1.
+
+    Lifecycle, with stages numbered 0, 1, ... in order of arrival:
+
+    1. After stage b trains, ``add_stage(F_b(τ_b), labels)`` stores the prototypes μ^b_b.
+    2. Still offline, the drift of every earlier stage is brought up to F_b:
+       ``mode="direct"`` (the paper, Eq. 3): for each earlier stage t in ``stages_to_measure()``,
+       ``update_drift(F_t(τ_b), F_b(τ_b), stage=t)`` — each old checkpoint is loaded once, one at a time.
+       ``mode="chained"`` (SDC): ``update_drift(F_{b−1}(τ_b), F_b(τ_b))`` composes the step drift of
+       the previous model onto every earlier stage — only the previous model (stage b's teacher) is needed.
+    3. While stage b+1 trains, ``virtual_features(teacher_feats)`` gives f̂^t for every t < b (Eq. 4),
+       and ``correlation_loss(student, teacher)`` the summed Eq. 6 loss over the real teacher (t = b)
+       and the virtual ones.
+
+    Memory is O(classes × D); ``state_dict()`` holds only tensors, lists, strings and numbers.
+    """
+
+    def __init__(
+        self,
+        mode: str = "direct",
+        similarity: str = "cosine_relu",
+        sigma: float = 0.2,
+        eps: float = 1e-6,
+        normalize: bool = True,
+        loss_fn: torch.nn.Module | None = None,
+    ):
+        if mode not in DRIFT_MODES:
+            raise ValueError(f"mode must be one of {DRIFT_MODES}, got {mode!r}")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        if not sigma > 0:
+            raise ValueError(f"sigma must be positive, got {sigma!r}")
+        self.mode, self.similarity, self.sigma, self.eps, self.normalize = mode, similarity, sigma, eps, normalize
+        if loss_fn is None:
+            from .losses import GramCorrelationLoss
+
+            loss_fn = GramCorrelationLoss()
+        self.loss_fn = loss_fn
+        self.class_ids: list[torch.Tensor] = []
+        self.stage_prototypes: list[torch.Tensor] = []  # μ^b_b, in F_b's space
+        self.prototype_drifts: list[torch.Tensor] = []  # Δμ^{b→latest}
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_prototypes)
+
+    def _weight_kwargs(self) -> dict:
+        return {"sigma": self.sigma, "eps": self.eps}
+
+    def add_stage(self, embeddings: torch.Tensor, labels: torch.Tensor) -> int:
+        """Store the prototypes of the stage that just finished (its own model's embeddings); returns its index."""
+        class_ids, means = prototypes(embeddings.detach(), labels)
+        if self.stage_prototypes and means.shape[1] != self.stage_prototypes[0].shape[1]:
+            raise ValueError(
+                f"embedding size {means.shape[1]} differs from the earlier stages' {self.stage_prototypes[0].shape[1]}"
+            )
+        for t, earlier in enumerate(self.class_ids):
+            overlap = set(earlier.tolist()) & set(class_ids.tolist())
+            if overlap:
+                raise ValueError(f"classes {sorted(overlap)[:10]} already belong to stage {t}: stages must be disjoint")
+        self.class_ids.append(class_ids.cpu())
+        self.stage_prototypes.append(means)
+        self.prototype_drifts.append(torch.zeros_like(means))
+        return self.num_stages - 1
+
+    def stages_to_measure(self) -> list[int]:
+        """Which earlier models' features ``update_drift`` needs after the latest ``add_stage``."""
+        if self.num_stages < 2:
+            return []
+        return list(range(self.num_stages - 1)) if self.mode == "direct" else [self.num_stages - 2]
+
+    def drifted_prototypes(self, stage: int) -> torch.Tensor:
+        """μ^{latest}_{stage,k} = μ^{stage}_{stage,k} + Δμ^{stage→latest}_{stage,k}."""
+        return self.stage_prototypes[stage] + self.prototype_drifts[stage]
+
+    def update_drift(self, old_feats: torch.Tensor, new_feats: torch.Tensor, stage: int | None = None) -> None:
+        """Bring the drift of earlier stages up to the latest model (Eq. 3).
+
+        ``new_feats``: the latest model on the latest stage's training images. ``old_feats``: the same
+        images through F_stage (direct mode, ``stage`` required) or through the previous model
+        (chained mode, ``stage`` omitted or equal to the previous stage).
+        """
+        allowed = self.stages_to_measure()
+        if not allowed:
+            raise ValueError("update_drift needs at least two stages added (there is no earlier stage)")
+        if self.mode == "direct":
+            if stage not in allowed:
+                raise ValueError(f"direct mode: stage must be one of {allowed}, got {stage!r}")
+            self.prototype_drifts[stage] = prototype_drift(
+                old_feats, new_feats, self.stage_prototypes[stage], self.similarity, **self._weight_kwargs()
+            )
+            return
+        if stage not in (None, allowed[0]):
+            raise ValueError(f"chained mode measures only the previous stage ({allowed[0]}), got stage={stage!r}")
+        # Step drift F_{latest-1} → F_latest, weighted by prototypes already carried into F_{latest-1}'s space.
+        for t in range(self.num_stages - 1):
+            self.prototype_drifts[t] = self.prototype_drifts[t] + prototype_drift(
+                old_feats, new_feats, self.drifted_prototypes(t), self.similarity, **self._weight_kwargs()
+            )
+
+    def virtual_features(self, teacher_feats: torch.Tensor) -> list[torch.Tensor]:
+        """f̂^t for every stage t before the teacher's own (Eq. 4); constants, one (B, D) tensor per stage."""
+        return [
+            virtual_features(
+                teacher_feats,
+                self.drifted_prototypes(t).to(teacher_feats.device),
+                self.prototype_drifts[t].to(teacher_feats.device),
+                self.similarity,
+                normalize=self.normalize,
+                **self._weight_kwargs(),
+            )
+            for t in range(self.num_stages - 1)
+        ]
+
+    def correlation_loss(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
+        """Eq. 6: Σ_t L_corr^{t→i} over the real teacher and the virtual features of earlier stages."""
+        teachers = [teacher_emb.detach()] + self.virtual_features(teacher_emb.detach())
+        return sum(self.loss_fn(student_emb, ref_emb=t) for t in teachers)
+
+    def state_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "similarity": self.similarity,
+            "sigma": float(self.sigma),
+            "eps": float(self.eps),
+            "normalize": bool(self.normalize),
+            "class_ids": [c.clone() for c in self.class_ids],
+            "stage_prototypes": [p.detach().cpu().clone() for p in self.stage_prototypes],
+            "prototype_drifts": [d.detach().cpu().clone() for d in self.prototype_drifts],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("mode", "similarity"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"state_dict was saved with {key}={state.get(key)!r}, this compensator has {getattr(self, key)!r}")
+        lengths = {len(state[k]) for k in ("class_ids", "stage_prototypes", "prototype_drifts")}
+        if len(lengths) != 1:
+            raise ValueError("state_dict is inconsistent: class_ids, stage_prototypes and prototype_drifts differ in length")
+        self.sigma, self.eps, self.normalize = state["sigma"], state["eps"], state["normalize"]
+        self.class_ids = [c.clone() for c in state["class_ids"]]
+        self.stage_prototypes = [p.clone() for p in state["stage_prototypes"]]
+        self.prototype_drifts = [d.clone() for d in state["prototype_drifts"]]
+
+    def __repr__(self) -> str:
+        return f"DriftCompensator(mode={self.mode!r}, similarity={self.similarity!r}, stages={self.num_stages})"

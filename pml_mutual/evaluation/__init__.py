@@ -1,0 +1,18 @@
+from .metrics import accuracy_matrix, average_forgetting, backward_transfer
+from .recall import nearest_neighbours, recall_at_k
+from .results import load_json, save_json, summarize_run, to_markdown
+from .stages import extract_embeddings, stage_recalls
+
+__all__ = [
+    "recall_at_k",
+    "nearest_neighbours",
+    "extract_embeddings",
+    "stage_recalls",
+    "accuracy_matrix",
+    "average_forgetting",
+    "backward_transfer",
+    "summarize_run",
+    "save_json",
+    "load_json",
+    "to_markdown",
+]

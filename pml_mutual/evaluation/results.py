@@ -1,0 +1,124 @@
+"""One JSON schema for the results of an online run, and its Markdown rendering.
+
+Schema ``pml-mutual/results/v1``::
+
+    {
+      "schema": "pml-mutual/results/v1",
+      "method": str, "ks": [1, 2, 4, 8],
+      "stages": [                              # one entry per stage, in order
+        {"stage": i,
+         "old": {"1": r, "2": r, ...} | null,  # Recall@K on earlier stages' classes (null at stage 0)
+         "new": {...}, "all": {...},           # this stage's classes; every class seen so far
+         "per_stage": [{...}, ...]}            # Recall@K on stage j's classes, j = 0..i
+      ],
+      "accuracy_matrix": [[R00, null, ...], [R10, R11, ...], ...],   # Recall@1, row = after stage i
+      "average_forgetting": float, "backward_transfer": float, "final_all_recall@1": float
+    }
+
+Recall values are fractions in [0, 1]; JSON object keys are strings, so K is written as "1", "2", ...
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from .metrics import accuracy_matrix, average_forgetting, backward_transfer
+
+SCHEMA = "pml-mutual/results/v1"
+
+
+def _keys_to_str(rec):
+    return None if rec is None else {str(k): float(v) for k, v in rec.items()}
+
+
+def _keys_to_int(rec):
+    return None if rec is None else {int(k): float(v) for k, v in rec.items()}
+
+
+def summarize_run(stage_results: Sequence[dict], method: str = "", ks: Sequence[int] = (1, 2, 4, 8)) -> dict:
+    """Build the results document from the outputs of :func:`stage_recalls`, one per stage."""
+    if not stage_results:
+        raise ValueError("no stage results to summarise")
+    R = accuracy_matrix(stage_results, k=1)
+    return {
+        "schema": SCHEMA,
+        "method": method,
+        "ks": list(ks),
+        "stages": [
+            {
+                "stage": res["stage"],
+                "old": _keys_to_str(res["old"]),
+                "new": _keys_to_str(res["new"]),
+                "all": _keys_to_str(res["all"]),
+                "per_stage": [_keys_to_str(r) for r in res["per_stage"]],
+            }
+            for res in stage_results
+        ],
+        "accuracy_matrix": R,
+        "average_forgetting": average_forgetting(R),
+        "backward_transfer": backward_transfer(R),
+        "final_all_recall@1": float(stage_results[-1]["all"][1]),
+    }
+
+
+def stage_results_from_summary(summary: dict) -> list[dict]:
+    """The per-stage results back with integer K keys (inverse of :func:`summarize_run`)."""
+    return [
+        {
+            "stage": s["stage"],
+            "old": _keys_to_int(s["old"]),
+            "new": _keys_to_int(s["new"]),
+            "all": _keys_to_int(s["all"]),
+            "per_stage": [_keys_to_int(r) for r in s["per_stage"]],
+        }
+        for s in summary["stages"]
+    ]
+
+
+def save_json(summary: dict, path: str | os.PathLike) -> None:
+    """Write atomically (temp file + rename) so a killed run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)
+
+
+def load_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path}")
+    summary = json.loads(path.read_text())
+    if summary.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a {SCHEMA} document (schema={summary.get('schema')!r})")
+    return summary
+
+
+def _pct(rec, k=1):
+    return "–" if rec is None else f"{100 * rec[str(k)]:.2f}"
+
+
+def to_markdown(summary: dict, k: int = 1) -> str:
+    """Two tables: Recall@k old/new/all after each stage, and the final model on each stage's classes."""
+    lines = [
+        f"Recall@{k} (%){' — ' + summary['method'] if summary.get('method') else ''}",
+        "",
+        "| after stage | old | new | all |",
+        "|---|---|---|---|",
+    ]
+    for s in summary["stages"]:
+        lines.append(f"| {s['stage']} | {_pct(s['old'], k)} | {_pct(s['new'], k)} | {_pct(s['all'], k)} |")
+    final = summary["stages"][-1]
+    header = " | ".join(f"stage {j}" for j in range(len(final["per_stage"])))
+    lines += [
+        "",
+        f"| final model | {header} | all |",
+        "|---" * (len(final["per_stage"]) + 2) + "|",
+        "| Recall@%d | " % k + " | ".join(_pct(r, k) for r in final["per_stage"]) + f" | {_pct(final['all'], k)} |",
+        "",
+        f"average forgetting: {100 * summary['average_forgetting']:.2f} · "
+        f"backward transfer: {100 * summary['backward_transfer']:.2f}",
+    ]
+    return "\n".join(lines)

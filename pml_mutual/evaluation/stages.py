@@ -1,0 +1,77 @@
+"""Per-stage retrieval evaluation: old / new / all classes and each earlier stage (paper Tables 2–3)."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .recall import _to_numpy, check_ks, recall_at_k
+
+
+@torch.no_grad()
+def extract_embeddings(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    amp: bool = False,
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed a ``(x, label)`` dataset in eval mode without gradients; returns float32 CPU (N, D) and (N,).
+
+    The model's train/eval mode is restored afterwards. ``amp`` runs the forward under autocast
+    (float16 on CUDA, bfloat16 on CPU); the embeddings are returned in float32 either way.
+    """
+    if len(dataset) == 0:
+        raise ValueError("cannot extract embeddings of an empty dataset")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    chunks, labels = [], []
+    try:
+        for x, y in loader:
+            with torch.autocast(device.type, enabled=amp, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16):
+                out = model(x.to(device))
+            chunks.append(out.float().cpu())
+            labels.append(torch.as_tensor(y).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks), torch.cat(labels).long()
+
+
+def _recall_on(emb, lab, mask, ks):
+    if not mask.any():
+        return None
+    return recall_at_k(emb[mask], lab[mask], ks)
+
+
+def stage_recalls(
+    embeddings,
+    labels,
+    class_to_stage: Mapping[int, int],
+    stage: int,
+    ks: Sequence[int] = (1, 2, 4, 8),
+) -> dict:
+    """Recall@K after ``stage`` on: old classes (earlier stages), new classes (this stage), all classes
+    seen so far, and each stage's classes (``per_stage[j]``). Test items of later stages are ignored.
+
+    Each subset is its own query = gallery set, as in the paper. Missing subsets (no old classes at
+    stage 0) are ``None``.
+    """
+    ks = check_ks(ks)
+    emb = _to_numpy(embeddings, "embeddings")
+    lab = _to_numpy(labels, "labels")
+    unknown = set(np.unique(lab).tolist()) - set(class_to_stage)
+    if unknown:
+        raise ValueError(f"labels {sorted(unknown)[:10]} have no stage in class_to_stage")
+    item_stage = np.array([class_to_stage[int(c)] for c in lab], dtype=np.int64)
+    return {
+        "stage": int(stage),
+        "old": _recall_on(emb, lab, item_stage < stage, ks),
+        "new": _recall_on(emb, lab, item_stage == stage, ks),
+        "all": _recall_on(emb, lab, item_stage <= stage, ks),
+        "per_stage": [_recall_on(emb, lab, item_stage == j, ks) for j in range(stage + 1)],
+    }

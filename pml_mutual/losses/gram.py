@@ -1,0 +1,98 @@
+"""Shared pieces of the Gram-matrix distillation losses (paper Eq. 1, 2, 5).
+
+Both losses compare row-softmaxed similarity (Gram) matrices of one batch seen by two networks.
+Everything here runs in float32 with autocast disabled: the softmax of G / T is close to uniform
+for a cosine Gram, so the KL terms are small differences of logs that half precision would erase.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.reducers import MeanReducer
+
+
+def check_embeddings(embeddings: torch.Tensor, name: str = "embeddings") -> None:
+    """Raise a clear error for input a Gram loss cannot use."""
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(embeddings).__name__}")
+    if embeddings.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (batch_size, embedding_size), got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(embeddings.shape)})")
+    if not embeddings.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {embeddings.dtype}")
+    if not torch.isfinite(embeddings).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
+def check_pair(embeddings: torch.Tensor, ref_emb: torch.Tensor | None, ref_name: str = "ref_emb") -> None:
+    if ref_emb is None:
+        raise ValueError(f"{ref_name} is required: pass the other network's embeddings of the same batch")
+    check_embeddings(embeddings, "embeddings")
+    check_embeddings(ref_emb, ref_name)
+    if ref_emb.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"embeddings and {ref_name} must describe the same batch: got {embeddings.shape[0]} and "
+            f"{ref_emb.shape[0]} rows"
+        )
+
+
+def check_temperature(temperature: float) -> float:
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature != temperature:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    return float(temperature)
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def log_softmax_gram(embeddings: torch.Tensor, distance: BaseDistance, temperature: float) -> torch.Tensor:
+    """log σ_T(G): the row log-softmax of the batch's similarity matrix divided by T, in float32.
+
+    G keeps its diagonal (as FECD and the authors' code do). A distance that is not a similarity
+    (e.g. ``LpDistance``) is negated so that larger always means closer.
+    """
+    device_type = embeddings.device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        gram = distance(embeddings.float())
+        if not distance.is_inverted:
+            gram = -gram
+        return F.log_softmax(gram / temperature, dim=1)
+
+
+def rowwise_kl(log_target: torch.Tensor, log_input: torch.Tensor) -> torch.Tensor:
+    """KL(target ‖ input) of each row, from log-probabilities; shape (B,). Exact zero when equal."""
+    return F.kl_div(log_input, log_target, reduction="none", log_target=True).sum(dim=1)
+
+
+class PairedGramLoss(BaseMetricLossFunction):
+    """Base of the losses that compare the Gram matrices of two networks on one batch.
+
+    Called as ``loss_fn(embeddings, ref_emb=other_embeddings)``; ``ref_emb`` is required and must
+    have the same number of rows. Per-row KL values are "element" losses, reduced by default with
+    ``MeanReducer`` (PyTorch's ``batchmean``). The default distance is cosine similarity.
+    """
+
+    ref_name = "ref_emb"
+
+    def __init__(self, temperature: float = 4.0, **kwargs):
+        kwargs.setdefault("distance", CosineSimilarity())
+        super().__init__(**kwargs)
+        self.temperature = check_temperature(temperature)
+        self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        check_pair(embeddings, ref_emb, self.ref_name)
+        # Cast up front: PML's reducers allocate the sub-loss vector in the embeddings' dtype.
+        return super().forward(embeddings.float(), labels, indices_tuple, ref_emb.float(), ref_labels)
+
+    def log_probs(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return log_softmax_gram(embeddings, self.distance, self.temperature)
+
+    def get_default_reducer(self):
+        return MeanReducer()

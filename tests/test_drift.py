@@ -1,0 +1,205 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pml_mutual import DriftCompensator, GramCorrelationLoss
+from pml_mutual.drift import (
+    feature_drift,
+    prototype_drift,
+    prototypes,
+    similarity_weights,
+    virtual_features,
+)
+
+SIMS = ["cosine_relu", "gaussian", "cosine"]
+
+
+def clustered(n_classes, per_class, dim, seed, spread=0.1):
+    """Unit features around well-separated class centres (all in the positive orthant, so raw cosine works)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(n_classes, dim, generator=g) + 0.5
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    feats = centres[labels] + spread * torch.rand(len(labels), dim, generator=g)
+    return F.normalize(feats, dim=1), labels
+
+
+def test_prototypes_are_class_means():
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    ids, means = prototypes(x, torch.tensor([5, 5, 2]))
+    assert ids.tolist() == [2, 5]
+    assert torch.allclose(means, torch.tensor([[0.0, 2.0], [2.0, 0.0]]))
+
+
+@given(st.integers(0, 10_000), st.sampled_from(SIMS), st.integers(2, 6), st.integers(2, 8))
+def test_translation_round_trip(seed, sim, k, d):
+    """Eq. 3/4: a pure translation by v gives drift v for every prototype and virtual features = old features."""
+    old, labels = clustered(k, 5, d, seed)
+    v = torch.randn(d, generator=torch.Generator().manual_seed(seed + 1)) * 0.3
+    new = old + v
+    _, mu = prototypes(old, labels)
+    drift = prototype_drift(old, new, mu, sim)
+    assert torch.allclose(drift, v.expand_as(drift), atol=1e-5)
+    recovered = virtual_features(new, mu + drift, drift, sim, normalize=False)
+    assert torch.allclose(recovered, old, atol=1e-5)
+    assert torch.allclose(feature_drift(new, mu + drift, drift, sim), -v.expand_as(new), atol=1e-5)
+
+
+@given(st.integers(0, 10_000), st.sampled_from(["cosine_relu", "gaussian"]), st.integers(1, 5))
+def test_drift_is_a_convex_combination(seed, sim, k):
+    g = torch.Generator().manual_seed(seed)
+    old = torch.randn(12, 4, generator=g)
+    new = torch.randn(12, 4, generator=g)
+    mu = torch.randn(k, 4, generator=g)
+    w = similarity_weights(old, mu, sim, dim=0)
+    assert torch.all(w >= 0)
+    assert torch.allclose(w.sum(0), torch.ones(k), atol=1e-5)
+    drift = prototype_drift(old, new, mu, sim)
+    delta = new - old
+    # Within the axis-aligned bounding box of the per-feature drifts (a consequence of convexity).
+    assert torch.all(drift <= delta.max(0).values + 1e-5)
+    assert torch.all(drift >= delta.min(0).values - 1e-5)
+    fd = feature_drift(new, mu + drift, drift, sim)
+    assert torch.all(-fd <= drift.max(0).values + 1e-5) and torch.all(-fd >= drift.min(0).values - 1e-5)
+
+
+@given(st.integers(0, 10_000), st.sampled_from(SIMS))
+def test_no_drift_when_models_agree(seed, sim):
+    old, labels = clustered(3, 4, 5, seed)
+    _, mu = prototypes(old, labels)
+    drift = prototype_drift(old, old.clone(), mu, sim)
+    assert torch.count_nonzero(drift) == 0
+    assert torch.allclose(virtual_features(old, mu, drift, sim), old, atol=1e-6)
+
+
+def test_cosine_relu_falls_back_when_every_weight_is_zero():
+    # Every feature is orthogonal/opposite to the prototype: weights are all eps, i.e. a plain average.
+    old = torch.tensor([[-1.0, 0.0], [0.0, -1.0]])
+    new = old + torch.tensor([[0.2, 0.0], [0.0, 0.4]])
+    drift = prototype_drift(old, new, torch.tensor([[1.0, 0.0]]), "cosine_relu")
+    assert torch.allclose(drift, torch.tensor([[0.1, 0.2]]))
+    with pytest.raises(ValueError, match="~0"):
+        prototype_drift(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), new, torch.tensor([[1.0, 0.0]]), "cosine")
+
+
+def test_gaussian_far_features_do_not_underflow():
+    old = torch.tensor([[100.0, 0.0], [101.0, 0.0]])
+    drift = prototype_drift(old, old + 1.0, torch.tensor([[-100.0, 0.0]]), "gaussian")
+    assert torch.isfinite(drift).all() and torch.allclose(drift, torch.ones(1, 2))
+
+
+def three_stages(mode, shifts):
+    """Stages of disjoint classes; each new model is the previous one translated by shifts[i]."""
+    comp = DriftCompensator(mode=mode)
+    models = [torch.zeros(4)]
+    for s in shifts:
+        models.append(models[-1] + s)
+    data = [clustered(3, 6, 4, seed=i) for i in range(len(models))]
+    for i, (x, y) in enumerate(data):
+        comp.add_stage(x + models[i], y + 10 * i)
+        for t in comp.stages_to_measure():
+            old_model = models[t] if mode == "direct" else models[i - 1]
+            comp.update_drift(x + old_model, x + models[i], stage=t)
+    return comp, models
+
+
+@pytest.mark.parametrize("mode", ["direct", "chained"])
+def test_translated_stages_give_exact_drift(mode):
+    shifts = [torch.tensor([0.1, 0.0, -0.2, 0.05]), torch.tensor([0.0, 0.3, 0.1, 0.0])]
+    comp, models = three_stages(mode, shifts)
+    for t in range(2):
+        assert torch.allclose(comp.prototype_drifts[t], (models[2] - models[t]).expand(3, 4), atol=1e-5)
+
+
+def test_chained_equals_direct_for_translations():
+    shifts = [torch.tensor([0.1, 0.0, -0.2, 0.05]), torch.tensor([0.0, 0.3, 0.1, 0.0]), torch.tensor([0.2, 0.2, 0, 0])]
+    direct, _ = three_stages("direct", shifts)
+    chained, _ = three_stages("chained", shifts)
+    teacher = torch.randn(7, 4)
+    for a, b in zip(direct.virtual_features(teacher), chained.virtual_features(teacher)):
+        assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(direct.prototype_drifts, chained.prototype_drifts):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_virtual_features_recover_earlier_models_under_translation():
+    shifts = [torch.tensor([0.1, 0.0, -0.2, 0.05]), torch.tensor([0.0, 0.3, 0.1, 0.0])]
+    comp = DriftCompensator(mode="direct", normalize=False)
+    models = [torch.zeros(4), shifts[0], shifts[0] + shifts[1]]
+    for i in range(3):
+        x, y = clustered(3, 6, 4, seed=i)
+        comp.add_stage(x + models[i], y + 10 * i)
+        for t in comp.stages_to_measure():
+            comp.update_drift(x + models[t], x + models[i], stage=t)
+    probe = torch.rand(5, 4)
+    virt = comp.virtual_features(probe + models[2])
+    assert len(virt) == 2
+    for t in range(2):
+        assert torch.allclose(virt[t], probe + models[t], atol=1e-5)
+
+
+def test_correlation_loss_sums_real_and_virtual_teachers():
+    comp, _ = three_stages("direct", [torch.tensor([0.1, 0.0, -0.2, 0.05]), torch.tensor([0.0, 0.3, 0.1, 0.0])])
+    student, teacher = torch.randn(8, 4, requires_grad=True), torch.randn(8, 4)
+    got = comp.correlation_loss(student, teacher)
+    loss = GramCorrelationLoss()
+    want = loss(student, ref_emb=teacher) + sum(loss(student, ref_emb=v) for v in comp.virtual_features(teacher))
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    got.backward()
+    assert student.grad is not None
+    single = DriftCompensator()
+    single.add_stage(*clustered(3, 4, 4, 0))
+    assert single.correlation_loss(student, teacher).item() == pytest.approx(loss(student, ref_emb=teacher).item())
+
+
+@pytest.mark.parametrize("mode", ["direct", "chained"])
+def test_state_dict_round_trip(mode, tmp_path):
+    comp, _ = three_stages(mode, [torch.tensor([0.1, 0.0, -0.2, 0.05]), torch.tensor([0.0, 0.3, 0.1, 0.0])])
+    path = tmp_path / "drift.pt"
+    torch.save(comp.state_dict(), path)
+    other = DriftCompensator(mode=mode)
+    other.load_state_dict(torch.load(path, weights_only=True))
+    teacher = torch.randn(6, 4)
+    assert other.num_stages == 3
+    for a, b in zip(comp.virtual_features(teacher), other.virtual_features(teacher)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="mode"):
+        DriftCompensator(mode="chained" if mode == "direct" else "direct").load_state_dict(comp.state_dict())
+
+
+def test_bad_input():
+    x, y = clustered(3, 4, 5, 0)
+    with pytest.raises(ValueError, match="similarity"):
+        prototype_drift(x, x, x[:2], "dot")
+    with pytest.raises(ValueError, match="similarity"):
+        DriftCompensator(similarity="dot")
+    with pytest.raises(ValueError, match="mode"):
+        DriftCompensator(mode="sideways")
+    with pytest.raises(ValueError, match="embedding sizes"):
+        prototype_drift(x, x, torch.randn(2, 7))
+    with pytest.raises(ValueError, match="embedding sizes"):
+        feature_drift(x, torch.randn(2, 7), torch.randn(2, 7))
+    with pytest.raises(ValueError, match="same images"):
+        prototype_drift(x, x[:3], x[:2])
+    with pytest.raises(ValueError, match="NaN"):
+        prototype_drift(x, x * float("nan"), x[:2])
+    with pytest.raises(ValueError, match="2-D"):
+        prototypes(torch.randn(5), torch.arange(5))
+    with pytest.raises(ValueError, match="empty"):
+        prototypes(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(TypeError, match="integers"):
+        prototypes(x, y.float())
+    with pytest.raises(ValueError, match="one entry per embedding"):
+        prototypes(x, y[:3])
+    comp = DriftCompensator()
+    comp.add_stage(x, y)
+    with pytest.raises(ValueError, match="disjoint"):
+        comp.add_stage(x, y)
+    with pytest.raises(ValueError, match="embedding size"):
+        comp.add_stage(torch.randn(4, 7), torch.tensor([7, 7, 8, 8]))
+    with pytest.raises(ValueError, match="two stages"):
+        comp.update_drift(x, x, stage=0)
+    comp.add_stage(x, y + 10)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        comp.update_drift(x, x, stage=1)
