@@ -284,10 +284,20 @@ class DriftCompensator:
             for t in range(self.num_stages - 1)
         ]
 
-    def correlation_loss(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
-        """Eq. 6: Σ_t L_corr^{t→i} over the real teacher and the virtual features of earlier stages."""
-        teachers = [teacher_emb.detach()] + self.virtual_features(teacher_emb.detach())
-        return sum(self.loss_fn(student_emb, ref_emb=t) for t in teachers)
+    def teacher_features(self, teacher_emb: torch.Tensor) -> list[torch.Tensor]:
+        """The real teacher features followed by the virtual features of every earlier stage."""
+        teacher_emb = teacher_emb.detach()
+        return [teacher_emb] + self.virtual_features(teacher_emb)
+
+    def correlation_loss(
+        self, student_emb: torch.Tensor, teacher_emb: torch.Tensor, loss_fn: torch.nn.Module | None = None
+    ) -> torch.Tensor:
+        """Eq. 6: Σ_t L_corr^{t→i} over the real teacher and the virtual features of earlier stages.
+
+        ``loss_fn`` defaults to the compensator's own (a ``GramCorrelationLoss`` unless given).
+        """
+        loss_fn = self.loss_fn if loss_fn is None else loss_fn
+        return sum(loss_fn(student_emb, ref_emb=t) for t in self.teacher_features(teacher_emb))
 
     def state_dict(self) -> dict:
         return {

@@ -37,6 +37,28 @@ def _keys_to_int(rec):
     return None if rec is None else {int(k): float(v) for k, v in rec.items()}
 
 
+def stage_result_to_json(res: dict) -> dict:
+    """One stage's :func:`stage_recalls` output with string K keys (JSON-ready)."""
+    return {
+        "stage": res["stage"],
+        "old": _keys_to_str(res["old"]),
+        "new": _keys_to_str(res["new"]),
+        "all": _keys_to_str(res["all"]),
+        "per_stage": [_keys_to_str(r) for r in res["per_stage"]],
+    }
+
+
+def stage_result_from_json(doc: dict) -> dict:
+    """Inverse of :func:`stage_result_to_json` (integer K keys)."""
+    return {
+        "stage": doc["stage"],
+        "old": _keys_to_int(doc["old"]),
+        "new": _keys_to_int(doc["new"]),
+        "all": _keys_to_int(doc["all"]),
+        "per_stage": [_keys_to_int(r) for r in doc["per_stage"]],
+    }
+
+
 def summarize_run(stage_results: Sequence[dict], method: str = "", ks: Sequence[int] = (1, 2, 4, 8)) -> dict:
     """Build the results document from the outputs of :func:`stage_recalls`, one per stage."""
     if not stage_results:
@@ -46,16 +68,7 @@ def summarize_run(stage_results: Sequence[dict], method: str = "", ks: Sequence[
         "schema": SCHEMA,
         "method": method,
         "ks": list(ks),
-        "stages": [
-            {
-                "stage": res["stage"],
-                "old": _keys_to_str(res["old"]),
-                "new": _keys_to_str(res["new"]),
-                "all": _keys_to_str(res["all"]),
-                "per_stage": [_keys_to_str(r) for r in res["per_stage"]],
-            }
-            for res in stage_results
-        ],
+        "stages": [stage_result_to_json(res) for res in stage_results],
         "accuracy_matrix": R,
         "average_forgetting": average_forgetting(R),
         "backward_transfer": backward_transfer(R),
@@ -65,16 +78,7 @@ def summarize_run(stage_results: Sequence[dict], method: str = "", ks: Sequence[
 
 def stage_results_from_summary(summary: dict) -> list[dict]:
     """The per-stage results back with integer K keys (inverse of :func:`summarize_run`)."""
-    return [
-        {
-            "stage": s["stage"],
-            "old": _keys_to_int(s["old"]),
-            "new": _keys_to_int(s["new"]),
-            "all": _keys_to_int(s["all"]),
-            "per_stage": [_keys_to_int(r) for r in s["per_stage"]],
-        }
-        for s in summary["stages"]
-    ]
+    return [stage_result_from_json(s) for s in summary["stages"]]
 
 
 def save_json(summary: dict, path: str | os.PathLike) -> None:
@@ -84,6 +88,7 @@ def save_json(summary: dict, path: str | os.PathLike) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, path)
+
 
 
 def load_json(path: str | os.PathLike) -> dict:

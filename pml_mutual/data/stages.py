@@ -1,0 +1,105 @@
+"""Stages of classes: splitting a dataset by class, and checking stages before any training starts."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """Integer labels of a ``(x, label)`` dataset without loading its inputs where possible.
+
+    Understands ``TensorDataset``, ``Subset``, ``ConcatDataset`` and datasets with a ``targets`` or
+    ``labels`` attribute (torchvision style); otherwise iterates once.
+    """
+    if isinstance(dataset, Subset):
+        labels = dataset_labels(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    elif isinstance(dataset, ConcatDataset):
+        labels = np.concatenate([dataset_labels(d) for d in dataset.datasets])
+    elif isinstance(dataset, TensorDataset):
+        labels = dataset.tensors[1].numpy() if len(dataset.tensors) > 1 else None
+    elif hasattr(dataset, "targets"):
+        labels = np.asarray(dataset.targets)
+    elif hasattr(dataset, "labels"):
+        labels = np.asarray(dataset.labels)
+    else:
+        labels = np.asarray([dataset[i][1] for i in range(len(dataset))])
+    if labels is None:
+        raise ValueError("the dataset yields no labels: each item must be (input, label)")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"labels must be 1-D integers, got dtype {labels.dtype} and shape {labels.shape}")
+    return labels.astype(np.int64, copy=False)
+
+
+def split_by_stage(dataset: Dataset, class_to_stage: Mapping[int, int]) -> list[Subset]:
+    """One ``Subset`` per stage (0, 1, ...) holding the items whose class ``class_to_stage`` maps to it.
+
+    Items of classes missing from ``class_to_stage`` are left out.
+    """
+    labels = dataset_labels(dataset)
+    n_stages = max(class_to_stage.values()) + 1
+    stage_of = np.array([class_to_stage.get(int(c), -1) for c in labels])
+    return [Subset(dataset, np.flatnonzero(stage_of == s).tolist()) for s in range(n_stages)]
+
+
+def stage_assignment(classes: Sequence[int], first: int, per_stage: int | None = None) -> dict[int, int]:
+    """class → stage for ``classes`` in order: the first ``first`` classes are stage 0, then
+    ``per_stage`` classes per stage (all remaining in stage 1 if ``per_stage`` is None: one-task).
+    The last stage takes the remainder."""
+    classes = [int(c) for c in classes]
+    if not 0 < first < len(classes):
+        raise ValueError(f"first must leave classes for later stages: 0 < first < {len(classes)}, got {first}")
+    rest = classes[first:]
+    per_stage = len(rest) if per_stage is None else per_stage
+    if per_stage <= 0:
+        raise ValueError(f"per_stage must be positive, got {per_stage}")
+    mapping = {c: 0 for c in classes[:first]}
+    n_later = max(1, len(rest) // per_stage)
+    for i, c in enumerate(rest):
+        mapping[c] = 1 + min(i // per_stage, n_later - 1)
+    return mapping
+
+
+def class_to_stage_of(stage_labels: Sequence[np.ndarray]) -> dict[int, int]:
+    """class → stage from each stage's labels; raises if a class appears in two stages."""
+    mapping: dict[int, int] = {}
+    for s, labels in enumerate(stage_labels):
+        for c in np.unique(labels).tolist():
+            if c in mapping:
+                raise ValueError(f"class {c} appears in stage {mapping[c]} and in stage {s}: stages must be disjoint")
+            mapping[c] = s
+    return mapping
+
+
+def check_stages(
+    stage_labels: Sequence[np.ndarray], batch_size: int, m_per_class: int, min_images_per_class: int | None = None
+) -> dict[int, int]:
+    """Everything that would make a stage untrainable, as one clear error before training starts.
+
+    Returns class → stage.
+    """
+    if len(stage_labels) == 0:
+        raise ValueError("no stages given")
+    if m_per_class < 1 or batch_size % m_per_class != 0:
+        raise ValueError(f"batch_size ({batch_size}) must be a multiple of m_per_class ({m_per_class})")
+    min_images = m_per_class if min_images_per_class is None else min_images_per_class
+    mapping = class_to_stage_of(stage_labels)
+    for s, labels in enumerate(stage_labels):
+        classes, counts = np.unique(labels, return_counts=True)
+        if len(classes) < 2:
+            raise ValueError(f"stage {s} has {len(classes)} class(es): metric learning needs at least 2 per stage")
+        if len(classes) * m_per_class < batch_size:
+            raise ValueError(
+                f"stage {s} has {len(classes)} classes: a batch of {batch_size} with {m_per_class} images per "
+                f"class needs at least {batch_size // m_per_class}"
+            )
+        few = classes[counts < min_images]
+        if len(few):
+            raise ValueError(
+                f"stage {s}: classes {few[:10].tolist()} have fewer than {min_images} training images "
+                f"(the sampler draws {m_per_class} per class; lower min_images_per_class to accept repeats)"
+            )
+    return mapping

@@ -1,0 +1,3 @@
+from .mlp import EmbeddingMLP
+
+__all__ = ["EmbeddingMLP"]

@@ -1,0 +1,423 @@
+"""The stage loop of online metric learning: the one place where stages are orchestrated.
+
+For each stage i = 0, 1, ...: build the networks the method needs (F_p from F_{i−1}, a fresh F_s,
+the frozen teacher F_{i−1}), train one :class:`~pml_mutual.trainers.IncrementalTrainer` run, then
+offline: prototypes of the stage and the drift of every earlier stage (Eq. 3, loading old checkpoints
+one at a time), evaluation on every class seen so far, and an atomic checkpoint. A killed run resumes
+from its last epoch with the same command and ends with the same weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+from pytorch_metric_learning.samplers import MPerClassSampler
+from torch.utils.data import ConcatDataset, Dataset, Subset
+
+from .data.stages import check_stages, dataset_labels, split_by_stage
+from .drift import DRIFT_MODES, SIMILARITIES, DriftCompensator
+from .evaluation import extract_embeddings, stage_recalls, summarize_run, to_markdown
+from .evaluation.results import save_json, stage_result_from_json, stage_result_to_json
+from .losses import GramCorrelationLoss, MutualGramLoss
+from .trainers import IncrementalTrainer
+
+LOGGER = logging.getLogger("pml_mutual")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Which parts of Eq. 1 / 6 a method uses after the first stage."""
+
+    train: bool = True  # False: keep F_0 (the "initial" reference)
+    joint: bool = False  # train on every stage's data so far (replay: the upper bound)
+    support: bool = False  # F_s and L_mutual
+    teacher: bool = False  # F_{i-1} and L_corr
+    virtual: bool = False  # virtual features of earlier stages in L_corr (Eq. 6)
+
+
+METHODS: dict[str, Method] = {
+    "initial": Method(train=False),
+    "finetune": Method(),
+    "joint": Method(joint=True),
+    "fecd": Method(teacher=True),
+    "mutual_only": Method(support=True),
+    "fecd_mutual": Method(support=True, teacher=True),
+    "ours": Method(support=True, teacher=True, virtual=True),
+}
+
+
+@dataclasses.dataclass
+class OnlineConfig:
+    """Hyper-parameters of an online run; defaults are the paper's (Adam 1e-5, wd 5e-4, λ = 1/10/8, T = 4)."""
+
+    method: str = "ours"
+    epochs: int = 10
+    initial_epochs: int | None = None  # stage 0 (None: same as ``epochs``)
+    iterations_per_epoch: int = 100
+    batch_size: int = 80
+    m_per_class: int = 5
+    min_images_per_class: int | None = None  # None: m_per_class
+    lr: float = 1e-5
+    weight_decay: float = 5e-4
+    lambda_metric: float = 1.0
+    lambda_corr: float = 10.0
+    lambda_mutual: float = 8.0
+    temperature: float = 4.0
+    corr_direction: str = "forward"
+    mutual_mode: str = "symmetric"
+    drift_mode: str = "direct"
+    drift_similarity: str = "cosine_relu"
+    support_init: str = "fresh"  # "fresh": model_factory() (random, or pretrained trunk + new head); "teacher"
+    freeze_batchnorm: bool = True
+    triplet_margin: float = 0.1
+    ks: tuple[int, ...] = (1, 2, 4, 8)
+    seed: int = 0
+    device: str | None = None
+    eval_batch_size: int = 256
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if self.drift_mode not in DRIFT_MODES:
+            raise ValueError(f"drift_mode must be one of {DRIFT_MODES}, got {self.drift_mode!r}")
+        if self.drift_similarity not in SIMILARITIES:
+            raise ValueError(f"drift_similarity must be one of {SIMILARITIES}, got {self.drift_similarity!r}")
+        if self.support_init not in ("fresh", "teacher"):
+            raise ValueError(f"support_init must be 'fresh' or 'teacher', got {self.support_init!r}")
+        for name in ("epochs", "iterations_per_epoch", "batch_size", "m_per_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.ks = tuple(self.ks)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ks"] = list(self.ks)
+        return d
+
+
+def seed_everything(*keys: int) -> None:
+    """Seed Python, NumPy (PML's samplers use the global NumPy RNG) and torch from a tuple of keys."""
+    seed = int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temp file in the same directory, then rename: a kill never leaves a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class OnlineLearner:
+    """Runs every stage of an online (class-incremental) metric-learning experiment.
+
+    Args:
+        model_factory: returns a new embedding network (input → L2-normalised embedding). Called for
+            every network the run holds, so old checkpoints are loaded into fresh instances.
+        train_stages: one dataset of ``(x, label)`` per stage, classes disjoint across stages (or use
+            :meth:`from_class_assignment`).
+        test_dataset: test items of all classes; after stage i the classes of stages ≤ i are evaluated.
+        config: :class:`OnlineConfig`.
+        run_dir: where checkpoints and results go; an existing run there with the same config resumes.
+        metric_loss, miner: any PML loss / miner (default: TripletMarginLoss + BatchHardMiner).
+        prototype_stages: the training stages with the deterministic test transform, for prototypes
+            and drift (default: ``train_stages``).
+        initial_state_dict: weights of an already trained F_0 (skips training stage 0), so several
+            methods can share one initial model as in the paper.
+        quiet: no progress bars.
+    """
+
+    def __init__(
+        self,
+        model_factory: Callable[[], torch.nn.Module],
+        train_stages: Sequence[Dataset],
+        test_dataset: Dataset,
+        config: OnlineConfig | None = None,
+        run_dir: str | os.PathLike | None = None,
+        metric_loss: torch.nn.Module | None = None,
+        miner: torch.nn.Module | None = None,
+        prototype_stages: Sequence[Dataset] | None = None,
+        initial_state_dict: dict | None = None,
+        quiet: bool = False,
+    ):
+        self.config = config or OnlineConfig()
+        self.method = METHODS[self.config.method]
+        self.model_factory = model_factory
+        self.train_stages = list(train_stages)
+        self.prototype_stages = list(prototype_stages) if prototype_stages is not None else self.train_stages
+        self.test_dataset = test_dataset
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="pml_mutual_run_"))
+        self.metric_loss = metric_loss or pml_losses.TripletMarginLoss(margin=self.config.triplet_margin)
+        self.miner = miner if miner is not None else pml_miners.BatchHardMiner()
+        self.initial_state_dict = initial_state_dict
+        self.quiet = quiet
+        self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.phase = "setup"  # "train", "drift" or "eval": which part of a stage is running
+        if len(self.prototype_stages) != len(self.train_stages):
+            raise ValueError("prototype_stages must have one dataset per training stage")
+        self.stage_labels = [dataset_labels(d) for d in self.train_stages]
+        self.class_to_stage = check_stages(
+            self.stage_labels, self.config.batch_size, self.config.m_per_class, self.config.min_images_per_class
+        )
+        test_labels = dataset_labels(test_dataset)
+        unknown = sorted(set(np.unique(test_labels).tolist()) - set(self.class_to_stage))
+        if unknown:
+            raise ValueError(f"test classes {unknown[:10]} belong to no training stage")
+        self.test_labels = test_labels
+        self.compensator = DriftCompensator(mode=self.config.drift_mode, similarity=self.config.drift_similarity)
+        self.stage_results: list[dict] = []
+        self.stage_logs: list[dict] = []
+
+    @classmethod
+    def from_class_assignment(cls, model_factory, train_dataset, test_dataset, class_to_stage, **kwargs):
+        """One training dataset and a class → stage mapping instead of a list of stage datasets."""
+        stages = split_by_stage(train_dataset, class_to_stage)
+        if "prototype_dataset" in kwargs:
+            kwargs["prototype_stages"] = split_by_stage(kwargs.pop("prototype_dataset"), class_to_stage)
+        return cls(model_factory, stages, test_dataset, **kwargs)
+
+    # ----------------------------------------------------------------- the run
+    def run(self) -> dict:
+        """Train and evaluate every remaining stage; returns the results document (see evaluation.results)."""
+        start = self._resume()
+        for stage in range(start, len(self.train_stages)):
+            t0 = time.perf_counter()
+            epoch_losses = self._train_stage(stage)
+            self._measure_drift(stage)
+            self.phase = "eval"
+            results = self._evaluate(stage)
+            seconds = time.perf_counter() - t0
+            self._save_stage(stage, results, epoch_losses, seconds)
+            if not self.quiet:
+                fmt = lambda r: "  –  " if r is None else f"{100 * r[1]:5.1f}"  # noqa: E731
+                print(
+                    f"[{self.config.method}] stage {stage}: R@1 old {fmt(results['old'])} new {fmt(results['new'])} "
+                    f"all {fmt(results['all'])}  ({seconds:.1f}s)",
+                    flush=True,
+                )
+        summary = summarize_run(self.stage_results, method=self.config.method, ks=self.config.ks)
+        summary["stage_logs"] = self.stage_logs
+        save_json(summary, self.run_dir / "results.json")
+        (self.run_dir / "results.md").write_text(to_markdown(summary) + "\n")
+        return summary
+
+    # ----------------------------------------------------------------- one stage
+    def _train_stage(self, stage: int) -> list[dict]:
+        cfg, method = self.config, self.method
+        self.phase = "train"
+        seed_everything(cfg.seed, stage, 0)
+        trains = stage == 0 and self.initial_state_dict is None or stage > 0 and method.train
+        teacher = self.load_stage_model(stage - 1) if stage > 0 else None
+        student = self.new_model()
+        if stage == 0 and self.initial_state_dict is not None:
+            student.load_state_dict(self.initial_state_dict)
+        elif teacher is not None:
+            student.load_state_dict(teacher.state_dict())  # F_p starts as F_{i-1}
+        if not trains:
+            del teacher
+            self._student = student
+            return []
+        models = {"trunk": student}
+        loss_funcs = {"metric_loss": self.metric_loss}
+        weights = {"metric_loss": cfg.lambda_metric}
+        if stage > 0 and method.support:
+            support = self.new_model()
+            if cfg.support_init == "teacher":
+                support.load_state_dict(teacher.state_dict())
+            models["support_trunk"] = support
+            loss_funcs["mutual_loss"] = MutualGramLoss(temperature=cfg.temperature, mode=cfg.mutual_mode)
+            weights.update(support_metric_loss=cfg.lambda_metric, mutual_loss=cfg.lambda_mutual)
+        if stage > 0 and method.teacher:
+            models["teacher_trunk"] = teacher
+            loss_funcs["correlation_loss"] = GramCorrelationLoss(temperature=cfg.temperature, direction=cfg.corr_direction)
+            weights["correlation_loss"] = cfg.lambda_corr
+        del teacher  # held by ``models`` only if the method distils from it
+        trained = [k for k in models if k != "teacher_trunk"]
+        optimizers = {
+            f"{k}_optimizer": torch.optim.Adam(models[k].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            for k in trained
+        }
+        dataset = ConcatDataset(self.train_stages[: stage + 1]) if stage > 0 and method.joint else self.train_stages[stage]
+        labels = dataset_labels(dataset)
+        sampler = MPerClassSampler(
+            labels, cfg.m_per_class, cfg.batch_size, length_before_new_iter=cfg.batch_size * cfg.iterations_per_epoch
+        )
+        epochs = cfg.initial_epochs if stage == 0 and cfg.initial_epochs is not None else cfg.epochs
+        start_epoch = self._load_epoch_checkpoint(stage, models, optimizers) + 1
+        use_virtual = method.virtual and self.compensator.num_stages >= 2
+        epoch_losses: list[dict] = self._epoch_log if start_epoch > 1 else []
+
+        def epoch_start(trainer):
+            seed_everything(cfg.seed, stage, trainer.epoch)
+
+        def epoch_end(trainer):
+            epoch_losses.append(dict(trainer.epoch_losses, epoch=trainer.epoch))
+            state = {
+                "stage": stage,
+                "epoch": trainer.epoch,
+                "models": {k: models[k].state_dict() for k in trained},
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "epoch_losses": epoch_losses,
+            }
+            atomic_save(state, self.run_dir / "in_progress.pt")
+
+        trainer = IncrementalTrainer(
+            models=models,
+            optimizers=optimizers,
+            batch_size=cfg.batch_size,
+            loss_funcs=loss_funcs,
+            dataset=dataset,
+            mining_funcs={"tuple_miner": self.miner} if self.miner else {},
+            iterations_per_epoch=cfg.iterations_per_epoch,
+            sampler=sampler,
+            dataloader_num_workers=0,
+            data_device=self.device,
+            loss_weights=weights,
+            freeze_trunk_batchnorm=cfg.freeze_batchnorm,
+            drift_compensator=self.compensator if use_virtual else None,
+            epoch_start_hook=epoch_start,
+            end_of_epoch_hook=epoch_end,
+            quiet=self.quiet,
+        )
+        if start_epoch <= epochs:
+            trainer.train(start_epoch, epochs)
+        self._student = student
+        support = models.get("support_trunk")
+        if support is not None:
+            atomic_save(support.state_dict(), self._stage_dir(stage) / "support.pt")
+        del trainer, models, optimizers, support
+        gc.collect()  # free F_s and the teacher before drift measurement loads old models
+        return epoch_losses
+
+    def _measure_drift(self, stage: int) -> None:
+        """Offline, after stage ``stage``: its prototypes, and the drift of earlier stages up to F_stage (Eq. 3)."""
+        if not self.method.virtual:
+            return
+        self.phase = "drift"
+        device = self.device
+        new_feats, labels = extract_embeddings(self._student, self.prototype_stages[stage], self.config.eval_batch_size, device)
+        self.compensator.add_stage(new_feats, labels)
+        for t in self.compensator.stages_to_measure():
+            old_model = self.load_stage_model(t)  # one old model at a time
+            old_feats, _ = extract_embeddings(old_model, self.prototype_stages[stage], self.config.eval_batch_size, device)
+            del old_model
+            gc.collect()
+            self.compensator.update_drift(old_feats, new_feats, stage=t)
+
+    def _evaluate(self, stage: int) -> dict:
+        seen = np.flatnonzero([self.class_to_stage[int(c)] <= stage for c in self.test_labels])
+        emb, labels = extract_embeddings(
+            self._student, Subset(self.test_dataset, seen.tolist()), self.config.eval_batch_size, self.device
+        )
+        return stage_recalls(emb, labels, self.class_to_stage, stage, self.config.ks)
+
+    # ----------------------------------------------------------------- models and checkpoints
+    def new_model(self) -> torch.nn.Module:
+        return self.model_factory().to(self.device)
+
+    def load_stage_model(self, stage: int) -> torch.nn.Module:
+        """A fresh network holding the deployed weights of ``stage`` (F_p of that stage)."""
+        path = self._stage_dir(stage) / "model.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint of stage {stage} is missing: {path}")
+        model = self.new_model()
+        model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        return model
+
+    def _stage_dir(self, stage: int) -> Path:
+        return self.run_dir / f"stage_{stage:03d}"
+
+    def _run_identity(self) -> dict:
+        return {
+            "config": {k: v for k, v in self.config.to_dict().items() if k not in ("device", "eval_batch_size")},
+            "class_to_stage": {str(k): v for k, v in sorted(self.class_to_stage.items())},
+            "train_sizes": [len(d) for d in self.train_stages],
+            "test_size": len(self.test_dataset),
+            "initial_weights_given": self.initial_state_dict is not None,
+        }
+
+    def _save_stage(self, stage: int, results: dict, epoch_losses: list[dict], seconds: float) -> None:
+        d = self._stage_dir(stage)
+        atomic_save(self._student.state_dict(), d / "model.pt")
+        atomic_save(self.compensator.state_dict(), d / "drift.pt")
+        log = {"stage": stage, "epoch_losses": epoch_losses, "seconds": seconds}
+        # stage.json is written last: its presence marks the stage complete.
+        save_json({"results": stage_result_to_json(results), "log": log}, d / "stage.json")
+        in_progress = self.run_dir / "in_progress.pt"
+        if in_progress.exists():
+            in_progress.unlink()
+        self.stage_results.append(results)
+        self.stage_logs.append(log)
+
+    def _resume(self) -> int:
+        """Check the run directory against this run's config and return the first stage still to train."""
+        identity = self._run_identity()
+        path = self.run_dir / "config.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            diffs = _diff(saved, json.loads(json.dumps(identity)))
+            if diffs:
+                raise ValueError(
+                    f"{self.run_dir} holds a run with a different configuration ({'; '.join(diffs[:5])}); "
+                    "use another run_dir or remove it"
+                )
+        else:
+            save_json(identity, path)
+        stage = 0
+        while (self._stage_dir(stage) / "stage.json").exists() and stage < len(self.train_stages):
+            done = json.loads((self._stage_dir(stage) / "stage.json").read_text())
+            self.stage_results.append(stage_result_from_json(done["results"]))
+            self.stage_logs.append(done["log"])
+            stage += 1
+        if stage > 0:
+            self.compensator.load_state_dict(torch.load(self._stage_dir(stage - 1) / "drift.pt", weights_only=True))
+            if not self.quiet:
+                print(f"[{self.config.method}] resuming {self.run_dir} at stage {stage}", flush=True)
+        return stage
+
+    def _load_epoch_checkpoint(self, stage: int, models: dict, optimizers: dict) -> int:
+        """Restore the last finished epoch of ``stage`` if the run was interrupted in it; returns that epoch (0: none)."""
+        self._epoch_log = []
+        path = self.run_dir / "in_progress.pt"
+        if not path.exists():
+            return 0
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if state["stage"] != stage:
+            return 0
+        for k, sd in state["models"].items():
+            models[k].load_state_dict(sd)
+        for k, sd in state["optimizers"].items():
+            optimizers[k].load_state_dict(sd)
+        self._epoch_log = list(state["epoch_losses"])
+        if not self.quiet:
+            print(f"[{self.config.method}] resuming stage {stage} after epoch {state['epoch']}", flush=True)
+        return int(state["epoch"])
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} != {b!r}"]

@@ -1,0 +1,3 @@
+from .incremental_trainer import IncrementalTrainer
+
+__all__ = ["IncrementalTrainer"]

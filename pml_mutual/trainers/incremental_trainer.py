@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import logging
+
+import torch
+import tqdm
+from pytorch_metric_learning.trainers import MetricLossOnly
+from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils.key_checker import KeyChecker
+
+LOGGER = logging.getLogger("pml_mutual")
+
+SUPPORT = ("support_trunk", "support_embedder")
+TEACHER = ("teacher_trunk", "teacher_embedder")
+
+
+class IncrementalTrainer(MetricLossOnly):
+    """One stage of online metric learning by mutual distillation (paper Eq. 1, with Eq. 6 for L_corr).
+
+    A PML trainer: ``models`` holds the student F_p as ``trunk`` (+ ``embedder``), and optionally the
+    supporting student F_s as ``support_trunk`` (+ ``support_embedder``) and the frozen teacher
+    F_{i−1} as ``teacher_trunk`` (+ ``teacher_embedder``). ``loss_funcs`` holds ``metric_loss`` (used
+    by both students, e.g. PML's ``TripletMarginLoss`` with a batch-hard ``tuple_miner``) and, when the
+    corresponding model is present, ``correlation_loss`` (a ``GramCorrelationLoss``) and
+    ``mutual_loss`` (a ``MutualGramLoss``). ``loss_weights`` are λ1 (``metric_loss`` and
+    ``support_metric_loss``), λ2 (``correlation_loss``) and λ3 (``mutual_loss``).
+
+    With a ``drift_compensator`` holding earlier stages, the correlation loss is summed over the
+    real teacher features and the virtual features of every earlier stage (Eq. 6).
+
+    Which terms exist follows from the models given: no teacher → no L_corr, no F_s → no L_mutual and
+    no second metric loss, so fine-tuning is this trainer with only ``trunk``.
+
+    ``epoch_start_hook(trainer)`` runs before each epoch (the orchestrator seeds RNGs there so an
+    epoch can be replayed exactly); ``quiet`` hides the progress bar.
+    """
+
+    def __init__(self, *args, drift_compensator=None, epoch_start_hook=None, quiet: bool = False, **kwargs):
+        self.drift_compensator = drift_compensator
+        self.epoch_start_hook = epoch_start_hook
+        self.quiet = quiet
+        super().__init__(*args, **kwargs)
+
+    def custom_setup(self):
+        self.has_support = "support_trunk" in self.models
+        self.has_teacher = "teacher_trunk" in self.models
+        self.models.setdefault("embedder", torch.nn.Identity())
+        for prefix, present in (("support", self.has_support), ("teacher", self.has_teacher)):
+            if present:
+                self.models.setdefault(f"{prefix}_embedder", torch.nn.Identity())
+        if self.has_support:
+            self.loss_funcs.setdefault("support_metric_loss", self.loss_funcs["metric_loss"])
+        required = {"correlation_loss": self.has_teacher, "mutual_loss": self.has_support}
+        for name, needed in required.items():
+            if needed and name not in self.loss_funcs:
+                raise ValueError(f"loss_funcs needs {name!r} when the {name.split('_')[0]} model is given")
+            if not needed and name in self.loss_funcs:
+                raise ValueError(f"loss_funcs has {name!r} but models has no {'teacher' if name[0] == 'c' else 'support'}_trunk")
+        self.loss_names = list(self.loss_funcs.keys())
+        if self.has_teacher:
+            self.freeze_these = tuple(set(self.freeze_these) | set(TEACHER))
+
+    def modify_schema(self):
+        students = ["trunk", "embedder"] + list(SUPPORT)
+        # Optional models and losses are absent on purpose (fine-tuning has only "trunk"): no warnings.
+        self.schema["models"] = KeyChecker(students + list(TEACHER), essential=["trunk"], important=[])
+        self.schema["loss_funcs"] = KeyChecker(
+            ["metric_loss", "support_metric_loss", "correlation_loss", "mutual_loss"],
+            essential=["metric_loss"],
+            important=[],
+        )
+        trained = ["trunk"] + (["support_trunk"] if "support_trunk" in self.models else [])
+        self.schema["optimizers"] = KeyChecker(
+            [f"{k}_optimizer" for k in students], important=[f"{k}_optimizer" for k in trained]
+        )
+
+    def calculate_loss(self, curr_batch):
+        data, labels = curr_batch
+        emb_p = self.compute_embeddings(data)
+        self.losses["metric_loss"] = self.metric_loss(emb_p, labels)
+        if self.has_support:
+            emb_s = self.compute_embeddings(data, prefix="support_")
+            self.losses["support_metric_loss"] = self.metric_loss(emb_s, labels, "support_metric_loss")
+            self.losses["mutual_loss"] = self.loss_funcs["mutual_loss"](emb_p, ref_emb=emb_s)
+        if self.has_teacher:
+            with torch.no_grad():
+                emb_o = self.compute_embeddings(data, prefix="teacher_")
+            teachers = [emb_o] if self.drift_compensator is None else self.drift_compensator.teacher_features(emb_o)
+            corr = self.loss_funcs["correlation_loss"]
+            self.losses["correlation_loss"] = sum(corr(emb_p, ref_emb=t) for t in teachers)
+
+    def metric_loss(self, embeddings, labels, name="metric_loss"):
+        indices_tuple = self.maybe_mine_embeddings(embeddings, labels)
+        return self.loss_funcs[name](embeddings, labels, indices_tuple)
+
+    def compute_embeddings(self, data, prefix: str = ""):
+        data = c_f.to_device(data, device=self.data_device, dtype=self.dtype)
+        return self.models[f"{prefix}embedder"](self.models[f"{prefix}trunk"](data))
+
+    def maybe_freeze_trunk_batchnorm(self):
+        # The paper freezes BatchNorm in every trained network, not only PML's "trunk".
+        if self.freeze_trunk_batchnorm:
+            for k in ("trunk",) + SUPPORT[:1]:
+                if k in self.models:
+                    self.models[k].apply(c_f.set_layers_to_eval("BatchNorm"))
+
+    def train(self, start_epoch: int = 1, num_epochs: int = 1):
+        """PML's loop, with a fresh data iterator per epoch (after ``epoch_start_hook``) so every epoch
+        depends only on the seed and the weights it starts from: that is what makes resume exact."""
+        for self.epoch in range(start_epoch, num_epochs + 1):
+            if self.epoch_start_hook is not None:
+                self.epoch_start_hook(self)
+            self.initialize_dataloader()
+            self.set_to_train()
+            sums = {}
+            pbar = tqdm.tqdm(range(self.iterations_per_epoch), disable=self.quiet, leave=False, desc=f"epoch {self.epoch}")
+            for self.iteration in pbar:
+                self.forward_and_backward()
+                for k, v in self.losses.items():  # detached tensors: no host sync per step
+                    sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
+                self.end_of_iteration_hook(self)
+                if not self.quiet and self.iteration % 10 == 0:
+                    pbar.set_postfix(loss=f"{float(sums['total_loss']) / (self.iteration + 1):.4f}")
+                self.step_lr_schedulers(end_of_epoch=False)
+            self.step_lr_schedulers(end_of_epoch=True)
+            self.epoch_losses = {k: float(v) / max(1, self.iterations_per_epoch) for k, v in sums.items()}
+            LOGGER.info("epoch %d: %s", self.epoch, " ".join(f"{k}={v:.5f}" for k, v in self.epoch_losses.items()))
+            self.zero_losses()
+            if self.end_of_epoch_hook(self) is False:
+                break
