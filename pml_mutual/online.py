@@ -187,6 +187,7 @@ class OnlineLearner:
         self.compensator = DriftCompensator(mode=self.config.drift_mode, similarity=self.config.drift_similarity)
         self.stage_results: list[dict] = []
         self.stage_logs: list[dict] = []
+        self._student: torch.nn.Module | None = None
 
     @classmethod
     def from_class_assignment(cls, model_factory, train_dataset, test_dataset, class_to_stage, **kwargs):
@@ -225,6 +226,8 @@ class OnlineLearner:
     def _train_stage(self, stage: int) -> list[dict]:
         cfg, method = self.config, self.method
         self.phase = "train"
+        self._student = None  # the previous stage's model comes back from its checkpoint as the teacher
+        gc.collect()
         seed_everything(cfg.seed, stage, 0)
         trains = stage == 0 and self.initial_state_dict is None or stage > 0 and method.train
         teacher = self.load_stage_model(stage - 1) if stage > 0 else None
@@ -259,9 +262,11 @@ class OnlineLearner:
         }
         dataset = ConcatDataset(self.train_stages[: stage + 1]) if stage > 0 and method.joint else self.train_stages[stage]
         labels = dataset_labels(dataset)
-        sampler = MPerClassSampler(
-            labels, cfg.m_per_class, cfg.batch_size, length_before_new_iter=cfg.batch_size * cfg.iterations_per_epoch
-        )
+
+        def new_sampler():
+            return MPerClassSampler(
+                labels, cfg.m_per_class, cfg.batch_size, length_before_new_iter=cfg.batch_size * cfg.iterations_per_epoch
+            )
         epochs = cfg.initial_epochs if stage == 0 and cfg.initial_epochs is not None else cfg.epochs
         start_epoch = self._load_epoch_checkpoint(stage, models, optimizers) + 1
         use_virtual = method.virtual and self.compensator.num_stages >= 2
@@ -269,6 +274,9 @@ class OnlineLearner:
 
         def epoch_start(trainer):
             seed_everything(cfg.seed, stage, trainer.epoch)
+            # MPerClassSampler shuffles its class list in place: a fresh one per epoch keeps every
+            # epoch a function of (seed, stage, epoch) alone, so a resumed epoch replays exactly.
+            trainer.sampler = new_sampler()
 
         def epoch_end(trainer):
             epoch_losses.append(dict(trainer.epoch_losses, epoch=trainer.epoch))
@@ -289,7 +297,7 @@ class OnlineLearner:
             dataset=dataset,
             mining_funcs={"tuple_miner": self.miner} if self.miner else {},
             iterations_per_epoch=cfg.iterations_per_epoch,
-            sampler=sampler,
+            sampler=new_sampler(),
             dataloader_num_workers=0,
             data_device=self.device,
             loss_weights=weights,
@@ -372,6 +380,8 @@ class OnlineLearner:
     def _resume(self) -> int:
         """Check the run directory against this run's config and return the first stage still to train."""
         identity = self._run_identity()
+        for stale in self.run_dir.rglob("*.tmp"):  # half-written files of a killed run
+            stale.unlink()
         path = self.run_dir / "config.json"
         if path.exists():
             saved = json.loads(path.read_text())

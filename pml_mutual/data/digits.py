@@ -6,9 +6,13 @@ import torch
 from torch.utils.data import TensorDataset
 
 
-def load_digits_splits(train_fraction: float = 0.5, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+def load_digits_splits(
+    train_fraction: float = 0.5, seed: int = 0, validation: bool = False
+) -> tuple[TensorDataset, TensorDataset]:
     """Per class, a fixed random ``train_fraction`` of the images for training and the rest for testing.
 
+    ``validation=True`` returns (train, validation) carved from the *training* part only (70 / 30 per
+    class), for tuning hyper-parameters without touching the test images.
     Inputs are float32 (64,) scaled to [0, 1]; labels int64 0–9. Needs scikit-learn (extra ``demo``).
     """
     try:
@@ -23,6 +27,9 @@ def load_digits_splits(train_fraction: float = 0.5, seed: int = 0) -> tuple[Tens
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
         cut = int(np.floor(train_fraction * len(idx)))
+        if validation:
+            idx = idx[:cut]
+            cut = int(np.floor(0.7 * len(idx)))
         train_idx.extend(idx[:cut].tolist())
         test_idx.extend(idx[cut:].tolist())
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)

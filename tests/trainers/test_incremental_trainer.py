@@ -1,0 +1,115 @@
+import copy
+
+import pytest
+import torch
+from pytorch_metric_learning import losses, miners
+from pytorch_metric_learning.samplers import MPerClassSampler
+
+from pml_mutual import DriftCompensator, GramCorrelationLoss, IncrementalTrainer, MutualGramLoss
+from pml_mutual.data import load_digits_splits, split_by_stage, stage_assignment, dataset_labels
+from pml_mutual.models import EmbeddingMLP
+
+
+@pytest.fixture(scope="module")
+def new_stage():
+    train, _ = load_digits_splits()
+    return split_by_stage(train, stage_assignment(range(10), 5))[1]
+
+
+def make_trainer(dataset, models, loss_funcs, weights, **kwargs):
+    optimizers = {
+        f"{k}_optimizer": torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items() if not k.startswith("teacher")
+    }
+    return IncrementalTrainer(
+        models=models,
+        optimizers=optimizers,
+        batch_size=20,
+        loss_funcs=loss_funcs,
+        dataset=dataset,
+        mining_funcs={"tuple_miner": miners.BatchHardMiner()},
+        iterations_per_epoch=5,
+        sampler=MPerClassSampler(dataset_labels(dataset), 4, 20, length_before_new_iter=100),
+        dataloader_num_workers=0,
+        data_device=torch.device("cpu"),
+        loss_weights=weights,
+        quiet=True,
+        **kwargs,
+    )
+
+
+def full_models():
+    teacher = EmbeddingMLP()
+    student = copy.deepcopy(teacher)
+    return {"trunk": student, "support_trunk": EmbeddingMLP(), "teacher_trunk": teacher}
+
+
+def full_losses():
+    return {"metric_loss": losses.TripletMarginLoss(0.1), "correlation_loss": GramCorrelationLoss(), "mutual_loss": MutualGramLoss()}
+
+
+def test_teacher_frozen_students_trained(new_stage):
+    models = full_models()
+    before = {k: copy.deepcopy(m.state_dict()) for k, m in models.items()}
+    weights = {"metric_loss": 1, "support_metric_loss": 1, "correlation_loss": 10, "mutual_loss": 8}
+    trainer = make_trainer(new_stage, models, full_losses(), weights)
+    trainer.train(1, 2)
+    for k in before["teacher_trunk"]:
+        assert torch.equal(before["teacher_trunk"][k], models["teacher_trunk"].state_dict()[k])
+    for name in ("trunk", "support_trunk"):
+        changed = any(not torch.equal(before[name][k], v) for k, v in models[name].state_dict().items())
+        assert changed, name
+    assert not any(p.requires_grad for p in models["teacher_trunk"].parameters())
+    assert set(trainer.epoch_losses) == {"metric_loss", "support_metric_loss", "correlation_loss", "mutual_loss", "total_loss"}
+    assert all(v >= 0 for v in trainer.epoch_losses.values())
+
+
+def test_total_loss_is_weighted_sum_of_terms(new_stage):
+    weights = {"metric_loss": 1.0, "support_metric_loss": 0.5, "correlation_loss": 10.0, "mutual_loss": 8.0}
+    trainer = make_trainer(new_stage, full_models(), full_losses(), weights)
+    trainer.initialize_dataloader()
+    trainer.set_to_train()
+    trainer.zero_losses()
+    trainer.calculate_loss(trainer.get_batch())
+    raw = {k: v.detach().clone() for k, v in trainer.losses.items() if k != "total_loss"}
+    trainer.loss_tracker.update(trainer.loss_weights)
+    want = sum(weights[k] * raw[k] for k in raw)
+    assert trainer.losses["total_loss"].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_finetune_is_metric_loss_only(new_stage):
+    trainer = make_trainer(new_stage, {"trunk": EmbeddingMLP()}, {"metric_loss": losses.TripletMarginLoss(0.1)}, {"metric_loss": 1})
+    trainer.train(1, 1)
+    assert set(trainer.losses) == {"metric_loss", "total_loss"}
+    assert trainer.epoch_losses["total_loss"] == pytest.approx(trainer.epoch_losses["metric_loss"])
+
+
+def test_virtual_features_enter_the_correlation_loss(new_stage):
+    torch.manual_seed(0)
+    comp = DriftCompensator()
+    x = torch.nn.functional.normalize(torch.randn(40, 64), dim=1)
+    comp.add_stage(x, torch.arange(20, 30).repeat(4))
+    comp.add_stage(x, torch.arange(30, 40).repeat(4))
+    comp.update_drift(x, torch.nn.functional.normalize(x + 0.3, dim=1), stage=0)
+    models = {"trunk": EmbeddingMLP(), "teacher_trunk": EmbeddingMLP()}
+    loss_funcs = {"metric_loss": losses.TripletMarginLoss(0.1), "correlation_loss": GramCorrelationLoss()}
+    weights = {"metric_loss": 1, "correlation_loss": 1}
+    with_virtual = make_trainer(new_stage, dict(models), dict(loss_funcs), weights, drift_compensator=comp)
+    without = make_trainer(new_stage, dict(models), dict(loss_funcs), weights)
+    batch = next(iter(torch.utils.data.DataLoader(new_stage, batch_size=16)))
+    for t in (with_virtual, without):
+        t.set_to_train()
+        t.calculate_loss(batch)
+    emb_p = models["trunk"](batch[0])
+    emb_o = models["teacher_trunk"](batch[0]).detach()
+    want = comp.correlation_loss(emb_p, emb_o)
+    assert with_virtual.losses["correlation_loss"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert with_virtual.losses["correlation_loss"].item() > without.losses["correlation_loss"].item()
+
+
+def test_missing_or_extra_losses_are_errors(new_stage):
+    with pytest.raises(ValueError, match="correlation_loss"):
+        make_trainer(new_stage, {"trunk": EmbeddingMLP(), "teacher_trunk": EmbeddingMLP()},
+                     {"metric_loss": losses.TripletMarginLoss()}, {"metric_loss": 1})
+    with pytest.raises(ValueError, match="mutual_loss"):
+        make_trainer(new_stage, {"trunk": EmbeddingMLP()},
+                     {"metric_loss": losses.TripletMarginLoss(), "mutual_loss": MutualGramLoss()}, {"metric_loss": 1})
