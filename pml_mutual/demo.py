@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=None, help="also write the tables as JSON here")
+    parser.add_argument("--plots", type=Path, default=None, help="write PNG figures here (needs matplotlib)")
     parser.add_argument("--verbose", action="store_true", help="per-stage lines and progress bars")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -118,6 +119,14 @@ def main(argv=None) -> int:
         n_stages = len(results["initial"]["stages"])
         print(format_table(f"\n== digits, {setting} ({n_stages} stages), Recall@1 % of the final model ==", results))
         tables[setting] = {m: dict(zip(("old", "new", "all"), final_row(s))) for m, s in results.items()}
+        if args.plots:
+            from . import reports
+
+            reports.plot_methods(results, args.plots / f"{setting}_methods.png")
+            for method in ("ours", "finetune"):
+                if method in results:
+                    reports.plot_accuracy_matrix(results[method], args.plots / f"{setting}_{method}_matrix.png")
+                    reports.plot_stage_curves(results[method], args.plots / f"{setting}_{method}_curves.png")
     print(f"\ntotal time: {time.perf_counter() - t0:.1f}s")
     if args.json:
         args.json.write_text(json.dumps(tables, indent=2))
