@@ -19,7 +19,8 @@ import torch
 
 from .data import load_digits_splits, stage_assignment
 from .models import EmbeddingMLP
-from .online import METHODS, OnlineConfig, OnlineLearner
+from .experiment import final_row, run_methods
+from .online import METHODS, OnlineConfig
 
 SETTINGS = {
     # name: (classes in the first stage, classes per later stage, batch size, images per class)
@@ -67,29 +68,10 @@ def run_setting(setting: str, methods=DEFAULT_METHODS, seed: int = 0, quick: boo
     train, test = load_digits_splits(seed=0, validation=validation)
     class_to_stage = stage_assignment(range(10), first, per_stage)
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="pml_mutual_demo_"))
-    torch.manual_seed(seed)
-
-    def learner(method, initial=None):
-        return OnlineLearner.from_class_assignment(
-            EmbeddingMLP, train, test, class_to_stage,
-            config=demo_config(setting, method, seed, quick, **overrides),
-            run_dir=out_dir / setting / method, initial_state_dict=initial, quiet=quiet,
-        )
-
-    results = {}
-    base = learner("initial")
-    results["initial"] = base.run()
-    initial_weights = base.load_stage_model(0).state_dict()
-    for method in methods:
-        if method != "initial":
-            results[method] = learner(method, initial_weights).run()
-    return results
-
-
-def final_row(summary: dict) -> tuple[float, float, float]:
-    """(old, new, all) Recall@1 of the final model, percent: old = every stage before the last."""
-    final = summary["stages"][-1]
-    return 100 * final["old"]["1"], 100 * final["new"]["1"], 100 * final["all"]["1"]
+    names = ["initial"] + [m for m in methods if m != "initial"]
+    configs = {m: demo_config(setting, m, seed, quick, **overrides) for m in names}
+    results = run_methods(EmbeddingMLP, train, test, class_to_stage, configs, out_dir / setting, quiet=quiet)
+    return {m: results[m] for m in ["initial"] + [m for m in methods if m != "initial"]}
 
 
 def format_table(title: str, results: dict[str, dict]) -> str:

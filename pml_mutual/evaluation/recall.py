@@ -9,7 +9,8 @@ This differs from PML's ``precision_at_k`` (the fraction of the K neighbours tha
 the two coincide only for K = 1, where both equal PML's ``precision_at_1``.
 
 A query whose class has no other test item cannot be matched: its recall is 0 and it is counted
-(the paper's protocol evaluates every test image).
+(the paper's protocol evaluates every test image). PML's AccuracyCalculator leaves such "lone"
+queries out instead, so the two agree only when every class has at least two items.
 
 Ties at equal similarity are broken toward the lower gallery index, so results are deterministic.
 """

@@ -1,3 +1,4 @@
 from .mlp import EmbeddingMLP
+from .small_cnn import SmallCNN
 
-__all__ = ["EmbeddingMLP"]
+__all__ = ["EmbeddingMLP", "SmallCNN"]

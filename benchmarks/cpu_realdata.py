@@ -1,0 +1,199 @@
+"""The paper's Tables 2, 3 and 5 on real data that installs offline, on a CPU.
+
+    apt-get install dataset-fashion-mnist <fonts: see pml_mutual/data/glyphs.py>
+    python benchmarks/cpu_realdata.py --dataset glyphs --setting multi-task --seeds 0 1 2 --out glyphs_mt.json
+    python benchmarks/cpu_realdata.py --dataset fashion-mnist --setting one-task --quick      # minutes
+
+Datasets: Fashion-MNIST (10 classes; one-task 0–4 → 5–9; multi-task 5 stages of 2 classes) and the
+glyph dataset (200 of its character classes, spread evenly over code points; one-task 100 → 100;
+multi-task 100 + 4 × 25, as CUB in the paper). Backbone: pml_mutual.models.SmallCNN (128-d).
+Every method of a seed starts from one shared initial model. Prints the paper's table layouts (mean ±
+std over seeds) and writes every run to --out as JSON. ``--validation`` evaluates on a validation
+split carved from the training images of every class (for tuning; the test images are never used).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Subset, TensorDataset
+
+from pml_mutual.data import stage_assignment
+from pml_mutual.experiment import final_row, mean_std, per_stage_row, run_methods
+from pml_mutual.models import SmallCNN
+from pml_mutual.online import METHODS, OnlineConfig
+
+ALL_METHODS = ["initial", "finetune", "joint", "fecd", "mutual_only", "fecd_mutual", "ours"]
+ABLATION = ["mutual_only", "fecd", "fecd_mutual", "ours"]
+
+# Hyper-parameters at this scale, chosen on the validation split (see README "CPU real-data benchmark").
+DATASETS = {
+    "fashion-mnist": dict(batch_size=64, m_per_class=32, per_class_train=1000, lambda_corr=100.0, lambda_mutual=1.0),
+    "glyphs": dict(batch_size=64, m_per_class=4, per_class_train=None, lambda_corr=100.0, lambda_mutual=1.0),
+}
+
+
+def _take_per_class(ds: TensorDataset, per_class: int | None, rng) -> TensorDataset:
+    if per_class is None:
+        return ds
+    y = ds.tensors[1].numpy()
+    idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)]))
+    return TensorDataset(ds.tensors[0][idx], ds.tensors[1][idx])
+
+
+def _validation_split(ds: TensorDataset, fraction: float, rng) -> tuple[TensorDataset, TensorDataset]:
+    y = ds.tensors[1].numpy()
+    val = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        val[idx[: max(2, int(fraction * len(idx)))]] = True
+    t = lambda m: TensorDataset(ds.tensors[0][m], ds.tensors[1][m])  # noqa: E731
+    return t(~val), t(val)
+
+
+def load_dataset(name: str, validation: bool, quick: bool):
+    """(train, test, class_to_stage per setting) with labels 0..C−1."""
+    rng = np.random.default_rng(0)
+    if name == "fashion-mnist":
+        from pml_mutual.data.fashion_mnist import load_fashion_mnist
+
+        train, test = load_fashion_mnist(split="train"), load_fashion_mnist(split="test")
+        per_class = 200 if quick else DATASETS[name]["per_class_train"]
+        train = _take_per_class(train, per_class, rng)
+        if quick:
+            test = _take_per_class(test, 200, rng)
+        stages = {"one-task": stage_assignment(range(10), 5), "multi-task": stage_assignment(range(10), 2, 2)}
+    else:
+        from pml_mutual.data.glyphs import load_glyphs
+
+        train, test, meta = load_glyphs()
+        n_total = meta["n_classes"]
+        n_classes = 80 if quick else 200
+        if n_total < n_classes:
+            sys.exit(f"the glyph dataset has {n_total} classes, {n_classes} are needed: install more fonts")
+        chosen = np.unique(np.linspace(0, n_total - 1, n_classes).round().astype(int))
+        remap = np.full(n_total, -1)
+        remap[chosen] = np.arange(len(chosen))
+
+        def relabel(ds):
+            y = remap[ds.tensors[1].numpy()]
+            keep = y >= 0
+            return TensorDataset(ds.tensors[0][keep], torch.from_numpy(y[keep]))
+
+        train, test = relabel(train), relabel(test)
+        half = n_classes // 2
+        stages = {"one-task": stage_assignment(range(n_classes), half),
+                  "multi-task": stage_assignment(range(n_classes), half, half // 4)}
+    if validation:
+        train, test = _validation_split(train, 0.2, rng)
+    return train, test, stages
+
+
+def make_config(dataset: str, method: str, seed: int, quick: bool, args) -> OnlineConfig:
+    d = DATASETS[dataset]
+    return OnlineConfig(
+        method=method,
+        epochs=1 if quick else args.epochs,
+        initial_epochs=2 if quick else args.initial_epochs,
+        iterations_per_epoch=30 if quick else args.iterations,
+        batch_size=32 if quick and dataset == "glyphs" else d["batch_size"],
+        m_per_class=d["m_per_class"],
+        lr=args.lr,
+        weight_decay=0.0,
+        lambda_corr=args.lambda_corr if args.lambda_corr is not None else d["lambda_corr"],
+        lambda_mutual=args.lambda_mutual if args.lambda_mutual is not None else d["lambda_mutual"],
+        temperature=args.temperature,
+        seed=seed,
+        device=args.device,
+    )
+
+
+def fmt(mean, std):
+    return f"{mean:6.2f} ± {std:4.2f}"
+
+
+def print_tables(rows, setting, methods):
+    by_method = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    if setting == "one-task":
+        print("\nTable 2 layout — one-task, Recall@1 (%) of the final model, mean ± std over seeds")
+        print(f"{'method':<12} {'old':>15} {'new':>15} {'all':>15}")
+        for m in methods:
+            if m in by_method:
+                mean, std = mean_std([[r["recall@1"][k] for k in ("old", "new", "all")] for r in by_method[m]])
+                print(f"{m:<12} " + " ".join(fmt(a, b) for a, b in zip(mean, std)))
+        return
+    n_stages = len(rows[0]["recall@1"]["per_stage"])
+    for title, cols in (("Table 3 layout — multi-task", [m for m in methods if m in by_method]),
+                        ("Table 5 layout — ablation (no L_corr / no L_mutual / no virtual / all)",
+                         [m for m in ABLATION if m in by_method])):
+        print(f"\n{title}: final model's Recall@1 (%) on each stage's classes, mean ± std over seeds")
+        print(f"{'classes':<10} " + " ".join(f"{m:>15}" for m in cols))
+        stats = {m: mean_std([r["recall@1"]["per_stage"] + [r["recall@1"]["all"]] for r in by_method[m]]) for m in cols}
+        for i in range(n_stages + 1):
+            label = f"stage {i}" if i < n_stages else "all"
+            print(f"{label:<10} " + " ".join(f"{fmt(stats[m][0][i], stats[m][1][i]):>15}" for m in cols))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=list(DATASETS), required=True)
+    p.add_argument("--setting", choices=["one-task", "multi-task"], required=True)
+    p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=sorted(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true", help="a reduced run (1 seed, few iterations, fewer classes)")
+    p.add_argument("--validation", action="store_true", help="evaluate on a validation split of the training images")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--initial-epochs", type=int, default=6)
+    p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lambda-corr", type=float, default=None, help="λ2 (default: the dataset's tuned value)")
+    p.add_argument("--lambda-mutual", type=float, default=None, help="λ3 (default: the dataset's tuned value)")
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--runs", type=Path, default=Path("runs/cpu_realdata"), help="checkpoint directory (resumable)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    train, test, stages = load_dataset(args.dataset, args.validation, args.quick)
+    class_to_stage = stages[args.setting]
+    names = ["initial"] + [m for m in args.methods if m != "initial"]
+    tag = f"{args.dataset}_{args.setting}{'_quick' if args.quick else ''}{'_val' if args.validation else ''}"
+    rows = []
+    t_all = time.perf_counter()
+    for seed in seeds:
+        configs = {m: make_config(args.dataset, m, seed, args.quick, args) for m in names}
+        t0 = time.perf_counter()
+        results = run_methods(lambda: SmallCNN(), train, test, class_to_stage, configs, args.runs / tag / f"seed{seed}")
+        elapsed = time.perf_counter() - t0
+        for m in names:
+            s = results[m]
+            old, new, all_ = final_row(s)
+            rows.append({
+                "method": m, "seed": seed, "setting": args.setting, "dataset": args.dataset,
+                "recall@1": {"old": old, "new": new, "all": all_, "per_stage": per_stage_row(s)[:-1]},
+                "recall@k": s["stages"][-1]["all"],
+                "accuracy_matrix": s["accuracy_matrix"],
+                "seconds": sum(log["seconds"] for log in s["stage_logs"]),
+            })
+        print(f"seed {seed}: {len(names)} methods in {elapsed:.0f}s", flush=True)
+    print_tables(rows, args.setting, names)
+    total = time.perf_counter() - t_all
+    print(f"\ntotal time: {total:.0f}s ({len(seeds)} seed(s), {len(train)} training / {len(test)} "
+          f"{'validation' if args.validation else 'test'} images)")
+    if args.out:
+        config = {k: v for k, v in vars(args).items() if k not in ("out", "runs")}
+        config.update(DATASETS[args.dataset], seeds=seeds, hyper_parameters=configs["ours"].to_dict())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"results": rows, "config": config, "seconds": total}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Recall@K evaluation: this project's evaluator vs raw FAISS flat search vs PML's AccuracyCalculator.
+
+    python benchmarks/perf_eval.py                 # N = 5k, 20k, 88k (DeepFashion2's test size), D = 512
+    python benchmarks/perf_eval.py --quick         # N = 2k, 5k (seconds; run by the tests)
+
+Each (variant, N) runs in its own subprocess so that its peak RSS is its own. Variants:
+  ours@1      pml_mutual.evaluation.recall_at_k(ks=(1,))
+  ours@1248   recall_at_k(ks=(1, 2, 4, 8))
+  faiss@1     raw faiss IndexFlatIP: add + search(k=2) over all queries (the floor for Recall@1)
+  faiss@1248  the same with k=9
+  pml@1       AccuracyCalculator(include=("precision_at_1",), k=1).get_accuracy(ref_includes_query=True)
+Printed last: one `name: value` line per measurement and `ratio:` lines against raw FAISS.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS = ("ours@1", "ours@1248", "faiss@1", "faiss@1248", "pml@1")
+
+
+def make_data(n, dim, seed=0):
+    """Clustered unit embeddings, ~4 items per class (DeepFashion2-like), float32."""
+    rng = np.random.default_rng(seed)
+    n_classes = max(2, n // 4)
+    labels = rng.integers(0, n_classes, n)
+    centres = rng.standard_normal((n_classes, dim)).astype(np.float32)
+    emb = centres[labels] + 1.5 * rng.standard_normal((n, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return np.ascontiguousarray(emb, dtype=np.float32), labels.astype(np.int64)
+
+
+def child(variant, n, dim):
+    # Every variant imports the same libraries before the clock starts: an evaluator runs inside a
+    # training process, so import time and the libraries' resident memory are not its cost.
+    import faiss
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    from pml_mutual.evaluation import recall_at_k
+
+    emb, labels = make_data(n, dim)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if variant.startswith("ours"):
+        ks = (1,) if variant == "ours@1" else (1, 2, 4, 8)
+        value = recall_at_k(emb, labels, ks)[1]
+    elif variant.startswith("faiss"):
+        index = faiss.IndexFlatIP(dim)
+        index.add(emb)
+        _, idx = index.search(emb, 2 if variant == "faiss@1" else 9)
+        value = float(np.mean(labels[idx[:, 1]] == labels))  # assumes self first: only a timing floor
+    else:
+        calc = AccuracyCalculator(include=("precision_at_1",), k=1)
+        value = calc.get_accuracy(torch.from_numpy(emb), torch.from_numpy(labels), ref_includes_query=True)["precision_at_1"]
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"variant": variant, "n": n, "seconds": seconds, "recall@1": value,
+                      "peak_rss_mb": peak / 1024, "data_rss_mb": base_rss / 1024}))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=None)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_eval.json")
+    p.add_argument("--child", nargs=2, metavar=("VARIANT", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(args.child[0], int(args.child[1]), args.dim)
+    sizes = args.sizes or ([2000, 5000] if args.quick else [5000, 20000, 88000])
+    rows = []
+    for n in sizes:
+        for variant in args.variants:
+            out = subprocess.run([sys.executable, __file__, "--child", variant, str(n), "--dim", str(args.dim)],
+                                 check=True, capture_output=True, text=True, env=dict(os.environ))
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"  {variant:<11} N={n:<6} {r['seconds']:8.3f}s  peak RSS {r['peak_rss_mb']:8.1f} MB "
+                  f"(before: {r['data_rss_mb']:.1f} MB)  R@1 {r['recall@1']:.4f}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"dim": args.dim, "cpu_count": os.cpu_count(), "rows": rows}, indent=2))
+    by = {(r["variant"], r["n"]): r for r in rows}
+    for r in rows:
+        print(f"{r['variant']}_n{r['n']}_seconds: {r['seconds']:.4f}")
+        print(f"{r['variant']}_n{r['n']}_peak_rss_mb: {r['peak_rss_mb']:.1f}")
+    for n in sizes:
+        for ours, raw in (("ours@1", "faiss@1"), ("ours@1248", "faiss@1248"), ("pml@1", "faiss@1"), ("ours@1", "pml@1")):
+            if (ours, n) in by and (raw, n) in by:
+                a, b = by[(ours, n)], by[(raw, n)]
+                print(f"ratio: {ours}/{raw} n={n} time {a['seconds'] / b['seconds']:.3f} "
+                      f"peak_rss {a['peak_rss_mb'] / b['peak_rss_mb']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

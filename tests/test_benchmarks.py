@@ -1,0 +1,60 @@
+"""The benchmark scripts run end to end in their quick, CI-sized variants (no timing is asserted)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "benchmarks"
+
+
+def run(script, *args):
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], check=True, capture_output=True, text=True, timeout=600)
+    return out.stdout
+
+
+def test_perf_losses(tmp_path):
+    out = run("perf_losses.py", "--batch-sizes", "16", "--dim", "32", "--repeats", "3", "--out", str(tmp_path / "l.json"))
+    assert "ratio:" in out
+    rows = json.loads((tmp_path / "l.json").read_text())["rows"]
+    assert rows[0]["batch_size"] == 16 and rows[0]["distill_ms"] > 0
+
+
+def test_perf_eval_quick(tmp_path):
+    out = run("perf_eval.py", "--quick", "--sizes", "300", "--dim", "16", "--out", str(tmp_path / "e.json"))
+    lines = [line for line in out.splitlines() if line.startswith("ratio:")]
+    assert len(lines) == 4
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    by = {r["variant"]: r for r in rows}
+    # The evaluator and the raw search agree on this data (no duplicates: self is always first).
+    assert by["ours@1"]["recall@1"] == pytest.approx(by["faiss@1"]["recall@1"])
+    assert all(r["peak_rss_mb"] > 0 for r in rows)
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs dataset-fashion-mnist (scripts/install_data.sh)")
+@pytest.mark.parametrize("setting", ["one-task", "multi-task"])
+def test_cpu_realdata_quick_fashion_mnist(tmp_path, setting):
+    out = run("cpu_realdata.py", "--dataset", "fashion-mnist", "--setting", setting, "--quick",
+              "--methods", "finetune", "ours", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json"))
+    assert ("Table 2 layout" in out) == (setting == "one-task")
+    assert ("Table 5 layout" in out) == (setting == "multi-task")
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert {r["method"] for r in doc["results"]} == {"initial", "finetune", "ours"}
+    for r in doc["results"]:
+        assert 0 < r["recall@1"]["all"] <= 100 and r["seconds"] > 0
+        assert len(r["recall@1"]["per_stage"]) == (2 if setting == "one-task" else 5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/share/fonts/truetype/dejavu").is_dir(), reason="needs the fonts (scripts/install_data.sh)")
+def test_cpu_realdata_quick_glyphs(tmp_path):
+    out = run("cpu_realdata.py", "--dataset", "glyphs", "--setting", "multi-task", "--quick",
+              "--methods", "fecd", "ours", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json"))
+    assert "Table 3 layout" in out
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert len(doc["results"][0]["recall@1"]["per_stage"]) == 5
