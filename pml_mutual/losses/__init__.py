@@ -1,4 +1,11 @@
+from .batch_diffusion import OBDSD_DEFAULTS, BatchDiffusionSelfDistillationLoss, batch_diffusion_target
 from .gram_correlation_loss import GramCorrelationLoss
 from .mutual_gram_loss import MutualGramLoss
 
-__all__ = ["GramCorrelationLoss", "MutualGramLoss"]
+__all__ = [
+    "GramCorrelationLoss",
+    "MutualGramLoss",
+    "BatchDiffusionSelfDistillationLoss",
+    "batch_diffusion_target",
+    "OBDSD_DEFAULTS",
+]

@@ -1,3 +1,4 @@
 from .incremental_trainer import IncrementalTrainer
+from .self_distillation_trainer import SelfDistillationTrainer
 
-__all__ = ["IncrementalTrainer"]
+__all__ = ["IncrementalTrainer", "SelfDistillationTrainer"]
