@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Subset, TensorDataset
 
-from pml_mutual.data import stage_assignment
+from pml_mutual.data.cpu_benchmark import load_cpu_benchmark
 from pml_mutual.experiment import final_row, mean_std, per_stage_row, run_methods
 from pml_mutual.models import SmallCNN
 from pml_mutual.online import METHODS, OnlineConfig
@@ -36,62 +34,6 @@ DATASETS = {
     "fashion-mnist": dict(batch_size=64, m_per_class=32, per_class_train=1000, lambda_corr=100.0, lambda_mutual=1.0),
     "glyphs": dict(batch_size=64, m_per_class=4, per_class_train=None, lambda_corr=100.0, lambda_mutual=1.0),
 }
-
-
-def _take_per_class(ds: TensorDataset, per_class: int | None, rng) -> TensorDataset:
-    if per_class is None:
-        return ds
-    y = ds.tensors[1].numpy()
-    idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)]))
-    return TensorDataset(ds.tensors[0][idx], ds.tensors[1][idx])
-
-
-def _validation_split(ds: TensorDataset, fraction: float, rng) -> tuple[TensorDataset, TensorDataset]:
-    y = ds.tensors[1].numpy()
-    val = np.zeros(len(y), bool)
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        val[idx[: max(2, int(fraction * len(idx)))]] = True
-    t = lambda m: TensorDataset(ds.tensors[0][m], ds.tensors[1][m])  # noqa: E731
-    return t(~val), t(val)
-
-
-def load_dataset(name: str, validation: bool, quick: bool):
-    """(train, test, class_to_stage per setting) with labels 0..C−1."""
-    rng = np.random.default_rng(0)
-    if name == "fashion-mnist":
-        from pml_mutual.data.fashion_mnist import load_fashion_mnist
-
-        train, test = load_fashion_mnist(split="train"), load_fashion_mnist(split="test")
-        per_class = 200 if quick else DATASETS[name]["per_class_train"]
-        train = _take_per_class(train, per_class, rng)
-        if quick:
-            test = _take_per_class(test, 200, rng)
-        stages = {"one-task": stage_assignment(range(10), 5), "multi-task": stage_assignment(range(10), 2, 2)}
-    else:
-        from pml_mutual.data.glyphs import load_glyphs
-
-        train, test, meta = load_glyphs()
-        n_total = meta["n_classes"]
-        n_classes = 80 if quick else 200
-        if n_total < n_classes:
-            sys.exit(f"the glyph dataset has {n_total} classes, {n_classes} are needed: install more fonts")
-        chosen = np.unique(np.linspace(0, n_total - 1, n_classes).round().astype(int))
-        remap = np.full(n_total, -1)
-        remap[chosen] = np.arange(len(chosen))
-
-        def relabel(ds):
-            y = remap[ds.tensors[1].numpy()]
-            keep = y >= 0
-            return TensorDataset(ds.tensors[0][keep], torch.from_numpy(y[keep]))
-
-        train, test = relabel(train), relabel(test)
-        half = n_classes // 2
-        stages = {"one-task": stage_assignment(range(n_classes), half),
-                  "multi-task": stage_assignment(range(n_classes), half, half // 4)}
-    if validation:
-        train, test = _validation_split(train, 0.2, rng)
-    return train, test, stages
 
 
 def make_config(dataset: str, method: str, seed: int, quick: bool, args) -> OnlineConfig:
@@ -162,7 +104,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = args.seeds[:1] if args.quick else args.seeds
-    train, test, stages = load_dataset(args.dataset, args.validation, args.quick)
+    train, test, stages = load_cpu_benchmark(args.dataset, args.validation, args.quick, DATASETS[args.dataset]["per_class_train"])
     class_to_stage = stages[args.setting]
     names = ["initial"] + [m for m in args.methods if m != "initial"]
     tag = f"{args.dataset}_{args.setting}{'_quick' if args.quick else ''}{'_val' if args.validation else ''}"
