@@ -50,6 +50,9 @@ def make_config(dataset: str, method: str, seed: int, quick: bool, args) -> Onli
         lambda_corr=args.lambda_corr if args.lambda_corr is not None else d["lambda_corr"],
         lambda_mutual=args.lambda_mutual if args.lambda_mutual is not None else d["lambda_mutual"],
         temperature=args.temperature,
+        # From-scratch CNN: BatchNorm learns in stage 0 and in the fresh F_s, and is frozen in networks
+        # that inherit trained weights (freezing it from scratch collapses the embedding).
+        freeze_batchnorm="inherited",
         seed=seed,
         device=args.device,
     )

@@ -80,7 +80,10 @@ class OnlineConfig:
     drift_mode: str = "direct"
     drift_similarity: str = "cosine_relu"
     support_init: str = "fresh"  # "fresh": model_factory() (random, or pretrained trunk + new head); "teacher"
-    freeze_batchnorm: bool = True
+    # BatchNorm layers kept in eval mode while training: True (the paper: every trained network, right for
+    # pretrained backbones), "inherited" (only networks that start from a trained model: F_p after the
+    # first stage, F_s when support_init="teacher"; right for networks trained from scratch) or False.
+    freeze_batchnorm: bool | str = True
     triplet_margin: float = 0.1
     ks: tuple[int, ...] = (1, 2, 4, 8)
     seed: int = 0
@@ -94,6 +97,8 @@ class OnlineConfig:
             raise ValueError(f"drift_mode must be one of {DRIFT_MODES}, got {self.drift_mode!r}")
         if self.drift_similarity not in SIMILARITIES:
             raise ValueError(f"drift_similarity must be one of {SIMILARITIES}, got {self.drift_similarity!r}")
+        if self.freeze_batchnorm not in (True, False, "inherited"):
+            raise ValueError(f"freeze_batchnorm must be True, False or 'inherited', got {self.freeze_batchnorm!r}")
         if self.support_init not in ("fresh", "teacher"):
             raise ValueError(f"support_init must be 'fresh' or 'teacher', got {self.support_init!r}")
         for name in ("epochs", "iterations_per_epoch", "batch_size", "m_per_class"):
@@ -301,7 +306,7 @@ class OnlineLearner:
             dataloader_num_workers=0,
             data_device=self.device,
             loss_weights=weights,
-            freeze_trunk_batchnorm=cfg.freeze_batchnorm,
+            freeze_batchnorm_in=self._batchnorm_frozen(stage, models),
             drift_compensator=self.compensator if use_virtual else None,
             epoch_start_hook=epoch_start,
             end_of_epoch_hook=epoch_end,
@@ -316,6 +321,17 @@ class OnlineLearner:
         del trainer, models, optimizers, support
         gc.collect()  # free F_s and the teacher before drift measurement loads old models
         return epoch_losses
+
+    def _batchnorm_frozen(self, stage: int, models: dict) -> list[str]:
+        mode = self.config.freeze_batchnorm
+        if mode is True:
+            return [k for k in ("trunk", "support_trunk") if k in models]
+        if mode == "inherited":
+            inherited = ["trunk"] if stage > 0 else []
+            if stage > 0 and self.config.support_init == "teacher":
+                inherited.append("support_trunk")
+            return [k for k in inherited if k in models]
+        return []
 
     def _measure_drift(self, stage: int) -> None:
         """Offline, after stage ``stage``: its prototypes, and the drift of earlier stages up to F_stage (Eq. 3)."""

@@ -254,3 +254,25 @@ def test_demo_quick_prints_the_table(tmp_path, capsys):
     assert "method" in out and "old" in out and "ours" in out and "finetune" in out
     table = json.loads((tmp_path / "t.json").read_text())["one-task"]
     assert set(table) == {"initial", "finetune", "ours"}
+
+
+def _bn_stats(state):
+    return {k: v for k, v in state.items() if "running_mean" in k}
+
+
+@pytest.mark.parametrize("mode", [True, "inherited", False])
+def test_batchnorm_freezing_modes(digits, tmp_path, mode):
+    from pml_mutual.models import SmallCNN
+
+    train, test = digits
+    factory = lambda: torch.nn.Sequential(torch.nn.Unflatten(1, (1, 8, 8)), SmallCNN(widths=(8, 8, 8), embedding_size=16))  # noqa: E731
+    learner = OnlineLearner.from_class_assignment(
+        factory, train, test, stage_assignment(range(10), 5), config=tiny("fecd", freeze_batchnorm=mode),
+        run_dir=tmp_path, quiet=True,
+    )
+    learner.run()
+    init = _bn_stats(factory().state_dict())
+    s0 = _bn_stats(torch.load(tmp_path / "stage_000" / "model.pt", weights_only=True))
+    s1 = _bn_stats(torch.load(tmp_path / "stage_001" / "model.pt", weights_only=True))
+    assert same(s0, init) == (mode is True)  # stage 0 trains from scratch: only True freezes it
+    assert same(s1, s0) == (mode in (True, "inherited"))  # F_p inherits F_0's statistics

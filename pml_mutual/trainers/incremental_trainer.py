@@ -32,11 +32,16 @@ class IncrementalTrainer(MetricLossOnly):
     no second metric loss, so fine-tuning is this trainer with only ``trunk``.
 
     ``epoch_start_hook(trainer)`` runs before each epoch (the orchestrator seeds RNGs there so an
-    epoch can be replayed exactly); ``quiet`` hides the progress bar.
+    epoch can be replayed exactly); ``quiet`` hides the progress bar. ``freeze_batchnorm_in`` names the
+    trained models whose BatchNorm layers stay in eval mode (default, with PML's
+    ``freeze_trunk_batchnorm=True``: both students).
     """
 
-    def __init__(self, *args, drift_compensator=None, epoch_start_hook=None, quiet: bool = False, **kwargs):
+    def __init__(
+        self, *args, drift_compensator=None, epoch_start_hook=None, quiet: bool = False, freeze_batchnorm_in=None, **kwargs
+    ):
         self.drift_compensator = drift_compensator
+        self.freeze_batchnorm_in = freeze_batchnorm_in
         self.epoch_start_hook = epoch_start_hook
         self.quiet = quiet
         super().__init__(*args, **kwargs)
@@ -99,10 +104,12 @@ class IncrementalTrainer(MetricLossOnly):
 
     def maybe_freeze_trunk_batchnorm(self):
         # The paper freezes BatchNorm in every trained network, not only PML's "trunk".
-        if self.freeze_trunk_batchnorm:
-            for k in ("trunk",) + SUPPORT[:1]:
-                if k in self.models:
-                    self.models[k].apply(c_f.set_layers_to_eval("BatchNorm"))
+        names = self.freeze_batchnorm_in
+        if names is None:
+            names = ("trunk", "support_trunk") if self.freeze_trunk_batchnorm else ()
+        for k in names:
+            if k in self.models:
+                self.models[k].apply(c_f.set_layers_to_eval("BatchNorm"))
 
     def train(self, start_epoch: int = 1, num_epochs: int = 1):
         """PML's loop, with a fresh data iterator per epoch (after ``epoch_start_hook``) so every epoch
