@@ -58,3 +58,26 @@ def test_cpu_realdata_quick_glyphs(tmp_path):
     assert "Table 3 layout" in out
     doc = json.loads((tmp_path / "r.json").read_text())
     assert len(doc["results"][0]["recall@1"]["per_stage"]) == 5
+
+
+def test_perf_step_quick(tmp_path):
+    out = run("perf_step.py", "--quick", "--model", "mlp", "--out", str(tmp_path / "s.json"))
+    assert "ratio: ours/compute_limit" in out and "loss_share_ours_stage5" in out
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert set(doc["steps_ms"]) == {"finetune", "fecd", "ours", "ours_stage5"}
+    assert doc["compute_limit_ratio"] > 1
+
+
+def test_perf_memory_quick(tmp_path):
+    out = run("perf_memory.py", "--quick", "--out", str(tmp_path / "m.json"))
+    assert "ratio: stage3/stage2" in out
+    assert len(json.loads((tmp_path / "m.json").read_text())["peak_rss_mb"]) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs dataset-fashion-mnist (scripts/install_data.sh)")
+def test_obdsd_quick(tmp_path):
+    out = run("obdsd.py", "--dataset", "fashion-mnist", "--quick", "--out", str(tmp_path / "o.json"))
+    assert "OBD-SD on fashion-mnist" in out
+    rows = json.loads((tmp_path / "o.json").read_text())["results"]
+    assert {r["variant"] for r in rows} == {"base", "psd", "obdsd"}

@@ -1,0 +1,158 @@
+"""Time per training step of each method against the method's compute limit.
+
+    python benchmarks/perf_step.py [--quick] [--device cuda] [--model small_cnn|mlp]
+
+One process, one model, one batch: the median time (and spread) of a full IncrementalTrainer step
+(forward, losses, backward, optimiser) for finetune, fecd, ours (one-task) and ours at stage 5
+(virtual features of 4 earlier stages). The compute limit of `ours` is what three networks cost by
+construction: teacher forward + two students' forward and backward. With b = backward/forward time of
+the model (measured here, not assumed), limit / finetune = (1 + 2(1 + b)) / (1 + b). Also printed: the
+share of the step spent in GramCorrelationLoss + MutualGramLoss + virtual features.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import losses, miners
+
+from pml_mutual import DriftCompensator, GramCorrelationLoss, IncrementalTrainer, MutualGramLoss
+from pml_mutual.models import EmbeddingMLP, SmallCNN
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out), min(out), max(out)
+
+
+def build(model_name, device):
+    if model_name == "mlp":
+        return EmbeddingMLP().to(device), torch.randn(0, 64)
+    return SmallCNN().to(device), torch.randn(0, 1, 32, 32)
+
+
+def make_trainer(method, model_name, batch, device, compensator=None):
+    student, _ = build(model_name, device)
+    models = {"trunk": student}
+    loss_funcs = {"metric_loss": losses.TripletMarginLoss(margin=0.1)}
+    weights = {"metric_loss": 1.0}
+    if method != "finetune":
+        teacher, _ = build(model_name, device)
+        models["teacher_trunk"] = teacher
+        loss_funcs["correlation_loss"] = GramCorrelationLoss()
+        weights["correlation_loss"] = 10.0
+    if method.startswith("ours"):
+        models["support_trunk"], _ = build(model_name, device)
+        loss_funcs["mutual_loss"] = MutualGramLoss()
+        weights.update(support_metric_loss=1.0, mutual_loss=8.0)
+    optimizers = {f"{k}_optimizer": torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items() if k != "teacher_trunk"}
+    trainer = IncrementalTrainer(
+        models=models, optimizers=optimizers, batch_size=len(batch[1]), loss_funcs=loss_funcs, dataset=None,
+        mining_funcs={"tuple_miner": miners.BatchHardMiner()}, iterations_per_epoch=1, data_device=device,
+        loss_weights=weights, freeze_trunk_batchnorm=True, drift_compensator=compensator, quiet=True,
+    )
+    trainer.get_batch = lambda: batch  # the same batch every step: data loading is not what is measured
+    trainer.set_to_train()
+    return trainer
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["small_cnn", "mlp"], default="small_cnn")
+    p.add_argument("--batch-size", type=int, default=80)
+    p.add_argument("--classes-per-batch", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_step.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup, args.batch_size, args.classes_per_batch = 3, 1, 16, 4
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    _, shape_probe = build(args.model, device)
+    x = torch.randn(args.batch_size, *shape_probe.shape[1:], device=device)
+    y = torch.arange(args.classes_per_batch, device=device).repeat_interleave(args.batch_size // args.classes_per_batch)
+    y = torch.cat([y, y[: args.batch_size - len(y)]])
+    batch = (x, y)
+
+    # backward / forward ratio of the model itself.
+    model, _ = build(args.model, device)
+    model.train()
+    fwd = timed(lambda: model(x), device, args.warmup, args.repeats)[0]
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+    fb = timed(fwd_bwd, device, args.warmup, args.repeats)[0]
+    b = (fb - fwd) / fwd
+    limit = (1 + 2 * (1 + b)) / (1 + b)
+
+    # ours at stage 5: 5 stages in the compensator → 4 sets of virtual features per batch.
+    comp = DriftCompensator()
+    dim = model(x).shape[1]
+    for s in range(5):
+        feats = F.normalize(torch.randn(200, dim, device=device), dim=1)
+        comp.add_stage(feats, torch.arange(10 * s, 10 * s + 10, device=device).repeat(20))
+        for t in comp.stages_to_measure():
+            comp.update_drift(feats, F.normalize(feats + 0.1, dim=1), stage=t)
+    results = {}
+    for name, c in (("finetune", None), ("fecd", None), ("ours", None), ("ours_stage5", comp)):
+        trainer = make_trainer(name, args.model, batch, device, c)
+        results[name] = timed(trainer.forward_and_backward, device, args.warmup, args.repeats)
+
+    # The loss part alone: L_corr over real + virtual teachers and L_mutual, forward + backward, on embeddings.
+    emb = lambda: torch.randn(args.batch_size, dim, device=device)  # noqa: E731
+    p_emb, s_emb, o_emb = emb().requires_grad_(), emb().requires_grad_(), emb()
+    corr, mutual = GramCorrelationLoss(), MutualGramLoss()
+    def loss_part(compensator):
+        total = 8 * mutual(p_emb, ref_emb=s_emb)
+        teachers = [o_emb] if compensator is None else compensator.teacher_features(o_emb)
+        total = total + 10 * sum(corr(p_emb, ref_emb=t) for t in teachers)
+        total.backward()
+    share_one = timed(lambda: loss_part(None), device, args.warmup, args.repeats)[0] / results["ours"][0]
+    share_five = timed(lambda: loss_part(comp), device, args.warmup, args.repeats)[0] / results["ours_stage5"][0]
+
+    base = results["finetune"][0]
+    doc = {
+        "device": str(device), "model": args.model, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+        "forward_ms": 1e3 * fwd, "backward_over_forward": b, "compute_limit_ratio": limit,
+        "steps_ms": {k: [1e3 * v for v in vals] for k, vals in results.items()},
+        "ratio_to_finetune": {k: v[0] / base for k, v in results.items()},
+        "loss_share": {"ours": share_one, "ours_stage5": share_five},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2))
+    print(f"model: {args.model} on {device}, batch {args.batch_size}")
+    print(f"forward_ms: {1e3 * fwd:.3f}")
+    print(f"backward_over_forward: {b:.3f}")
+    for k, (med, lo, hi) in results.items():
+        print(f"{k}_step_ms: {1e3 * med:.3f} (range {1e3 * lo:.3f}-{1e3 * hi:.3f})")
+    for k, v in doc["ratio_to_finetune"].items():
+        print(f"ratio: {k}/finetune {v:.3f}")
+    print(f"ratio: compute_limit/finetune {limit:.3f}")
+    print(f"ratio: ours/compute_limit {doc['ratio_to_finetune']['ours'] / limit:.3f}")
+    print(f"loss_share_ours: {100 * share_one:.2f}%")
+    print(f"loss_share_ours_stage5: {100 * share_five:.2f}%")
+
+
+if __name__ == "__main__":
+    main()
