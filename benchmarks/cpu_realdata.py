@@ -6,7 +6,7 @@
 
 Datasets: Fashion-MNIST (10 classes; one-task 0–4 → 5–9; multi-task 5 stages of 2 classes) and the
 glyph dataset (200 of its character classes, spread evenly over code points; one-task 100 → 100;
-multi-task 100 + 4 × 25, as CUB in the paper). Backbone: pml_mutual.models.SmallCNN (128-d).
+multi-task 100 + 4 × 25, as CUB in the paper). Backbone: pml_mutual.models.SmallCNN (widths 16/32/64, 128-d; sized for 2 CPU cores).
 Every method of a seed starts from one shared initial model. Prints the paper's table layouts (mean ±
 std over seeds) and writes every run to --out as JSON. ``--validation`` evaluates on a validation
 split carved from the training images of every class (for tuning; the test images are never used).
@@ -94,9 +94,10 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quick", action="store_true", help="a reduced run (1 seed, few iterations, fewer classes)")
     p.add_argument("--validation", action="store_true", help="evaluate on a validation split of the training images")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--initial-epochs", type=int, default=6)
-    p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of every stage after the first")
+    p.add_argument("--initial-epochs", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=75, help="iterations per epoch")
+    p.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64], help="SmallCNN channel widths")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lambda-corr", type=float, default=None, help="λ2 (default: the dataset's tuned value)")
     p.add_argument("--lambda-mutual", type=float, default=None, help="λ3 (default: the dataset's tuned value)")
@@ -116,7 +117,7 @@ def main(argv=None):
     for seed in seeds:
         configs = {m: make_config(args.dataset, m, seed, args.quick, args) for m in names}
         t0 = time.perf_counter()
-        results = run_methods(lambda: SmallCNN(), train, test, class_to_stage, configs, args.runs / tag / f"seed{seed}")
+        results = run_methods(lambda: SmallCNN(widths=tuple(args.widths)), train, test, class_to_stage, configs, args.runs / tag / f"seed{seed}")
         elapsed = time.perf_counter() - t0
         for m in names:
             s = results[m]

@@ -297,7 +297,10 @@ class DriftCompensator:
         ``loss_fn`` defaults to the compensator's own (a ``GramCorrelationLoss`` unless given).
         """
         loss_fn = self.loss_fn if loss_fn is None else loss_fn
-        return sum(loss_fn(student_emb, ref_emb=t) for t in self.teacher_features(teacher_emb))
+        teachers = self.teacher_features(teacher_emb)
+        if hasattr(loss_fn, "sum_over_teachers"):
+            return loss_fn.sum_over_teachers(student_emb, teachers)
+        return sum(loss_fn(student_emb, ref_emb=t) for t in teachers)
 
     def state_dict(self) -> dict:
         return {

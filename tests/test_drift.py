@@ -145,7 +145,7 @@ def test_correlation_loss_sums_real_and_virtual_teachers():
     got = comp.correlation_loss(student, teacher)
     loss = GramCorrelationLoss()
     want = loss(student, ref_emb=teacher) + sum(loss(student, ref_emb=v) for v in comp.virtual_features(teacher))
-    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)  # fused batched sum vs loop: rounding only
     got.backward()
     assert student.grad is not None
     single = DriftCompensator()

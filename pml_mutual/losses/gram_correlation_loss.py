@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.reducers import MeanReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from .gram import PairedGramLoss, check_choice, rowwise_kl
+from .gram import PairedGramLoss, check_choice, check_pair, rowwise_kl
 
 
 class GramCorrelationLoss(PairedGramLoss):
@@ -42,3 +48,33 @@ class GramCorrelationLoss(PairedGramLoss):
                 "reduction_type": "element",
             }
         }
+
+    def sum_over_teachers(self, embeddings: torch.Tensor, teachers: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Σ_t loss(embeddings, ref_emb=t): Eq. 6 over the real and the virtual teachers.
+
+        With the default cosine distance and ``MeanReducer`` (the usual case) the student's Gram and
+        softmax are computed once and all teachers' Grams in one batched matmul; otherwise it is the
+        plain sum of calls. Both give the same value.
+        """
+        teachers = list(teachers)
+        if not teachers:
+            raise ValueError("sum_over_teachers needs at least one teacher")
+        fused = (
+            type(self.reducer) is MeanReducer
+            and type(self.distance) is CosineSimilarity
+            and len({tuple(t.shape) for t in teachers}) == 1
+        )
+        if not fused:
+            return sum(self(embeddings, ref_emb=t) for t in teachers)
+        for t in teachers:
+            check_pair(embeddings, t, self.ref_name)
+        log_student = self.log_probs(embeddings.float())
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            stacked = F.normalize(torch.stack([t.detach().float() for t in teachers]), dim=2)
+            log_teachers = F.log_softmax(stacked @ stacked.transpose(1, 2) / self.temperature, dim=2)
+            log_student = log_student.expand_as(log_teachers)
+            if self.direction == "forward":
+                kl = F.kl_div(log_student, log_teachers, reduction="none", log_target=True).sum(2)
+            else:
+                kl = F.kl_div(log_teachers, log_student, reduction="none", log_target=True).sum(2)
+        return kl.mean(1).sum() * self.temperature**2

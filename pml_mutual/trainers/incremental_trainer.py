@@ -92,7 +92,10 @@ class IncrementalTrainer(MetricLossOnly):
                 emb_o = self.compute_embeddings(data, prefix="teacher_")
             teachers = [emb_o] if self.drift_compensator is None else self.drift_compensator.teacher_features(emb_o)
             corr = self.loss_funcs["correlation_loss"]
-            self.losses["correlation_loss"] = sum(corr(emb_p, ref_emb=t) for t in teachers)
+            if hasattr(corr, "sum_over_teachers"):
+                self.losses["correlation_loss"] = corr.sum_over_teachers(emb_p, teachers)
+            else:  # any other PML loss taking ref_emb
+                self.losses["correlation_loss"] = sum(corr(emb_p, ref_emb=t) for t in teachers)
 
     def metric_loss(self, embeddings, labels, name="metric_loss"):
         indices_tuple = self.maybe_mine_embeddings(embeddings, labels)

@@ -240,3 +240,29 @@ def test_matches_torch_kl_div_batchmean():
     gt = F.normalize(t) @ F.normalize(t).T
     want = F.kl_div(F.log_softmax(gs / T, 1), F.softmax(gt / T, 1), reduction="batchmean") * T * T
     assert GramCorrelationLoss(temperature=T)(s, ref_emb=t).item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@given(st.integers(1, 10), st.integers(2, 8), st.integers(1, 5), st.sampled_from(["forward", "reverse"]),
+       st.floats(0.5, 8.0), st.integers(0, 10_000))
+def test_sum_over_teachers_equals_the_sum_of_calls(b, d, n_teachers, direction, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(b, d, generator=g, requires_grad=True)
+    teachers = [torch.randn(b, d, generator=g) for _ in range(n_teachers)]
+    loss = GramCorrelationLoss(temperature=T, direction=direction)
+    fused = loss.sum_over_teachers(student, teachers)
+    (g_fused,) = torch.autograd.grad(fused, student)
+    looped = sum(loss(student, ref_emb=t) for t in teachers)
+    (g_loop,) = torch.autograd.grad(looped, student)
+    assert fused.item() == pytest.approx(looped.item(), rel=1e-5, abs=1e-7)
+    assert torch.allclose(g_fused, g_loop, atol=1e-6)
+    # A non-default reducer takes the plain path, with the same value as calling it per teacher.
+    summed = GramCorrelationLoss(temperature=T, direction=direction, reducer=SumReducer())
+    assert summed.sum_over_teachers(student, teachers).item() == pytest.approx(
+        sum(summed(student, ref_emb=t) for t in teachers).item(), rel=1e-5, abs=1e-7)
+
+
+def test_sum_over_teachers_bad_input():
+    with pytest.raises(ValueError, match="at least one"):
+        GramCorrelationLoss().sum_over_teachers(torch.randn(3, 2), [])
+    with pytest.raises(ValueError, match="same batch"):
+        GramCorrelationLoss().sum_over_teachers(torch.randn(3, 2), [torch.randn(4, 2)])
