@@ -253,8 +253,9 @@ def test_sum_over_teachers_equals_the_sum_of_calls(b, d, n_teachers, direction, 
     (g_fused,) = torch.autograd.grad(fused, student)
     looped = sum(loss(student, ref_emb=t) for t in teachers)
     (g_loop,) = torch.autograd.grad(looped, student)
-    assert fused.item() == pytest.approx(looped.item(), rel=1e-5, abs=1e-7)
-    assert torch.allclose(g_fused, g_loop, atol=1e-6)
+    # Same math, different float32 summation order: the KL of near-equal logs amplifies rounding.
+    assert fused.item() == pytest.approx(looped.item(), rel=1e-4, abs=1e-6)
+    assert torch.allclose(g_fused, g_loop, atol=1e-5)
     # A non-default reducer takes the plain path, with the same value as calling it per teacher.
     summed = GramCorrelationLoss(temperature=T, direction=direction, reducer=SumReducer())
     assert summed.sum_over_teachers(student, teachers).item() == pytest.approx(
