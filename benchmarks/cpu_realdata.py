@@ -31,7 +31,7 @@ ABLATION = ["mutual_only", "fecd", "fecd_mutual", "ours"]
 
 # Hyper-parameters at this scale, chosen on the validation split (see README "CPU real-data benchmark").
 DATASETS = {
-    "fashion-mnist": dict(batch_size=64, m_per_class=32, per_class_train=1000, lambda_corr=100.0, lambda_mutual=1.0),
+    "fashion-mnist": dict(batch_size=64, m_per_class=32, per_class_train=1000, lambda_corr=1000.0, lambda_mutual=1.0),
     "glyphs": dict(batch_size=64, m_per_class=4, per_class_train=None, lambda_corr=100.0, lambda_mutual=1.0),
 }
 

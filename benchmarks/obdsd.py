@@ -44,7 +44,7 @@ def split_half(train: TensorDataset, test: TensorDataset):
 
 def train_variant(variant, train, args, seed):
     seed_everything(seed, VARIANTS.index(variant))
-    model = SmallCNN()
+    model = SmallCNN(widths=tuple(args.widths))
     loss = BatchDiffusionSelfDistillationLoss(
         base_loss=losses.MultiSimilarityLoss(2, 40, 0.5), miner=miners.MultiSimilarityMiner(0.1),
         alpha=args.alpha if variant == "obdsd" else 0.0, weight=0.0 if variant == "base" else args.weight,
@@ -74,8 +74,9 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64], help="SmallCNN channel widths")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--m-per-class", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
