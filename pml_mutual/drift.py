@@ -22,21 +22,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .checks import check_embeddings
+
 SIMILARITIES = ("cosine_relu", "cosine", "gaussian")
 DRIFT_MODES = ("direct", "chained")
-
-
-def _check_features(x: torch.Tensor, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n, embedding_size), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf values")
 
 
 def _check_same_dim(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> None:
@@ -51,7 +40,7 @@ def prototypes(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
     Returns ``(class_ids, means)``: sorted unique labels (K,) and their mean embeddings (K, D), float32.
     """
-    _check_features(embeddings, "embeddings")
+    check_embeddings(embeddings, "embeddings")
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(
             f"labels must be a 1-D tensor with one entry per embedding ({embeddings.shape[0]}), "
@@ -112,9 +101,9 @@ def prototype_drift(
     ``old_feats`` and ``new_feats`` are the same images embedded by the old and the new model;
     ``prototypes`` live in the old model's space.
     """
-    _check_features(old_feats, "old_feats")
-    _check_features(new_feats, "new_feats")
-    _check_features(prototypes, "prototypes")
+    check_embeddings(old_feats, "old_feats")
+    check_embeddings(new_feats, "new_feats")
+    check_embeddings(prototypes, "prototypes")
     if old_feats.shape != new_feats.shape:
         raise ValueError(
             f"old_feats and new_feats must embed the same images: shapes {tuple(old_feats.shape)} "
@@ -138,9 +127,9 @@ def feature_drift(
     the teacher's space, ``prototype_drift`` their drift Δμ^{b→i−1}_{b,k}. The result takes the
     teacher features back toward stage b's space.
     """
-    _check_features(feats, "feats")
-    _check_features(prototypes, "prototypes")
-    _check_features(prototype_drift, "prototype_drift")
+    check_embeddings(feats, "feats")
+    check_embeddings(prototypes, "prototypes")
+    check_embeddings(prototype_drift, "prototype_drift")
     _check_same_dim(prototypes, feats, "prototypes", "feats")
     if prototype_drift.shape != prototypes.shape:
         raise ValueError(

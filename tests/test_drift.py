@@ -150,7 +150,7 @@ def test_correlation_loss_sums_real_and_virtual_teachers():
     assert student.grad is not None
     single = DriftCompensator()
     single.add_stage(*clustered(3, 4, 4, 0))
-    assert single.correlation_loss(student, teacher).item() == pytest.approx(loss(student, ref_emb=teacher).item())
+    assert single.correlation_loss(student, teacher).item() == pytest.approx(loss(student, ref_emb=teacher).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["direct", "chained"])

@@ -12,19 +12,7 @@ from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.reducers import MeanReducer
 
-
-def check_embeddings(embeddings: torch.Tensor, name: str = "embeddings") -> None:
-    """Raise a clear error for input a Gram loss cannot use."""
-    if not isinstance(embeddings, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(embeddings).__name__}")
-    if embeddings.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (batch_size, embedding_size), got shape {tuple(embeddings.shape)}")
-    if embeddings.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch (shape {tuple(embeddings.shape)})")
-    if not embeddings.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {embeddings.dtype}")
-    if not torch.isfinite(embeddings).all():
-        raise ValueError(f"{name} contains NaN or inf values")
+from ..checks import check_embeddings
 
 
 def check_pair(embeddings: torch.Tensor, ref_emb: torch.Tensor | None, ref_name: str = "ref_emb") -> None:

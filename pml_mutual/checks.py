@@ -1,0 +1,18 @@
+"""Input checks shared by the losses and the drift math: one clear error naming the problem."""
+from __future__ import annotations
+
+import torch
+
+
+def check_embeddings(x: torch.Tensor, name: str = "embeddings") -> None:
+    """A non-empty 2-D floating-point tensor of finite values, or a TypeError/ValueError saying which rule fails."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n, embedding_size), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf values")
