@@ -234,7 +234,7 @@ class OnlineLearner:
         self._student = None  # the previous stage's model comes back from its checkpoint as the teacher
         gc.collect()
         seed_everything(cfg.seed, stage, 0)
-        trains = stage == 0 and self.initial_state_dict is None or stage > 0 and method.train
+        trains = (stage == 0 and self.initial_state_dict is None) or (stage > 0 and method.train)
         teacher = self.load_stage_model(stage - 1) if stage > 0 else None
         student = self.new_model()
         if stage == 0 and self.initial_state_dict is not None:
@@ -273,9 +273,9 @@ class OnlineLearner:
                 labels, cfg.m_per_class, cfg.batch_size, length_before_new_iter=cfg.batch_size * cfg.iterations_per_epoch
             )
         epochs = cfg.initial_epochs if stage == 0 and cfg.initial_epochs is not None else cfg.epochs
-        start_epoch = self._load_epoch_checkpoint(stage, models, optimizers) + 1
+        done_epochs, epoch_losses = self._load_epoch_checkpoint(stage, models, optimizers)
+        start_epoch = done_epochs + 1
         use_virtual = method.virtual and self.compensator.num_stages >= 2
-        epoch_losses: list[dict] = self._epoch_log if start_epoch > 1 else []
 
         def epoch_start(trainer):
             seed_everything(cfg.seed, stage, trainer.epoch)
@@ -421,23 +421,24 @@ class OnlineLearner:
                 print(f"[{self.config.method}] resuming {self.run_dir} at stage {stage}", flush=True)
         return stage
 
-    def _load_epoch_checkpoint(self, stage: int, models: dict, optimizers: dict) -> int:
-        """Restore the last finished epoch of ``stage`` if the run was interrupted in it; returns that epoch (0: none)."""
-        self._epoch_log = []
+    def _load_epoch_checkpoint(self, stage: int, models: dict, optimizers: dict) -> tuple[int, list[dict]]:
+        """Restore the last finished epoch of ``stage`` if the run was interrupted in it.
+
+        Returns (that epoch, the per-epoch loss log so far); (0, []) when the stage starts afresh.
+        """
         path = self.run_dir / "in_progress.pt"
         if not path.exists():
-            return 0
+            return 0, []
         state = torch.load(path, map_location=self.device, weights_only=True)
         if state["stage"] != stage:
-            return 0
+            return 0, []
         for k, sd in state["models"].items():
             models[k].load_state_dict(sd)
         for k, sd in state["optimizers"].items():
             optimizers[k].load_state_dict(sd)
-        self._epoch_log = list(state["epoch_losses"])
         if not self.quiet:
             print(f"[{self.config.method}] resuming stage {stage} after epoch {state['epoch']}", flush=True)
-        return int(state["epoch"])
+        return int(state["epoch"]), list(state["epoch_losses"])
 
 
 def _diff(a, b, prefix="") -> list[str]:
