@@ -17,6 +17,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def make_data(n, dim, seed=0):
     return np.ascontiguousarray(emb, dtype=np.float32), labels.astype(np.int64)
 
 
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def child(variant, n, dim):
     # Every variant imports the same libraries before the clock starts: an evaluator runs inside a
     # training process, so import time and the libraries' resident memory are not its cost.
@@ -47,6 +53,17 @@ def child(variant, n, dim):
 
     emb, labels = make_data(n, dim)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss can be set by data generation itself: also sample the resident size during the call.
+    rss_before, during = current_rss_mb(), [0.0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            during[0] = max(during[0], current_rss_mb())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     if variant.startswith("ours"):
         ks = (1,) if variant == "ours@1" else (1, 2, 4, 8)
@@ -60,9 +77,12 @@ def child(variant, n, dim):
         calc = AccuracyCalculator(include=("precision_at_1",), k=1)
         value = calc.get_accuracy(torch.from_numpy(emb), torch.from_numpy(labels), ref_includes_query=True)["precision_at_1"]
     seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"variant": variant, "n": n, "seconds": seconds, "recall@1": value,
-                      "peak_rss_mb": peak / 1024, "data_rss_mb": base_rss / 1024}))
+                      "peak_rss_mb": peak / 1024, "data_rss_mb": base_rss / 1024,
+                      "rss_before_mb": rss_before, "extra_rss_during_mb": max(0.0, during[0] - rss_before)}))
 
 
 def main(argv=None):
@@ -85,13 +105,14 @@ def main(argv=None):
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"  {variant:<11} N={n:<6} {r['seconds']:8.3f}s  peak RSS {r['peak_rss_mb']:8.1f} MB "
-                  f"(before: {r['data_rss_mb']:.1f} MB)  R@1 {r['recall@1']:.4f}", flush=True)
+                  f"(+{r['extra_rss_during_mb']:.1f} MB during the call)  R@1 {r['recall@1']:.4f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"dim": args.dim, "cpu_count": os.cpu_count(), "rows": rows}, indent=2))
     by = {(r["variant"], r["n"]): r for r in rows}
     for r in rows:
         print(f"{r['variant']}_n{r['n']}_seconds: {r['seconds']:.4f}")
         print(f"{r['variant']}_n{r['n']}_peak_rss_mb: {r['peak_rss_mb']:.1f}")
+        print(f"{r['variant']}_n{r['n']}_extra_rss_mb: {r['extra_rss_during_mb']:.1f}")
     for n in sizes:
         for ours, raw in (("ours@1", "faiss@1"), ("ours@1248", "faiss@1248"), ("pml@1", "faiss@1"), ("ours@1", "pml@1")):
             if (ours, n) in by and (raw, n) in by:
