@@ -49,7 +49,7 @@ def build(model_name, device):
     return SmallCNN().to(device), torch.randn(0, 1, 32, 32)
 
 
-def make_trainer(method, model_name, batch, device, compensator=None):
+def make_trainer(method, model_name, batch, device, compensator=None, amp=False):
     student, _ = build(model_name, device)
     models = {"trunk": student}
     loss_funcs = {"metric_loss": losses.TripletMarginLoss(margin=0.1)}
@@ -67,7 +67,7 @@ def make_trainer(method, model_name, batch, device, compensator=None):
     trainer = IncrementalTrainer(
         models=models, optimizers=optimizers, batch_size=len(batch[1]), loss_funcs=loss_funcs, dataset=None,
         mining_funcs={"tuple_miner": miners.BatchHardMiner()}, iterations_per_epoch=1, data_device=device,
-        loss_weights=weights, freeze_trunk_batchnorm=True, drift_compensator=compensator, quiet=True,
+        loss_weights=weights, freeze_trunk_batchnorm=True, drift_compensator=compensator, quiet=True, amp=amp,
     )
     trainer.get_batch = lambda: batch  # the same batch every step: data loading is not what is measured
     trainer.set_to_train()
@@ -80,6 +80,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=80)
     p.add_argument("--classes-per-batch", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast training steps (default: on for cuda, off for cpu)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--quick", action="store_true")
@@ -88,6 +90,7 @@ def main(argv=None):
     if args.quick:
         args.repeats, args.warmup, args.batch_size, args.classes_per_batch = 3, 1, 16, 4
     device = torch.device(args.device)
+    amp = args.amp if args.amp is not None else device.type == "cuda"
     torch.manual_seed(0)
     _, shape_probe = build(args.model, device)
     x = torch.randn(args.batch_size, *shape_probe.shape[1:], device=device)
@@ -116,7 +119,7 @@ def main(argv=None):
             comp.update_drift(feats, F.normalize(feats + 0.1, dim=1), stage=t)
     results = {}
     for name, c in (("finetune", None), ("fecd", None), ("ours", None), ("ours_stage5", comp)):
-        trainer = make_trainer(name, args.model, batch, device, c)
+        trainer = make_trainer(name, args.model, batch, device, c, amp)
         results[name] = timed(trainer.forward_and_backward, device, args.warmup, args.repeats)
 
     # The loss part alone: L_corr over real + virtual teachers and L_mutual, forward + backward, on embeddings.
@@ -133,7 +136,7 @@ def main(argv=None):
 
     base = results["finetune"][0]
     doc = {
-        "device": str(device), "model": args.model, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+        "device": str(device), "amp": amp, "model": args.model, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
         "forward_ms": 1e3 * fwd, "backward_over_forward": b, "compute_limit_ratio": limit,
         "steps_ms": {k: [1e3 * v for v in vals] for k, vals in results.items()},
         "ratio_to_finetune": {k: v[0] / base for k, v in results.items()},

@@ -89,6 +89,7 @@ class OnlineConfig:
     seed: int = 0
     device: str | None = None
     eval_batch_size: int = 256
+    amp: bool = False  # autocast (fp16 + GradScaler on CUDA, bf16 on CPU) for training and evaluation
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -311,6 +312,7 @@ class OnlineLearner:
             epoch_start_hook=epoch_start,
             end_of_epoch_hook=epoch_end,
             quiet=self.quiet,
+            amp=cfg.amp,
         )
         if start_epoch <= epochs:
             trainer.train(start_epoch, epochs)
@@ -339,11 +341,11 @@ class OnlineLearner:
             return
         self.phase = "drift"
         device = self.device
-        new_feats, labels = extract_embeddings(self._student, self.prototype_stages[stage], self.config.eval_batch_size, device)
+        new_feats, labels = extract_embeddings(self._student, self.prototype_stages[stage], self.config.eval_batch_size, device, self.config.amp)
         self.compensator.add_stage(new_feats, labels)
         for t in self.compensator.stages_to_measure():
             old_model = self.load_stage_model(t)  # one old model at a time
-            old_feats, _ = extract_embeddings(old_model, self.prototype_stages[stage], self.config.eval_batch_size, device)
+            old_feats, _ = extract_embeddings(old_model, self.prototype_stages[stage], self.config.eval_batch_size, device, self.config.amp)
             del old_model
             gc.collect()
             self.compensator.update_drift(old_feats, new_feats, stage=t)
@@ -351,7 +353,7 @@ class OnlineLearner:
     def _evaluate(self, stage: int) -> dict:
         seen = np.flatnonzero([self.class_to_stage[int(c)] <= stage for c in self.test_labels])
         emb, labels = extract_embeddings(
-            self._student, Subset(self.test_dataset, seen.tolist()), self.config.eval_batch_size, self.device
+            self._student, Subset(self.test_dataset, seen.tolist()), self.config.eval_batch_size, self.device, self.config.amp
         )
         return stage_recalls(emb, labels, self.class_to_stage, stage, self.config.ks)
 
@@ -373,7 +375,7 @@ class OnlineLearner:
 
     def _run_identity(self) -> dict:
         return {
-            "config": {k: v for k, v in self.config.to_dict().items() if k not in ("device", "eval_batch_size")},
+            "config": {k: v for k, v in self.config.to_dict().items() if k not in ("device", "eval_batch_size", "amp")},
             "class_to_stage": {str(k): v for k, v in sorted(self.class_to_stage.items())},
             "train_sizes": [len(d) for d in self.train_stages],
             "test_size": len(self.test_dataset),

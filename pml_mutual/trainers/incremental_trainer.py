@@ -38,8 +38,16 @@ class IncrementalTrainer(MetricLossOnly):
     """
 
     def __init__(
-        self, *args, drift_compensator=None, epoch_start_hook=None, quiet: bool = False, freeze_batchnorm_in=None, **kwargs
+        self,
+        *args,
+        drift_compensator=None,
+        epoch_start_hook=None,
+        quiet: bool = False,
+        freeze_batchnorm_in=None,
+        amp: bool = False,
+        **kwargs,
     ):
+        self.amp = amp
         self.drift_compensator = drift_compensator
         self.freeze_batchnorm_in = freeze_batchnorm_in
         self.epoch_start_hook = epoch_start_hook
@@ -62,6 +70,8 @@ class IncrementalTrainer(MetricLossOnly):
             if not needed and name in self.loss_funcs:
                 raise ValueError(f"loss_funcs has {name!r} but models has no {'teacher' if name[0] == 'c' else 'support'}_trunk")
         self.loss_names = list(self.loss_funcs.keys())
+        cuda = torch.device(self.data_device).type == "cuda" if self.data_device is not None else torch.cuda.is_available()
+        self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp and cuda else None
         if self.has_teacher:
             self.freeze_these = tuple(set(self.freeze_these) | set(TEACHER))
 
@@ -80,6 +90,14 @@ class IncrementalTrainer(MetricLossOnly):
         )
 
     def calculate_loss(self, curr_batch):
+        # AMP: the networks run under autocast (float16 + GradScaler on CUDA, bfloat16 on CPU); the
+        # Gram losses compute their softmax/KL in float32 regardless.
+        device_type = torch.device(self.data_device).type
+        dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+        with torch.autocast(device_type=device_type, dtype=dtype, enabled=self.amp):
+            self._calculate_loss(curr_batch)
+
+    def _calculate_loss(self, curr_batch):
         data, labels = curr_batch
         emb_p = self.compute_embeddings(data)
         self.losses["metric_loss"] = self.metric_loss(emb_p, labels)
@@ -96,6 +114,26 @@ class IncrementalTrainer(MetricLossOnly):
                 self.losses["correlation_loss"] = corr.sum_over_teachers(emb_p, teachers)
             else:  # any other PML loss taking ref_emb
                 self.losses["correlation_loss"] = sum(corr(emb_p, ref_emb=t) for t in teachers)
+
+    def backward(self):
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(self.losses["total_loss"]).backward()
+        else:
+            self.losses["total_loss"].backward()
+
+    def clip_gradients(self):
+        if self.grad_scaler is not None and self.gradient_clippers:
+            for opt in self.optimizers.values():
+                self.grad_scaler.unscale_(opt)
+        super().clip_gradients()
+
+    def step_optimizers(self):
+        if self.grad_scaler is None:
+            return super().step_optimizers()
+        for k, opt in self.optimizers.items():
+            if c_f.regex_replace("_optimizer$", "", k) not in self.freeze_these:
+                self.grad_scaler.step(opt)
+        self.grad_scaler.update()
 
     def metric_loss(self, embeddings, labels, name="metric_loss"):
         indices_tuple = self.maybe_mine_embeddings(embeddings, labels)

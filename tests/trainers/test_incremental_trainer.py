@@ -113,3 +113,19 @@ def test_missing_or_extra_losses_are_errors(new_stage):
     with pytest.raises(ValueError, match="mutual_loss"):
         make_trainer(new_stage, {"trunk": EmbeddingMLP()},
                      {"metric_loss": losses.TripletMarginLoss(), "mutual_loss": MutualGramLoss()}, {"metric_loss": 1})
+
+
+def test_amp_on_cpu_runs_in_bfloat16_with_float32_losses(new_stage):
+    models = full_models()
+    seen = {}
+    models["trunk"].embedding.register_forward_hook(lambda m, i, o: seen.setdefault("act", o.dtype) and None)
+    weights = {"metric_loss": 1, "support_metric_loss": 1, "correlation_loss": 10, "mutual_loss": 8}
+    trainer = make_trainer(new_stage, models, full_losses(), weights, amp=True)
+    assert trainer.grad_scaler is None  # no GradScaler on CPU: bfloat16 needs none
+    trainer.train(1, 1)
+    assert seen["act"] == torch.bfloat16  # the networks ran under autocast
+    assert all(v == v and v >= 0 for v in trainer.epoch_losses.values())  # finite
+    batch = next(iter(torch.utils.data.DataLoader(new_stage, batch_size=16)))
+    trainer.calculate_loss(batch)
+    assert trainer.losses["correlation_loss"].dtype == torch.float32
+    assert trainer.losses["mutual_loss"].dtype == torch.float32
