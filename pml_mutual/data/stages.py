@@ -103,3 +103,31 @@ def check_stages(
                 f"(the sampler draws {m_per_class} per class; lower min_images_per_class to accept repeats)"
             )
     return mapping
+
+
+def stages_from_ends(classes: Sequence[int], ends: Sequence[int]) -> dict[int, int]:
+    """class → stage where stage s holds the sorted ``classes[ends[s-1]:ends[s]]`` (the last stage takes the rest).
+
+    ``ends`` are the paper's stage boundaries as class counts, e.g. CUB multi-task (100, 125, 150, 175):
+    classes 1–100, 101–125, 126–150, 151–175, 176–200.
+    """
+    classes = sorted(int(c) for c in classes)
+    ends = [int(e) for e in ends]
+    if not ends or any(b <= a for a, b in zip([0] + ends, ends + [len(classes)])):
+        raise ValueError(f"stage ends must increase strictly within (0, {len(classes)}), got {ends}")
+    stage = np.searchsorted(np.asarray(ends), np.arange(len(classes)), side="right")
+    return {c: int(s) for c, s in zip(classes, stage)}
+
+
+def scale_stage_ends(ends: Sequence[int], paper_classes: int, n_classes: int) -> tuple[int, ...]:
+    """The paper's stage ends for ``paper_classes`` classes moved proportionally to ``n_classes`` classes
+    (a subset of the dataset, or the tiny data of a smoke run); unchanged when the counts agree."""
+    if n_classes == paper_classes:
+        return tuple(int(e) for e in ends)
+    scaled = [int(round(e * n_classes / paper_classes)) for e in ends]
+    for i in range(len(scaled)):  # keep ≥ 2 classes per stage where possible
+        low = (scaled[i - 1] if i else 0) + 2
+        scaled[i] = max(scaled[i], low)
+    if scaled[-1] > n_classes - 2:
+        raise ValueError(f"{n_classes} classes are too few for {len(ends) + 1} stages of at least 2 classes")
+    return tuple(scaled)
