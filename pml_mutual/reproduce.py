@@ -1,0 +1,262 @@
+"""Reproduce the paper's Tables 2–6 on CUB-200-2011, Cars196 and DeepFashion2 (the CLI behind
+``benchmarks/cub200.py``, ``benchmarks/cars196.py`` and ``benchmarks/deepfashion2.py``).
+
+Nothing is downloaded: the dataset and the ImageNet weights come from ``--data-root`` and ``--weights``.
+Defaults are the paper's (Adam 1e-5, weight decay 5e-4, λ = 1/10/8, T = 4, 512-d, BatchNorm frozen,
+batch 16 classes × 5 images for BN-Inception and 16 × 3 otherwise). The paper gives no schedule; the
+default of 30 epochs × 100 iterations per stage is ours. ``--smoke`` writes a tiny dataset in the real
+on-disk format and runs every stage of every method on it in seconds (random weights, 32-pixel crops).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import distributed
+from .data import cars196, cub, deepfashion2
+from .data import fixtures
+from .data.images import ImageItems, ImageListDataset
+from .data.stages import scale_stage_ends, stages_from_ends
+from .data.transforms import ProtocolTransform
+from .experiment import final_row, mean_std, per_stage_row, run_methods
+from .models.backbones import BACKBONES, BATCH, INPUT_SPACE, backbone_factory
+from .online import METHODS, OnlineConfig
+from .published import ONE_TASK, TABLES, published
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    title: str
+    num_classes: int
+    stage_ends: dict
+    load: Callable[..., tuple[ImageItems, ImageItems]]  # (root, seed, args) → (train, test)
+    write_fixture: Callable[[Path], Path]
+    expected_layout: str
+
+
+def _load_cub(root, seed, args):
+    return cub.load_cub(root, split=args.cub_split, seed=seed, train_list=args.train_list, test_list=args.test_list)
+
+
+DATASETS = {
+    "cub200": DatasetSpec(
+        "cub200", "CUB-200-2011", cub.NUM_CLASSES, cub.STAGE_ENDS, _load_cub,
+        lambda d: fixtures.write_cub_fixture(d, [8] * 16),
+        "CUB_200_2011/ with images.txt, image_class_labels.txt, train_test_split.txt and images/",
+    ),
+    "cars196": DatasetSpec(
+        "cars196", "Cars196", cars196.NUM_CLASSES, cars196.STAGE_ENDS,
+        lambda root, seed, args: cars196.load_cars196(root, seed=seed, crop=args.crop),
+        lambda d: fixtures.write_cars196_fixture(d, [8] * 16),
+        "a directory with cars_annos.mat and car_ims/ (or the devkit layout)",
+    ),
+    "deepfashion2": DatasetSpec(
+        "deepfashion2", "DeepFashion2", deepfashion2.NUM_CLASSES, deepfashion2.STAGE_ENDS,
+        lambda root, seed, args: deepfashion2.load_deepfashion2(root, seed=seed),
+        lambda d: fixtures.write_deepfashion2_fixture(d, 8, 8, splits=("train", "validation")),
+        "a directory with annos/*.json and image/*.jpg (or train/ and validation/ laid out that way)",
+    ),
+}
+
+
+def build_parser(dataset: str) -> argparse.ArgumentParser:
+    spec = DATASETS[dataset]
+    p = argparse.ArgumentParser(
+        prog=f"benchmarks/{dataset}.py",
+        description=f"The paper's tables on {spec.title}: measured Recall@1 beside the published numbers.",
+        epilog=f"--data-root: {spec.expected_layout}. " + __doc__.split("\n\n")[1],
+    )
+    p.add_argument("--data-root", type=Path, help=f"the {spec.title} directory")
+    p.add_argument("--weights", type=Path, help="ImageNet state dict of the backbone (a local .pth file)")
+    p.add_argument("--no-pretrained", action="store_true", help="train from random weights (not the paper's setting)")
+    p.add_argument("--backbone", choices=BACKBONES, default=None)
+    p.add_argument("--setting", choices=["one-task", "multi-task"], default=None)
+    p.add_argument("--table", type=int, choices=sorted(TABLES), help="preset backbone / setting / methods of a paper table")
+    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the per-class train/test split")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per stage (not given by the paper; default 30, smoke 1)")
+    p.add_argument("--iterations", type=int, default=None, help="iterations per epoch (default 100, smoke 2)")
+    p.add_argument("--classes-per-batch", type=int, default=None, help="default 16 (smoke 2)")
+    p.add_argument("--images-per-class", type=int, default=None, help="default 5 for BN-Inception, 3 otherwise (smoke 2)")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--lambda-corr", type=float, default=10.0)
+    p.add_argument("--lambda-mutual", type=float, default=8.0)
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--corr-direction", choices=["forward", "reverse"], default="forward",
+                   help="'reverse' = the KL direction of the authors' code")
+    p.add_argument("--image-size", type=int, default=None, help="crop size (default 224, smoke 32)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (float16 + GradScaler on CUDA)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--num-workers", type=int, default=8)
+    p.add_argument("--runs", type=Path, default=Path("runs") / dataset, help="checkpoints (an interrupted run resumes)")
+    p.add_argument("--out", type=Path, help="write every run and the published numbers as JSON")
+    p.add_argument("--smoke", action="store_true", help="tiny data in the real format, random weights, seconds")
+    if dataset == "cub200":
+        p.add_argument("--cub-split", choices=["protocol", "official", "lists"], default="protocol")
+        p.add_argument("--train-list", type=Path, help="'<path> <label>' list file (e.g. FECD's data/train.txt)")
+        p.add_argument("--test-list", type=Path)
+    else:
+        p.set_defaults(cub_split=None, train_list=None, test_list=None)
+    if dataset == "cars196":
+        p.add_argument("--crop", action="store_true", help="crop the cars by their bounding boxes")
+    else:
+        p.set_defaults(crop=False)
+    return p
+
+
+def resolve(args: argparse.Namespace, dataset: str) -> argparse.Namespace:
+    """Fill backbone / setting / methods from ``--table`` or the defaults, and check the paths."""
+    table = TABLES.get(args.table) if args.table else None
+    if table and dataset not in table.get("datasets", [dataset]):
+        raise SystemExit(f"Table {args.table} of the paper has no {dataset} rows")
+    if args.backbone is None:
+        backbone = table["backbone"] if table else "bninception"
+        args.backbone = backbone[0] if isinstance(backbone, tuple) else backbone
+    if args.setting is None:
+        args.setting = table["setting"] if table else "one-task"
+    if args.methods is None:
+        args.methods = list(table["methods"]) if table else ["initial", "finetune", "joint", "fecd", "ours"]
+    if not args.smoke:
+        if args.data_root is None:
+            raise SystemExit(f"--data-root is required: {DATASETS[dataset].expected_layout}")
+        if args.weights is None and not args.no_pretrained:
+            raise SystemExit("--weights is required (the ImageNet state dict of the backbone), or --no-pretrained")
+        if args.weights is not None and not args.weights.is_file():
+            raise SystemExit(f"--weights: no such file {args.weights}")
+    return args
+
+
+def make_configs(args, seed: int, m_per_class: int, batch: int) -> dict[str, OnlineConfig]:
+    names = ["initial"] + [m for m in args.methods if m != "initial"]
+    return {
+        m: OnlineConfig(
+            method=m, epochs=args.epochs, iterations_per_epoch=args.iterations, batch_size=batch,
+            m_per_class=m_per_class, lr=args.lr, weight_decay=args.weight_decay, lambda_corr=args.lambda_corr,
+            lambda_mutual=args.lambda_mutual, temperature=args.temperature, corr_direction=args.corr_direction,
+            freeze_batchnorm=True, seed=seed, device=args.device, amp=args.amp, num_workers=args.num_workers,
+            eval_batch_size=4 * batch,
+        )
+        for m in names
+    }
+
+
+def run(dataset: str, argv=None) -> list[dict]:
+    """Parse ``argv``, run every method and seed, print the table with the published numbers, write --out."""
+    args = resolve(build_parser(dataset).parse_args(argv), dataset)
+    spec = DATASETS[dataset]
+    device = distributed.init_from_env()  # under torchrun: NCCL/gloo, this rank's GPU
+    if args.device is None and distributed.is_active():
+        args.device = str(device)
+    tmp = None
+    if args.smoke:
+        # rank 0 writes the tiny dataset; every rank reads it (and the checkpoints) from the same directory
+        tmp = tempfile.TemporaryDirectory(prefix=f"pml_mutual_smoke_{dataset}_") if distributed.is_main() else None
+        root = Path(distributed.broadcast_object(tmp.name if tmp else None))
+        if distributed.is_main():
+            spec.write_fixture(root / dataset)
+        distributed.barrier()
+        args.data_root = root / dataset
+        args.weights, args.no_pretrained, args.num_workers = None, True, 0
+        if args.runs == Path("runs") / dataset:
+            args.runs = root / "runs"
+    # flags left unset take the paper's values, or tiny ones for a smoke run
+    defaults = dict(epochs=30, iterations=100, image_size=224, classes_per_batch=BATCH[args.backbone][0],
+                    images_per_class=BATCH[args.backbone][1])
+    if args.smoke:
+        defaults.update(epochs=1, iterations=2, image_size=32, classes_per_batch=2, images_per_class=2)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    m_per_class = args.images_per_class
+    batch = args.classes_per_batch * m_per_class
+    space = INPUT_SPACE[args.backbone]
+    size, resize = args.image_size, int(round(args.image_size * 256 / 224))
+    factory = backbone_factory(args.backbone, None if args.no_pretrained else args.weights)
+    rows, t_all = [], time.perf_counter()
+    try:
+        train_items, test_items = spec.load(args.data_root, args.split_seed, args)
+        classes = np.unique(train_items.labels)
+        # the paper's stage boundaries; moved proportionally when a subset (or smoke data) has fewer classes
+        ends = scale_stage_ends(spec.stage_ends[args.setting], spec.num_classes, len(classes))
+        class_to_stage = stages_from_ends(classes, ends)
+        train = ImageListDataset(train_items, ProtocolTransform(True, space, size, resize))
+        test = ImageListDataset(test_items, ProtocolTransform(False, space, size, resize))
+        prototypes = ImageListDataset(train_items, ProtocolTransform(False, space, size, resize))
+        for seed in args.seeds:
+            tag = f"{args.backbone}_{args.setting}{'_smoke' if args.smoke else ''}/seed{seed}"
+            t0 = time.perf_counter()
+            results = run_methods(
+                factory, train, test, class_to_stage, make_configs(args, seed, m_per_class, batch),
+                args.runs / tag, prototype_dataset=prototypes,
+            )
+            for m, s in results.items():
+                rows.append(result_row(dataset, args, m, seed, s))
+            if distributed.is_main():
+                print(f"seed {seed}: {len(results)} methods in {time.perf_counter() - t0:.0f}s "
+                      f"({len(train_items)} train / {len(test_items)} test images, {len(classes)} classes)", flush=True)
+    finally:
+        distributed.barrier()
+        if tmp is not None:
+            tmp.cleanup()
+    total = time.perf_counter() - t_all
+    if not distributed.is_main():
+        return rows
+    print(format_table(rows, dataset, args.backbone, args.setting))
+    print(f"\ntotal time: {total:.0f}s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        args.out.write_text(json.dumps({"results": rows, "config": config, "seconds": total}, indent=2, default=str))
+    return rows
+
+
+def result_row(dataset: str, args, method: str, seed: int, summary: dict) -> dict:
+    old, new, all_ = final_row(summary)
+    per_stage = per_stage_row(summary)
+    measured = [old, new, all_] if args.setting == "one-task" else per_stage
+    return {
+        "dataset": dataset, "backbone": args.backbone, "setting": args.setting, "method": method, "seed": seed,
+        "recall@1": {"old": old, "new": new, "all": all_, "per_stage": per_stage[:-1]},
+        "recall@k": summary["stages"][-1]["all"],
+        "published": published(dataset, args.backbone, args.setting, method),
+        "measured_columns": measured,
+        "seconds": sum(log["seconds"] for log in summary["stage_logs"]),
+    }
+
+
+def format_table(rows: list[dict], dataset: str, backbone: str, setting: str) -> str:
+    """The paper's layout: one line per method (one-task) or per stage (multi-task), measured mean ± std,
+    the published value and measured − published."""
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    n = len(rows[0]["measured_columns"])
+    columns = list(ONE_TASK) if setting == "one-task" else [f"stage {i}" for i in range(n - 1)] + ["all"]
+    lines = [f"\n{dataset} · {backbone} · {setting}: Recall@1 (%) measured (mean ± std over seeds) | published | Δ"]
+
+    def cell(values, j, pub):
+        mean, std = mean_std([v["measured_columns"] for v in values])
+        p = pub[j] if pub is not None and j < len(pub) else None
+        return f"{mean[j]:6.2f} ± {std[j]:4.2f} | " + ("   –  |    –  " if p is None else f"{p:6.2f} | {mean[j] - p:+6.2f}")
+
+    if setting == "one-task":
+        lines.append(f"{'method':<12} " + " ".join(f"{c:^32}" for c in columns))
+        for m, values in by_method.items():
+            pub = values[0]["published"]
+            lines.append(f"{m:<12} " + " ".join(f"{cell(values, j, pub):>32}" for j in range(n)))
+    else:
+        lines.append(f"{'classes':<10} " + " ".join(f"{m:^32}" for m in by_method))
+        for j, c in enumerate(columns):
+            lines.append(f"{c:<10} " + " ".join(f"{cell(v, j, v[0]['published']):>32}" for v in by_method.values()))
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""The reproduction scripts (benchmarks/cub200.py, cars196.py, deepfashion2.py) end to end on smoke data."""
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from pml_mutual.published import PUBLISHED, TABLES
+from pml_mutual.reproduce import format_table, run
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("dataset, setting, methods", [
+    ("cub200", "multi-task", ["finetune", "ours"]),  # 5 stages: virtual features of 3 earlier stages
+    ("cars196", "one-task", ["fecd", "ours"]),
+    ("deepfashion2", "one-task", ["joint", "ours"]),
+])
+def test_benchmark_script_smoke(tmp_path, monkeypatch, dataset, setting, methods):
+    out = tmp_path / "r.json"
+    argv = [str(BENCHMARKS / f"{dataset}.py"), "--smoke", "--setting", setting, "--methods", *methods, "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(argv[0], run_name="__main__")
+    doc = json.loads(out.read_text())
+    rows = doc["results"]
+    assert [r["method"] for r in rows] == ["initial", *methods]
+    n_columns = 3 if setting == "one-task" else 6
+    for r in rows:
+        assert len(r["measured_columns"]) == n_columns
+        assert all(0.0 <= v <= 100.0 for v in r["measured_columns"])
+        expected = PUBLISHED[(dataset, "bninception", setting)].get(r["method"])
+        assert r["published"] == expected
+    assert rows[-1]["published"] is not None  # "ours" is in every table
+
+
+def test_table_formatting_shows_published_and_delta():
+    rows = [{"method": "ours", "measured_columns": [70.0, 80.0, 75.0], "published": [77.29, 78.07, 73.73]},
+            {"method": "ours", "measured_columns": [72.0, 78.0, 73.0], "published": [77.29, 78.07, 73.73]}]
+    text = format_table(rows, "cub200", "bninception", "one-task")
+    assert "71.00 ± 1.41 |  77.29 |  -6.29" in text and "74.00 ± 1.41 |  73.73 |  +0.27" in text
+
+
+def test_cli_refuses_missing_paths_and_tables_without_the_dataset(tmp_path):
+    with pytest.raises(SystemExit, match="--data-root is required"):
+        run("cub200", [])
+    with pytest.raises(SystemExit, match="--weights is required"):
+        run("cub200", ["--data-root", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no such file"):
+        run("cars196", ["--data-root", str(tmp_path), "--weights", str(tmp_path / "w.pth")])
+    with pytest.raises(SystemExit, match="Table 5 of the paper has no cars196 rows"):
+        run("cars196", ["--table", "5", "--smoke"])
+
+
+def test_every_table_preset_has_published_rows():
+    for number, table in TABLES.items():
+        backbones = table["backbone"] if isinstance(table["backbone"], tuple) else (table["backbone"],)
+        for dataset in table.get("datasets", ["cub200", "cars196", "deepfashion2"]):
+            for backbone in backbones:
+                rows = PUBLISHED[(dataset, backbone, table["setting"])]
+                assert any(m in rows for m in table["methods"]), (number, dataset, backbone)
