@@ -26,6 +26,7 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from . import distributed
 from .data.stages import check_stages, dataset_labels, split_by_stage
 from .drift import DRIFT_MODES, SIMILARITIES, DriftCompensator
 from .evaluation import extract_embeddings, stage_recalls, summarize_run, to_markdown
@@ -90,6 +91,10 @@ class OnlineConfig:
     device: str | None = None
     eval_batch_size: int = 256
     amp: bool = False  # autocast (fp16 + GradScaler on CUDA, bf16 on CPU) for training and evaluation
+    num_workers: int = 0  # DataLoader worker processes (image datasets decode JPEGs: use several)
+    # Under torchrun: batch_size and m_per_class are per rank; "global" computes the losses on the batch of
+    # all ranks (N ranks × B = one process with N·B), "local" on each rank's own batch.
+    gram_scope: str = "global"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -100,6 +105,8 @@ class OnlineConfig:
             raise ValueError(f"drift_similarity must be one of {SIMILARITIES}, got {self.drift_similarity!r}")
         if self.freeze_batchnorm not in (True, False, "inherited"):
             raise ValueError(f"freeze_batchnorm must be True, False or 'inherited', got {self.freeze_batchnorm!r}")
+        if self.gram_scope not in distributed.GRAM_SCOPES:
+            raise ValueError(f"gram_scope must be one of {distributed.GRAM_SCOPES}, got {self.gram_scope!r}")
         if self.support_init not in ("fresh", "teacher"):
             raise ValueError(f"support_init must be 'fresh' or 'teacher', got {self.support_init!r}")
         for name in ("epochs", "iterations_per_epoch", "batch_size", "m_per_class"):
@@ -172,18 +179,24 @@ class OnlineLearner:
         self.train_stages = list(train_stages)
         self.prototype_stages = list(prototype_stages) if prototype_stages is not None else self.train_stages
         self.test_dataset = test_dataset
-        self.run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="pml_mutual_run_"))
+        if run_dir is None:  # under torchrun every rank must use rank 0's directory
+            run_dir = distributed.broadcast_object(tempfile.mkdtemp(prefix="pml_mutual_run_") if distributed.is_main() else None)
+        self.run_dir = Path(run_dir)
         self.metric_loss = metric_loss or pml_losses.TripletMarginLoss(margin=self.config.triplet_margin)
         self.miner = miner if miner is not None else pml_miners.BatchHardMiner()
         self.initial_state_dict = initial_state_dict
-        self.quiet = quiet
-        self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        default_device = "cpu"
+        if torch.cuda.is_available():
+            default_device = f"cuda:{torch.cuda.current_device()}" if distributed.is_active() else "cuda"
+        self.device = torch.device(self.config.device or default_device)
+        self.quiet = quiet or not distributed.is_main()  # one process prints
         self.phase = "setup"  # "train", "drift" or "eval": which part of a stage is running
         if len(self.prototype_stages) != len(self.train_stages):
             raise ValueError("prototype_stages must have one dataset per training stage")
         self.stage_labels = [dataset_labels(d) for d in self.train_stages]
-        self.class_to_stage = check_stages(
-            self.stage_labels, self.config.batch_size, self.config.m_per_class, self.config.min_images_per_class
+        self.class_to_stage = check_stages(  # under torchrun a step draws world_size × batch_size images
+            self.stage_labels, self.config.batch_size * distributed.world_size(), self.config.m_per_class,
+            self.config.min_images_per_class,
         )
         test_labels = dataset_labels(test_dataset)
         unknown = sorted(set(np.unique(test_labels).tolist()) - set(self.class_to_stage))
@@ -224,8 +237,10 @@ class OnlineLearner:
                 )
         summary = summarize_run(self.stage_results, method=self.config.method, ks=self.config.ks)
         summary["stage_logs"] = self.stage_logs
-        save_json(summary, self.run_dir / "results.json")
-        (self.run_dir / "results.md").write_text(to_markdown(summary) + "\n")
+        if distributed.is_main():
+            save_json(summary, self.run_dir / "results.json")
+            (self.run_dir / "results.md").write_text(to_markdown(summary) + "\n")
+        distributed.barrier()
         return summary
 
     # ----------------------------------------------------------------- one stage
@@ -270,9 +285,10 @@ class OnlineLearner:
         labels = dataset_labels(dataset)
 
         def new_sampler():
-            return MPerClassSampler(
-                labels, cfg.m_per_class, cfg.batch_size, length_before_new_iter=cfg.batch_size * cfg.iterations_per_epoch
-            )
+            length = cfg.batch_size * cfg.iterations_per_epoch
+            if distributed.is_active():  # one global class-balanced batch per step, split across ranks
+                return distributed.DistributedMPerClassSampler(labels, cfg.m_per_class, cfg.batch_size, length)
+            return MPerClassSampler(labels, cfg.m_per_class, cfg.batch_size, length_before_new_iter=length)
         epochs = cfg.initial_epochs if stage == 0 and cfg.initial_epochs is not None else cfg.epochs
         done_epochs, epoch_losses = self._load_epoch_checkpoint(stage, models, optimizers)
         start_epoch = done_epochs + 1
@@ -293,10 +309,10 @@ class OnlineLearner:
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "epoch_losses": epoch_losses,
             }
-            atomic_save(state, self.run_dir / "in_progress.pt")
+            self._save(state, self.run_dir / "in_progress.pt")
 
         trainer = IncrementalTrainer(
-            models=models,
+            models=self._wrap_for_ranks(models, trained),
             optimizers=optimizers,
             batch_size=cfg.batch_size,
             loss_funcs=loss_funcs,
@@ -304,7 +320,7 @@ class OnlineLearner:
             mining_funcs={"tuple_miner": self.miner} if self.miner else {},
             iterations_per_epoch=cfg.iterations_per_epoch,
             sampler=new_sampler(),
-            dataloader_num_workers=0,
+            dataloader_num_workers=cfg.num_workers,
             data_device=self.device,
             loss_weights=weights,
             freeze_batchnorm_in=self._batchnorm_frozen(stage, models),
@@ -313,16 +329,33 @@ class OnlineLearner:
             end_of_epoch_hook=epoch_end,
             quiet=self.quiet,
             amp=cfg.amp,
+            gram_scope=cfg.gram_scope,
         )
         if start_epoch <= epochs:
             trainer.train(start_epoch, epochs)
         self._student = student
         support = models.get("support_trunk")
         if support is not None:
-            atomic_save(support.state_dict(), self._stage_dir(stage) / "support.pt")
+            self._save(support.state_dict(), self._stage_dir(stage) / "support.pt")
         del trainer, models, optimizers, support
         gc.collect()  # free F_s and the teacher before drift measurement loads old models
         return epoch_losses
+
+    def _wrap_for_ranks(self, models: dict, trained: list[str]) -> dict:
+        """Under torchrun, the trained networks in DistributedDataParallel (the teacher stays bare: it is
+        frozen and never synchronised). Checkpoints keep the bare networks' state dicts."""
+        if not distributed.is_active():
+            return models
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return {k: DDP(m, device_ids=ids) if k in trained else m for k, m in models.items()}
+
+    def _save(self, obj, path: Path) -> None:
+        """Atomic save by rank 0 only; every rank waits until the file is there."""
+        if distributed.is_main():
+            atomic_save(obj, path)
+        distributed.barrier()
 
     def _batchnorm_frozen(self, stage: int, models: dict) -> list[str]:
         mode = self.config.freeze_batchnorm
@@ -340,22 +373,36 @@ class OnlineLearner:
         if not self.method.virtual:
             return
         self.phase = "drift"
-        device = self.device
-        new_feats, labels = extract_embeddings(self._student, self.prototype_stages[stage], self.config.eval_batch_size, device, self.config.amp)
+        new_feats, labels = self._extract(self._student, self.prototype_stages[stage])
         self.compensator.add_stage(new_feats, labels)
         for t in self.compensator.stages_to_measure():
             old_model = self.load_stage_model(t)  # one old model at a time
-            old_feats, _ = extract_embeddings(old_model, self.prototype_stages[stage], self.config.eval_batch_size, device, self.config.amp)
+            old_feats, _ = self._extract(old_model, self.prototype_stages[stage])
             del old_model
             gc.collect()
             self.compensator.update_drift(old_feats, new_feats, stage=t)
 
+    def _extract(self, model: torch.nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of ``dataset`` in order; under torchrun each rank embeds a shard and all get the whole."""
+        cfg = self.config
+        if not distributed.is_active():
+            return extract_embeddings(model, dataset, cfg.eval_batch_size, self.device, cfg.amp, cfg.num_workers)
+        n = len(dataset)
+        emb, labels = extract_embeddings(
+            model, Subset(dataset, distributed.shard(n).tolist()), cfg.eval_batch_size, self.device, cfg.amp, cfg.num_workers
+        )
+        comm = self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL moves CUDA tensors only
+        emb = distributed.gather_rows(emb.to(comm), n).cpu()
+        labels = distributed.gather_rows(labels.to(comm), n).cpu()
+        return emb, labels
+
     def _evaluate(self, stage: int) -> dict:
         seen = np.flatnonzero([self.class_to_stage[int(c)] <= stage for c in self.test_labels])
-        emb, labels = extract_embeddings(
-            self._student, Subset(self.test_dataset, seen.tolist()), self.config.eval_batch_size, self.device, self.config.amp
-        )
-        return stage_recalls(emb, labels, self.class_to_stage, stage, self.config.ks)
+        emb, labels = self._extract(self._student, Subset(self.test_dataset, seen.tolist()))
+        results = None
+        if distributed.is_main():  # one FAISS search, its result sent to every rank
+            results = stage_recalls(emb, labels, self.class_to_stage, stage, self.config.ks)
+        return distributed.broadcast_object(results)
 
     # ----------------------------------------------------------------- models and checkpoints
     def new_model(self) -> torch.nn.Module:
@@ -375,32 +422,46 @@ class OnlineLearner:
 
     def _run_identity(self) -> dict:
         return {
-            "config": {k: v for k, v in self.config.to_dict().items() if k not in ("device", "eval_batch_size", "amp")},
+            "config": {k: v for k, v in self.config.to_dict().items() if k not in self._not_identity()},
             "class_to_stage": {str(k): v for k, v in sorted(self.class_to_stage.items())},
             "train_sizes": [len(d) for d in self.train_stages],
             "test_size": len(self.test_dataset),
             "initial_weights_given": self.initial_state_dict is not None,
         }
 
+    @staticmethod
+    def _not_identity() -> tuple[str, ...]:
+        # settings that do not change what is trained; gram_scope matters only with several ranks
+        skip = ("device", "eval_batch_size", "amp", "num_workers")
+        return skip + (("gram_scope",) if distributed.world_size() == 1 else ())
+
     def _save_stage(self, stage: int, results: dict, epoch_losses: list[dict], seconds: float) -> None:
         d = self._stage_dir(stage)
-        atomic_save(self._student.state_dict(), d / "model.pt")
-        atomic_save(self.compensator.state_dict(), d / "drift.pt")
+        self._save(self._student.state_dict(), d / "model.pt")
+        self._save(self.compensator.state_dict(), d / "drift.pt")
         log = {"stage": stage, "epoch_losses": epoch_losses, "seconds": seconds}
-        # stage.json is written last: its presence marks the stage complete.
-        save_json({"results": stage_result_to_json(results), "log": log}, d / "stage.json")
-        in_progress = self.run_dir / "in_progress.pt"
-        if in_progress.exists():
-            in_progress.unlink()
+        if distributed.is_main():
+            # stage.json is written last: its presence marks the stage complete.
+            save_json({"results": stage_result_to_json(results), "log": log}, d / "stage.json")
+            in_progress = self.run_dir / "in_progress.pt"
+            if in_progress.exists():
+                in_progress.unlink()
+        distributed.barrier()  # no rank starts the next stage before this one is on disk
         self.stage_results.append(results)
         self.stage_logs.append(log)
 
     def _resume(self) -> int:
         """Check the run directory against this run's config and return the first stage still to train."""
         identity = self._run_identity()
-        for stale in self.run_dir.rglob("*.tmp"):  # half-written files of a killed run
-            stale.unlink()
+        if distributed.world_size() > 1:
+            identity["world_size"] = distributed.world_size()
         path = self.run_dir / "config.json"
+        if distributed.is_main():
+            for stale in self.run_dir.rglob("*.tmp"):  # half-written files of a killed run
+                stale.unlink()
+            if not path.exists():
+                save_json(identity, path)
+        distributed.barrier()
         if path.exists():
             saved = json.loads(path.read_text())
             diffs = _diff(saved, json.loads(json.dumps(identity)))
@@ -409,8 +470,6 @@ class OnlineLearner:
                     f"{self.run_dir} holds a run with a different configuration ({'; '.join(diffs[:5])}); "
                     "use another run_dir or remove it"
                 )
-        else:
-            save_json(identity, path)
         stage = 0
         while (self._stage_dir(stage) / "stage.json").exists() and stage < len(self.train_stages):
             done = json.loads((self._stage_dir(stage) / "stage.json").read_text())

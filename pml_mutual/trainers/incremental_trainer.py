@@ -8,6 +8,8 @@ from pytorch_metric_learning.trainers import MetricLossOnly
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils.key_checker import KeyChecker
 
+from .. import distributed
+
 LOGGER = logging.getLogger("pml_mutual")
 
 SUPPORT = ("support_trunk", "support_embedder")
@@ -35,6 +37,10 @@ class IncrementalTrainer(MetricLossOnly):
     epoch can be replayed exactly); ``quiet`` hides the progress bar. ``freeze_batchnorm_in`` names the
     trained models whose BatchNorm layers stay in eval mode (default, with PML's
     ``freeze_trunk_batchnorm=True``: both students).
+
+    Under ``torchrun`` (students wrapped in ``DistributedDataParallel``, see :class:`~pml_mutual.OnlineLearner`),
+    ``gram_scope="global"`` computes every loss on the batch gathered from all ranks, so N ranks with
+    batches of B train exactly like one process with N·B; ``"local"`` keeps each rank's batch.
     """
 
     def __init__(
@@ -45,8 +51,12 @@ class IncrementalTrainer(MetricLossOnly):
         quiet: bool = False,
         freeze_batchnorm_in=None,
         amp: bool = False,
+        gram_scope: str = "global",
         **kwargs,
     ):
+        if gram_scope not in distributed.GRAM_SCOPES:
+            raise ValueError(f"gram_scope must be one of {distributed.GRAM_SCOPES}, got {gram_scope!r}")
+        self.gram_scope = gram_scope
         self.amp = amp
         self.drift_compensator = drift_compensator
         self.freeze_batchnorm_in = freeze_batchnorm_in
@@ -99,21 +109,31 @@ class IncrementalTrainer(MetricLossOnly):
 
     def _calculate_loss(self, curr_batch):
         data, labels = curr_batch
-        emb_p = self.compute_embeddings(data)
+        # Under torchrun with gram_scope="global", every loss sees the batch of all ranks (gathered with
+        # gradient to each rank's slice): N ranks × B behave as one process with N·B.
+        scope = lambda x: x  # noqa: E731
+        if self.gram_scope == "global" and distributed.world_size() > 1:
+            scope = self._global
+            labels = distributed.gather(c_f.to_device(labels, device=self.data_device))
+        emb_p = scope(self.compute_embeddings(data))
         self.losses["metric_loss"] = self.metric_loss(emb_p, labels)
         if self.has_support:
-            emb_s = self.compute_embeddings(data, prefix="support_")
+            emb_s = scope(self.compute_embeddings(data, prefix="support_"))
             self.losses["support_metric_loss"] = self.metric_loss(emb_s, labels, "support_metric_loss")
             self.losses["mutual_loss"] = self.loss_funcs["mutual_loss"](emb_p, ref_emb=emb_s)
         if self.has_teacher:
             with torch.no_grad():
-                emb_o = self.compute_embeddings(data, prefix="teacher_")
+                emb_o = scope(self.compute_embeddings(data, prefix="teacher_"))
             teachers = [emb_o] if self.drift_compensator is None else self.drift_compensator.teacher_features(emb_o)
             corr = self.loss_funcs["correlation_loss"]
             if hasattr(corr, "sum_over_teachers"):
                 self.losses["correlation_loss"] = corr.sum_over_teachers(emb_p, teachers)
             else:  # any other PML loss taking ref_emb
                 self.losses["correlation_loss"] = sum(corr(emb_p, ref_emb=t) for t in teachers)
+
+    @staticmethod
+    def _global(x: torch.Tensor) -> torch.Tensor:
+        return distributed.gather_with_grad(x) if x.requires_grad else distributed.gather(x)
 
     def backward(self):
         if self.grad_scaler is not None:

@@ -1,0 +1,61 @@
+"""Checks that need a CUDA GPU (run on a GPU machine; skipped elsewhere, CI included)."""
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_gram_losses_are_float32_under_float16_autocast():
+    from pml_mutual import GramCorrelationLoss, MutualGramLoss
+
+    a, b = torch.randn(64, 512, device="cuda"), torch.randn(64, 512, device="cuda")
+    reference = GramCorrelationLoss()(a, ref_emb=b)
+    with torch.autocast("cuda", dtype=torch.float16):
+        p, t = (a @ torch.eye(512, device="cuda")), (b @ torch.eye(512, device="cuda"))
+        assert p.dtype == torch.float16
+        corr = GramCorrelationLoss()(p, ref_emb=t)
+        mutual = MutualGramLoss()(p, ref_emb=t)
+    assert corr.dtype == torch.float32 and mutual.dtype == torch.float32
+    assert torch.isfinite(corr) and torch.isfinite(mutual)
+    assert torch.allclose(corr, reference, rtol=2e-2, atol=1e-5)
+
+
+def test_amp_run_on_cuda_uses_a_grad_scaler_and_learns(tmp_path):
+    from pml_mutual import OnlineConfig, OnlineLearner
+    from pml_mutual.data import load_digits_splits, stage_assignment
+    from pml_mutual.models import EmbeddingMLP
+    from pml_mutual.trainers import IncrementalTrainer
+
+    scalers = []
+    original = IncrementalTrainer.custom_setup
+
+    def spy(self):
+        original(self)
+        scalers.append(self.grad_scaler)
+
+    IncrementalTrainer.custom_setup = spy
+    try:
+        train, test = load_digits_splits()
+        cfg = OnlineConfig(method="ours", epochs=2, iterations_per_epoch=20, batch_size=16, m_per_class=8, lr=1e-3,
+                           weight_decay=0.0, device="cuda", amp=True, freeze_batchnorm=False)
+        learner = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, stage_assignment(range(10), 4, 2),
+                                                      config=cfg, run_dir=tmp_path, quiet=True)
+        summary = learner.run()
+    finally:
+        IncrementalTrainer.custom_setup = original
+    assert scalers and all(s is not None for s in scalers)
+    final = summary["stages"][-1]["all"]["1"]
+    assert np.isfinite(final) and final > 0.5  # 10 classes: chance is 0.1
+
+
+def test_faiss_gpu_matches_cpu_when_available():
+    faiss = pytest.importorskip("faiss")
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        pytest.skip("this faiss build has no GPU support")
+    from pml_mutual.evaluation import recall_at_k
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(2000, 64)).astype("float32")
+    labels = rng.integers(0, 50, 2000)
+    assert recall_at_k(emb, labels, (1, 2, 4), use_gpu=True) == pytest.approx(recall_at_k(emb, labels, (1, 2, 4), use_gpu=False))
