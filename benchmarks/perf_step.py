@@ -1,6 +1,6 @@
 """Time per training step of each method against the method's compute limit.
 
-    python benchmarks/perf_step.py [--quick] [--device cuda] [--model small_cnn|mlp]
+    python benchmarks/perf_step.py [--quick] [--device cuda] [--model small_cnn|mlp|bninception|resnet50|vit_b16]
 
 One process, one model, one batch: the median time (and spread) of a full IncrementalTrainer step
 (forward, losses, backward, optimiser) for finetune, fecd, ours (one-task) and ours at stage 5
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 
 from pml_mutual import DriftCompensator, GramCorrelationLoss, IncrementalTrainer, MutualGramLoss
-from pml_mutual.models import EmbeddingMLP, SmallCNN
+from pml_mutual.models import BACKBONES, EmbeddingMLP, SmallCNN, build_backbone
+
 
 
 def sync(device):
@@ -43,24 +44,28 @@ def timed(fn, device, warmup, repeats):
     return statistics.median(out), min(out), max(out)
 
 
-def build(model_name, device):
+def build(model_name, device, image_size=224):
+    """(model, empty input of its shape); the paper's backbones take image_size² RGB (random weights: the
+    cost does not depend on them)."""
     if model_name == "mlp":
         return EmbeddingMLP().to(device), torch.randn(0, 64)
+    if model_name in BACKBONES:
+        return build_backbone(model_name).to(device), torch.randn(0, 3, image_size, image_size)
     return SmallCNN().to(device), torch.randn(0, 1, 32, 32)
 
 
 def make_trainer(method, model_name, batch, device, compensator=None, amp=False):
-    student, _ = build(model_name, device)
+    student, _ = build(model_name, device, batch[0].shape[-1])
     models = {"trunk": student}
     loss_funcs = {"metric_loss": losses.TripletMarginLoss(margin=0.1)}
     weights = {"metric_loss": 1.0}
     if method != "finetune":
-        teacher, _ = build(model_name, device)
+        teacher, _ = build(model_name, device, batch[0].shape[-1])
         models["teacher_trunk"] = teacher
         loss_funcs["correlation_loss"] = GramCorrelationLoss()
         weights["correlation_loss"] = 10.0
     if method.startswith("ours"):
-        models["support_trunk"], _ = build(model_name, device)
+        models["support_trunk"], _ = build(model_name, device, batch[0].shape[-1])
         loss_funcs["mutual_loss"] = MutualGramLoss()
         weights.update(support_metric_loss=1.0, mutual_loss=8.0)
     optimizers = {f"{k}_optimizer": torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items() if k != "teacher_trunk"}
@@ -76,8 +81,9 @@ def make_trainer(method, model_name, batch, device, compensator=None, amp=False)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["small_cnn", "mlp"], default="small_cnn")
+    p.add_argument("--model", choices=["small_cnn", "mlp", *BACKBONES], default="small_cnn")
     p.add_argument("--batch-size", type=int, default=80)
+    p.add_argument("--image-size", type=int, default=224, help="input size for bninception / resnet50 / vit_b16")
     p.add_argument("--classes-per-batch", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -92,14 +98,14 @@ def main(argv=None):
     device = torch.device(args.device)
     amp = args.amp if args.amp is not None else device.type == "cuda"
     torch.manual_seed(0)
-    _, shape_probe = build(args.model, device)
+    _, shape_probe = build(args.model, device, args.image_size)
     x = torch.randn(args.batch_size, *shape_probe.shape[1:], device=device)
     y = torch.arange(args.classes_per_batch, device=device).repeat_interleave(args.batch_size // args.classes_per_batch)
     y = torch.cat([y, y[: args.batch_size - len(y)]])
     batch = (x, y)
 
     # backward / forward ratio of the model itself.
-    model, _ = build(args.model, device)
+    model, _ = build(args.model, device, args.image_size)
     model.train()
     fwd = timed(lambda: model(x), device, args.warmup, args.repeats)[0]
     def fwd_bwd():

@@ -81,3 +81,18 @@ def test_obdsd_quick(tmp_path):
     assert "OBD-SD on fashion-mnist" in out
     rows = json.loads((tmp_path / "o.json").read_text())["results"]
     assert {r["variant"] for r in rows} == {"base", "psd", "obdsd"}
+
+
+@pytest.mark.parametrize("dataset", ["cub200", "cars196"])
+def test_obdsd_paper_datasets_smoke(tmp_path, dataset):
+    out = run("obdsd.py", "--dataset", dataset, "--smoke", "--out", str(tmp_path / "o.json"))
+    assert f"OBD-SD on {dataset}" in out
+    doc = json.loads((tmp_path / "o.json").read_text())
+    assert {r["variant"] for r in doc["results"]} == {"base", "psd", "obdsd"}
+    expected_alpha = {"cub200": 0.3, "cars196": 0.99}[dataset]  # the released per-dataset defaults
+    assert doc["config"]["alpha"] == expected_alpha and doc["config"]["batch_size"] == 8
+
+
+def test_perf_step_with_a_paper_backbone(tmp_path):
+    out = run("perf_step.py", "--model", "bninception", "--image-size", "64", "--quick", "--out", str(tmp_path / "p.json"))
+    assert "ours_step_ms" in out and json.loads((tmp_path / "p.json").read_text())["model"] == "bninception"
