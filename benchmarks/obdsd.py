@@ -86,7 +86,7 @@ def validation_split(train: TensorDataset):
 
 def train_variant(variant, train, args, seed, model_factory):
     seed_everything(seed, VARIANTS.index(variant))
-    model = model_factory()
+    model = model_factory().to(args.device)
     loss = BatchDiffusionSelfDistillationLoss(
         base_loss=losses.MultiSimilarityLoss(2, 40, 0.5), miner=miners.MultiSimilarityMiner(0.1),
         alpha=args.alpha if variant == "obdsd" else 0.0, weight=0.0 if variant == "base" else args.weight,

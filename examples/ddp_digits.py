@@ -30,8 +30,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="per rank (stages of 3 classes: 2 ranks × 1 class × 8)")
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--gram-scope", choices=distributed.GRAM_SCOPES, default="global")
+    p.add_argument("--cpu", action="store_true", help="gloo on the CPU even where there are GPUs")
     args = p.parse_args(argv)
-    device = distributed.init_from_env()
+    device = distributed.init_from_env(backend="gloo" if args.cpu else None)
+    if args.cpu:
+        device = torch.device("cpu")
     train, test = load_digits_splits()
     config = OnlineConfig(method="ours", epochs=2, iterations_per_epoch=args.iterations, batch_size=args.batch_size,
                           m_per_class=8, lr=1e-3, weight_decay=0.0, lambda_corr=100.0, lambda_mutual=1.0,

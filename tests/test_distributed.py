@@ -75,12 +75,12 @@ def test_two_ranks_match_one_process_with_the_global_batch(tmp_path, gram_scope)
 def _torchrun(nproc, run_dir, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", str(free_port()),
-           str(ROOT / "examples" / "ddp_digits.py"), "--iterations", "4", "--run-dir", str(run_dir), *extra]
+           str(ROOT / "examples" / "ddp_digits.py"), "--cpu", "--iterations", "4", "--run-dir", str(run_dir), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
 def _final_weights(run_dir):
-    return torch.load(run_dir / "stage_002" / "model.pt", weights_only=True)
+    return torch.load(run_dir / "stage_002" / "model.pt", map_location="cpu", weights_only=True)
 
 
 def test_torchrun_two_ranks_agree_checkpoint_once_and_resume(tmp_path):
@@ -105,8 +105,8 @@ def test_torchrun_two_ranks_agree_checkpoint_once_and_resume(tmp_path):
     # the same global batch in one process (1 × 16) trains the same network as 2 ranks × 8
     single = _torchrun(1, tmp_path / "single", "--batch-size", "16")
     assert single.returncode == 0, single.stderr[-3000:]
-    first_two = torch.load(run_dir / "stage_000" / "model.pt", weights_only=True)
-    first_one = torch.load(tmp_path / "single" / "stage_000" / "model.pt", weights_only=True)
+    first_two = torch.load(run_dir / "stage_000" / "model.pt", map_location="cpu", weights_only=True)
+    first_one = torch.load(tmp_path / "single" / "stage_000" / "model.pt", map_location="cpu", weights_only=True)
     # the first stage (8 Adam steps) agrees to float rounding; later stages drift apart slowly (rounding
     # differences of the all-reduce, amplified by Adam and by the miner's choices), not systematically
     assert all(torch.allclose(first_two[k], first_one[k], atol=1e-4) for k in first_two)
