@@ -25,6 +25,12 @@ from torch.utils.data import Sampler
 GRAM_SCOPES = ("global", "local")
 
 
+def check_gram_scope(scope: str) -> str:
+    if scope not in GRAM_SCOPES:
+        raise ValueError(f"gram_scope must be one of {GRAM_SCOPES}, got {scope!r}")
+    return scope
+
+
 def is_active() -> bool:
     return dist.is_available() and dist.is_initialized()
 

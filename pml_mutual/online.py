@@ -105,8 +105,7 @@ class OnlineConfig:
             raise ValueError(f"drift_similarity must be one of {SIMILARITIES}, got {self.drift_similarity!r}")
         if self.freeze_batchnorm not in (True, False, "inherited"):
             raise ValueError(f"freeze_batchnorm must be True, False or 'inherited', got {self.freeze_batchnorm!r}")
-        if self.gram_scope not in distributed.GRAM_SCOPES:
-            raise ValueError(f"gram_scope must be one of {distributed.GRAM_SCOPES}, got {self.gram_scope!r}")
+        distributed.check_gram_scope(self.gram_scope)
         if self.support_init not in ("fresh", "teacher"):
             raise ValueError(f"support_init must be 'fresh' or 'teacher', got {self.support_init!r}")
         for name in ("epochs", "iterations_per_epoch", "batch_size", "m_per_class"):

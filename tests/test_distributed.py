@@ -126,3 +126,10 @@ def test_obdsd_trainer_on_two_ranks_matches_one_process(tmp_path):
     assert one["losses"]["metric_loss"] > 0
     for k, g in one["grads"].items():
         assert torch.allclose(two["grads"][k], g, rtol=1e-4, atol=1e-7), k
+
+
+def test_bad_gram_scope_is_refused():
+    from pml_mutual import OnlineConfig
+
+    with pytest.raises(ValueError, match="gram_scope must be one of"):
+        OnlineConfig(gram_scope="everywhere")

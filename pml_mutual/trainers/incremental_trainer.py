@@ -54,9 +54,7 @@ class IncrementalTrainer(MetricLossOnly):
         gram_scope: str = "global",
         **kwargs,
     ):
-        if gram_scope not in distributed.GRAM_SCOPES:
-            raise ValueError(f"gram_scope must be one of {distributed.GRAM_SCOPES}, got {gram_scope!r}")
-        self.gram_scope = gram_scope
+        self.gram_scope = distributed.check_gram_scope(gram_scope)
         self.amp = amp
         self.drift_compensator = drift_compensator
         self.freeze_batchnorm_in = freeze_batchnorm_in

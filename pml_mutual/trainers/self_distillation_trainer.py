@@ -26,9 +26,7 @@ class SelfDistillationTrainer(MetricLossOnly):
     def __init__(self, *args, num_epochs: int = 1, gram_scope: str = "global", **kwargs):
         if num_epochs < 1:
             raise ValueError(f"num_epochs must be at least 1, got {num_epochs}")
-        if gram_scope not in distributed.GRAM_SCOPES:
-            raise ValueError(f"gram_scope must be one of {distributed.GRAM_SCOPES}, got {gram_scope!r}")
-        self.gram_scope = gram_scope
+        self.gram_scope = distributed.check_gram_scope(gram_scope)
         self.num_epochs = num_epochs
         self.teacher = None
         self._teacher_epoch = None
