@@ -155,7 +155,8 @@ def run(dataset: str, argv=None) -> list[dict]:
     """Parse ``argv``, run every method and seed, print the table with the published numbers, write --out."""
     args = resolve(build_parser(dataset).parse_args(argv), dataset)
     spec = DATASETS[dataset]
-    device = distributed.init_from_env()  # under torchrun: NCCL/gloo, this rank's GPU
+    # under torchrun: NCCL and this rank's GPU, or gloo (no GPU per rank, or --device cpu)
+    device = distributed.init_from_env(backend="gloo" if args.device == "cpu" else None)
     if args.device is None and distributed.is_active():
         args.device = str(device)
     tmp = None

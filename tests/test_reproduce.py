@@ -59,3 +59,22 @@ def test_every_table_preset_has_published_rows():
             for backbone in backbones:
                 rows = PUBLISHED[(dataset, backbone, table["setting"])]
                 assert any(m in rows for m in table["methods"]), (number, dataset, backbone)
+
+
+def test_benchmark_script_under_torchrun_two_ranks(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = str(BENCHMARKS.parent)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port),
+           str(BENCHMARKS / "cub200.py"), "--smoke", "--methods", "ours", "--device", "cpu", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count("total time") == 1  # rank 0 alone prints and writes
+    assert [r["method"] for r in json.loads(out.read_text())["results"]] == ["initial", "ours"]
