@@ -58,7 +58,7 @@ def test_helpers_are_identity_in_one_process():
 @pytest.mark.parametrize("gram_scope", ["global", "local"])
 def test_two_ranks_match_one_process_with_the_global_batch(tmp_path, gram_scope):
     out = tmp_path / "two.pt"
-    mp.spawn(ddp_step.spawned, args=(2, free_port(), str(out), gram_scope), nprocs=2, join=True)
+    mp.spawn(ddp_step.spawned, args=(2, free_port(), ddp_step.run_step, str(out), gram_scope), nprocs=2, join=True)
     two = torch.load(out, weights_only=True)
     ddp_step.run_step(1, 0, str(tmp_path / "one.pt"))
     one = torch.load(tmp_path / "one.pt", weights_only=True)
@@ -118,7 +118,7 @@ def test_torchrun_two_ranks_agree_checkpoint_once_and_resume(tmp_path):
 
 def test_obdsd_trainer_on_two_ranks_matches_one_process(tmp_path):
     out = tmp_path / "two.pt"
-    mp.spawn(ddp_step.spawned_obdsd, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(ddp_step.spawned, args=(2, free_port(), ddp_step.run_obdsd_step, str(out)), nprocs=2, join=True)
     two = torch.load(out, weights_only=True)
     ddp_step.run_obdsd_step(1, 0, str(tmp_path / "one.pt"))
     one = torch.load(tmp_path / "one.pt", weights_only=True)

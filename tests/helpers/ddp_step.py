@@ -69,12 +69,13 @@ def run_step(world: int, rank: int, out: str, gram_scope: str = "global") -> Non
         torch.save({"grads": grads, "losses": terms}, out)
 
 
-def spawned(rank: int, world: int, port: int, out: str, gram_scope: str) -> None:
+def spawned(rank: int, world: int, port: int, step, out: str, gram_scope: str = "global") -> None:
+    """Entry point for ``torch.multiprocessing.spawn``: a gloo group of ``world`` ranks running ``step``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        run_step(world, rank, out, gram_scope)
+        step(world, rank, out, gram_scope)
     finally:
         dist.destroy_process_group()
 
@@ -110,13 +111,3 @@ def run_obdsd_step(world: int, rank: int, out: str, gram_scope: str = "global") 
     if rank == 0:
         torch.save({"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
                     "losses": {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in trainer.losses.items()}}, out)
-
-
-def spawned_obdsd(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        run_obdsd_step(world, rank, out)
-    finally:
-        dist.destroy_process_group()
