@@ -62,9 +62,9 @@ def load_paper_dataset(args):
     classes = np.unique(items.labels)
     seen = np.isin(items.labels, classes[: len(classes) // 2])
     space = INPUT_SPACE[args.backbone]
-    size, resize = args.image_size, round(args.image_size * 256 / 224)
-    train = ImageListDataset(items.subset(np.flatnonzero(seen)), ProtocolTransform(True, space, size, resize))
-    test = ImageListDataset(items.subset(np.flatnonzero(~seen)), ProtocolTransform(False, space, size, resize))
+    size = args.image_size
+    train = ImageListDataset(items.subset(np.flatnonzero(seen)), ProtocolTransform(True, space, size))
+    test = ImageListDataset(items.subset(np.flatnonzero(~seen)), ProtocolTransform(False, space, size))
     return train, test
 
 

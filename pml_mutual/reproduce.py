@@ -182,7 +182,7 @@ def run(dataset: str, argv=None) -> list[dict]:
     m_per_class = args.images_per_class
     batch = args.classes_per_batch * m_per_class
     space = INPUT_SPACE[args.backbone]
-    size, resize = args.image_size, int(round(args.image_size * 256 / 224))
+    size = args.image_size
     factory = backbone_factory(args.backbone, None if args.no_pretrained else args.weights)
     rows, t_all = [], time.perf_counter()
     try:
@@ -191,9 +191,9 @@ def run(dataset: str, argv=None) -> list[dict]:
         # the paper's stage boundaries; moved proportionally when a subset (or smoke data) has fewer classes
         ends = scale_stage_ends(spec.stage_ends[args.setting], spec.num_classes, len(classes))
         class_to_stage = stages_from_ends(classes, ends)
-        train = ImageListDataset(train_items, ProtocolTransform(True, space, size, resize))
-        test = ImageListDataset(test_items, ProtocolTransform(False, space, size, resize))
-        prototypes = ImageListDataset(train_items, ProtocolTransform(False, space, size, resize))
+        train = ImageListDataset(train_items, ProtocolTransform(True, space, size))
+        test = ImageListDataset(test_items, ProtocolTransform(False, space, size))
+        prototypes = ImageListDataset(train_items, ProtocolTransform(False, space, size))
         for seed in args.seeds:
             tag = f"{args.backbone}_{args.setting}{'_smoke' if args.smoke else ''}/seed{seed}"
             t0 = time.perf_counter()

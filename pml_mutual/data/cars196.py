@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import ImageItems, check_split, per_class_split, require
+from .images import ImageItems, require, split_items
 
 NUM_CLASSES = 196
 STAGE_ENDS = {"one-task": (98,), "multi-task": (98, 123, 148, 173)}
@@ -83,7 +83,4 @@ def load_cars196(
 ) -> tuple[ImageItems, ImageItems]:
     """(train, test) items of Cars196 under the paper's per-class split (see the module docstring)."""
     items = read_cars196(root, crop=crop)
-    tr, te = per_class_split(items.labels, train_fraction, seed)
-    train, test = items.subset(tr), items.subset(te)
-    check_split(train, test)
-    return train, test
+    return split_items(items, train_fraction, seed)

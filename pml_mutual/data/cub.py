@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import ImageItems, check_split, per_class_split, read_list_file, require
+from .images import ImageItems, check_split, read_list_file, require, split_items
 
 NUM_CLASSES = 200
 STAGE_ENDS = {"one-task": (100,), "multi-task": (100, 125, 150, 175)}
@@ -84,11 +84,9 @@ def load_cub(
     else:
         items, official = read_cub(root)
         if split == "protocol":
-            tr, te = per_class_split(items.labels, train_fraction, seed)
-        elif split == "official":
-            tr, te = np.flatnonzero(official), np.flatnonzero(~official)
-        else:
+            return split_items(items, train_fraction, seed)
+        if split != "official":
             raise ValueError(f"split must be 'protocol', 'official' or 'lists', got {split!r}")
-        train, test = items.subset(tr), items.subset(te)
+        train, test = items.subset(np.flatnonzero(official)), items.subset(np.flatnonzero(~official))
     check_split(train, test)
     return train, test

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import ImageItems, check_split, per_class_split, require
+from .images import ImageItems, require, split_items
 
 NUM_CLASSES = 21190
 STAGE_ENDS = {"one-task": (10595,), "multi-task": (10595, 13256, 15890, 18558)}
@@ -80,7 +80,4 @@ def load_deepfashion2(
 ) -> tuple[ImageItems, ImageItems]:
     """(train, test) crops of DeepFashion2 identities under the paper's per-identity split."""
     items = read_deepfashion2(root)
-    tr, te = per_class_split(items.labels, train_fraction, seed)
-    train, test = items.subset(tr), items.subset(te)
-    check_split(train, test)
-    return train, test
+    return split_items(items, train_fraction, seed)

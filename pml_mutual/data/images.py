@@ -178,6 +178,14 @@ def per_class_split(labels: np.ndarray, train_fraction: float = 0.6, seed: int =
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
+def split_items(items: ImageItems, train_fraction: float = 0.6, seed: int = 0) -> tuple[ImageItems, ImageItems]:
+    """(train, test) items under :func:`per_class_split`, checked by :func:`check_split`."""
+    tr, te = per_class_split(items.labels, train_fraction, seed)
+    train, test = items.subset(tr), items.subset(te)
+    check_split(train, test)
+    return train, test
+
+
 def check_split(train: ImageItems, test: ImageItems) -> None:
     """Refuse a split where an image is in both parts or a class is missing from one of them."""
     overlap = set(zip(train.paths, map(tuple, train.boxes.tolist()) if train.boxes is not None else [None] * len(train)))

@@ -85,11 +85,13 @@ def to_tensor(image, input_space: str) -> torch.Tensor:
 class ProtocolTransform:
     """The paper's train (``train=True``) or test transform, ending in a (3, size, size) float tensor."""
 
-    def __init__(self, train: bool, input_space: str = "imagenet", size: int = 224, resize: int = 256, scale=(0.16, 1.0)):
+    def __init__(self, train: bool, input_space: str = "imagenet", size: int = 224, resize: int | None = None,
+                 scale=(0.16, 1.0)):
         if input_space not in INPUT_SPACES:
             raise ValueError(f"input_space must be one of {sorted(INPUT_SPACES)}, got {input_space!r}")
         if not (0 < scale[0] <= scale[1] <= 1):
             raise ValueError(f"scale must satisfy 0 < min ≤ max ≤ 1, got {scale}")
+        resize = round(size * 256 / 224) if resize is None else resize  # the protocol's 256 → 224, kept at any size
         self.train, self.input_space, self.size, self.resize, self.scale = train, input_space, size, resize, tuple(scale)
 
     def __call__(self, image) -> torch.Tensor:

@@ -111,7 +111,7 @@ class IncrementalTrainer(MetricLossOnly):
         # gradient to each rank's slice): N ranks × B behave as one process with N·B.
         scope = lambda x: x  # noqa: E731
         if self.gram_scope == "global" and distributed.world_size() > 1:
-            scope = self._global
+            scope = distributed.gather_with_grad
             labels = distributed.gather(c_f.to_device(labels, device=self.data_device))
         emb_p = scope(self.compute_embeddings(data))
         self.losses["metric_loss"] = self.metric_loss(emb_p, labels)
@@ -128,10 +128,6 @@ class IncrementalTrainer(MetricLossOnly):
                 self.losses["correlation_loss"] = corr.sum_over_teachers(emb_p, teachers)
             else:  # any other PML loss taking ref_emb
                 self.losses["correlation_loss"] = sum(corr(emb_p, ref_emb=t) for t in teachers)
-
-    @staticmethod
-    def _global(x: torch.Tensor) -> torch.Tensor:
-        return distributed.gather_with_grad(x) if x.requires_grad else distributed.gather(x)
 
     def backward(self):
         if self.grad_scaler is not None:
