@@ -14,6 +14,7 @@ the package calls these helpers unconditionally:
 """
 from __future__ import annotations
 
+import gc
 import os
 from typing import Iterator, Sequence
 
@@ -66,6 +67,19 @@ def init_from_env(backend: str | None = None) -> torch.device:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend)
     return torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
+
+
+def shutdown(wait: bool = True) -> None:
+    """End this process's part of the run: free what still references the process group (DDP wrappers,
+    pending gloo work) while the interpreter is whole, wait for every rank (``wait``; not after an error,
+    when other ranks may never arrive), destroy the group. Leaving that to interpreter exit can abort
+    the process (SIGABRT) after a successful run."""
+    if not is_active():
+        return
+    gc.collect()
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -342,8 +342,9 @@ class OnlineLearner:
 
     def _wrap_for_ranks(self, models: dict, trained: list[str]) -> dict:
         """Under torchrun, the trained networks in DistributedDataParallel (the teacher stays bare: it is
-        frozen and never synchronised). Checkpoints keep the bare networks' state dicts."""
-        if not distributed.is_active():
+        frozen and never synchronised). Checkpoints keep the bare networks' state dicts. One rank has
+        nothing to synchronise: no wrapper."""
+        if distributed.world_size() == 1:
             return models
         from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -154,9 +154,22 @@ def make_configs(args, seed: int, m_per_class: int, batch: int) -> dict[str, Onl
 def run(dataset: str, argv=None) -> list[dict]:
     """Parse ``argv``, run every method and seed, print the table with the published numbers, write --out."""
     args = resolve(build_parser(dataset).parse_args(argv), dataset)
-    spec = DATASETS[dataset]
+    started_group = not distributed.is_active()
     # under torchrun: NCCL and this rank's GPU, or gloo (no GPU per rank, or --device cpu)
     device = distributed.init_from_env(backend="gloo" if args.device == "cpu" else None)
+    try:
+        rows = _run(dataset, args, device)
+    except BaseException:
+        if started_group:
+            distributed.shutdown(wait=False)  # the other ranks may never reach a barrier
+        raise
+    if started_group:
+        distributed.shutdown()
+    return rows
+
+
+def _run(dataset: str, args, device: torch.device) -> list[dict]:
+    spec = DATASETS[dataset]
     if args.device is None and distributed.is_active():
         args.device = str(device)
     tmp = None

@@ -104,7 +104,7 @@ def test_torchrun_two_ranks_agree_checkpoint_once_and_resume(tmp_path):
     assert all(torch.equal(finished[k], resumed[k]) for k in finished)
     # the same global batch in one process (1 × 16) trains the same network as 2 ranks × 8
     single = _torchrun(1, tmp_path / "single", "--batch-size", "16")
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
     first_two = torch.load(run_dir / "stage_000" / "model.pt", map_location="cpu", weights_only=True)
     first_one = torch.load(tmp_path / "single" / "stage_000" / "model.pt", map_location="cpu", weights_only=True)
     # the first stage (8 Adam steps) agrees to float rounding; later stages drift apart slowly (rounding
@@ -133,3 +133,13 @@ def test_bad_gram_scope_is_refused():
 
     with pytest.raises(ValueError, match="gram_scope must be one of"):
         OnlineConfig(gram_scope="everywhere")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_students_wrapped_only_with_ranks_to_sync_and_shutdown_ends_the_group(tmp_path, world):
+    out = tmp_path / "seen.pt"
+    mp.spawn(ddp_step.wrap_then_shutdown, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    seen = torch.load(out, weights_only=True)
+    assert seen["wrapped"]["teacher_trunk"] == "EmbeddingMLP"  # the frozen teacher is never synchronised
+    assert seen["wrapped"]["trunk"] == ("DistributedDataParallel" if world > 1 else "EmbeddingMLP")
+    assert seen["active_after"] is False

@@ -111,3 +111,24 @@ def run_obdsd_step(world: int, rank: int, out: str, gram_scope: str = "global") 
     if rank == 0:
         torch.save({"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
                     "losses": {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in trainer.losses.items()}}, out)
+
+
+def wrap_then_shutdown(rank: int, world: int, port: int, out: str) -> None:
+    """Spawn entry point: which networks OnlineLearner wraps in DDP for ``world`` ranks, and whether
+    ``distributed.shutdown`` leaves the process without a group; rank 0 writes what it saw."""
+    from types import SimpleNamespace
+
+    from pml_mutual import OnlineLearner, distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    models = {"trunk": EmbeddingMLP(in_features=8, hidden=8, embedding_size=4),
+              "teacher_trunk": EmbeddingMLP(in_features=8, hidden=8, embedding_size=4)}
+    learner = SimpleNamespace(device=torch.device("cpu"))
+    wrapped = OnlineLearner._wrap_for_ranks(learner, models, ["trunk"])
+    seen = {k: type(m).__name__ for k, m in wrapped.items()}
+    del wrapped
+    distributed.shutdown()
+    if rank == 0:
+        torch.save({"wrapped": seen, "active_after": distributed.is_active()}, out)
