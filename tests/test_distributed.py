@@ -138,7 +138,7 @@ def test_bad_gram_scope_is_refused():
 @pytest.mark.parametrize("world", [1, 2])
 def test_students_wrapped_only_with_ranks_to_sync_and_shutdown_ends_the_group(tmp_path, world):
     out = tmp_path / "seen.pt"
-    mp.spawn(ddp_step.wrap_then_shutdown, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    mp.spawn(ddp_step.spawned, args=(world, free_port(), ddp_step.wrap_then_shutdown, str(out)), nprocs=world, join=True)
     seen = torch.load(out, weights_only=True)
     assert seen["wrapped"]["teacher_trunk"] == "EmbeddingMLP"  # the frozen teacher is never synchronised
     assert seen["wrapped"]["trunk"] == ("DistributedDataParallel" if world > 1 else "EmbeddingMLP")

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 
-from pml_mutual import DriftCompensator, GramCorrelationLoss, IncrementalTrainer, MutualGramLoss
+from pml_mutual import DriftCompensator, GramCorrelationLoss, IncrementalTrainer, MutualGramLoss, distributed
 from pml_mutual.models import EmbeddingMLP
 
 GLOBAL_BATCH = 24
@@ -77,7 +77,7 @@ def spawned(rank: int, world: int, port: int, step, out: str, gram_scope: str = 
     try:
         step(world, rank, out, gram_scope)
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(wait=False)  # a no-op where ``step`` ended the group itself
 
 
 def run_obdsd_step(world: int, rank: int, out: str, gram_scope: str = "global") -> None:
@@ -113,16 +113,13 @@ def run_obdsd_step(world: int, rank: int, out: str, gram_scope: str = "global") 
                     "losses": {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in trainer.losses.items()}}, out)
 
 
-def wrap_then_shutdown(rank: int, world: int, port: int, out: str) -> None:
-    """Spawn entry point: which networks OnlineLearner wraps in DDP for ``world`` ranks, and whether
-    ``distributed.shutdown`` leaves the process without a group; rank 0 writes what it saw."""
+def wrap_then_shutdown(world: int, rank: int, out: str, gram_scope: str = "global") -> None:
+    """Which networks OnlineLearner wraps in DDP for ``world`` ranks, and whether ``distributed.shutdown``
+    leaves the process without a group; rank 0 writes what it saw."""
     from types import SimpleNamespace
 
-    from pml_mutual import OnlineLearner, distributed
+    from pml_mutual import OnlineLearner
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     models = {"trunk": EmbeddingMLP(in_features=8, hidden=8, embedding_size=4),
               "teacher_trunk": EmbeddingMLP(in_features=8, hidden=8, embedding_size=4)}
     learner = SimpleNamespace(device=torch.device("cpu"))
