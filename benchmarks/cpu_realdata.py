@@ -24,10 +24,13 @@ import torch
 from pml_mutual.data.cpu_benchmark import load_cpu_benchmark
 from pml_mutual.experiment import final_row, mean_std, per_stage_row, run_methods
 from pml_mutual.models import SmallCNN
+from pml_mutual.drift import DRIFT_MODES, SIMILARITIES
 from pml_mutual.online import METHODS, OnlineConfig
 
 ALL_METHODS = ["initial", "finetune", "joint", "fecd", "mutual_only", "fecd_mutual", "ours"]
-ABLATION = ["mutual_only", "fecd", "fecd_mutual", "ours"]
+# with one earlier stage there is no virtual feature: ours_no_drift would repeat fecd_mutual
+MULTI_TASK_ONLY = ["ours_no_drift"]
+ABLATION = ["mutual_only", "fecd", "fecd_mutual", "ours_no_drift", "ours"]
 
 # Hyper-parameters at this scale, chosen on the validation split (see README "CPU real-data benchmark").
 DATASETS = {
@@ -50,6 +53,8 @@ def make_config(dataset: str, method: str, seed: int, quick: bool, args) -> Onli
         lambda_corr=args.lambda_corr if args.lambda_corr is not None else d["lambda_corr"],
         lambda_mutual=args.lambda_mutual if args.lambda_mutual is not None else d["lambda_mutual"],
         temperature=args.temperature,
+        drift_similarity=args.drift_similarity,
+        drift_mode=args.drift_mode,
         # From-scratch CNN: BatchNorm learns in stage 0 and in the fresh F_s, and is frozen in networks
         # that inherit trained weights (freezing it from scratch collapses the embedding).
         freeze_batchnorm="inherited",
@@ -76,7 +81,7 @@ def print_tables(rows, setting, methods):
         return
     n_stages = len(rows[0]["recall@1"]["per_stage"])
     for title, cols in (("Table 3 layout — multi-task", [m for m in methods if m in by_method]),
-                        ("Table 5 layout — ablation (no L_corr / no L_mutual / no virtual / all)",
+                        ("Table 5 layout — ablation (no L_corr / no L_mutual / no virtual / no drift estimate / all)",
                          [m for m in ABLATION if m in by_method])):
         print(f"\n{title}: final model's Recall@1 (%) on each stage's classes, mean ± std over seeds")
         print(f"{'classes':<10} " + " ".join(f"{m:>15}" for m in cols))
@@ -90,7 +95,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=list(DATASETS), required=True)
     p.add_argument("--setting", choices=["one-task", "multi-task"], required=True)
-    p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=sorted(METHODS))
+    p.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS),
+                   help="default: all of them (ours_no_drift in the multi-task setting only)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quick", action="store_true", help="a reduced run (1 seed, few iterations, fewer classes)")
     p.add_argument("--validation", action="store_true", help="evaluate on a validation split of the training images")
@@ -102,10 +108,16 @@ def main(argv=None):
     p.add_argument("--lambda-corr", type=float, default=None, help="λ2 (default: the dataset's tuned value)")
     p.add_argument("--lambda-mutual", type=float, default=None, help="λ3 (default: the dataset's tuned value)")
     p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--drift-similarity", choices=SIMILARITIES, default=OnlineConfig.drift_similarity,
+                   help="the weight S of Eq. 3 and 4")
+    p.add_argument("--drift-mode", choices=DRIFT_MODES, default=OnlineConfig.drift_mode,
+                   help="direct (the paper: F_b → F_{i-1}) or chained (SDC: stage to stage)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", type=Path, default=Path("runs/cpu_realdata"), help="checkpoint directory (resumable)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = ALL_METHODS + (MULTI_TASK_ONLY if args.setting == "multi-task" else [])
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = args.seeds[:1] if args.quick else args.seeds
     train, test, stages = load_cpu_benchmark(args.dataset, args.validation, args.quick, DATASETS[args.dataset]["per_class_train"])

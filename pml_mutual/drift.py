@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .checks import check_embeddings
 
 SIMILARITIES = ("cosine_relu", "cosine", "gaussian")
-DRIFT_MODES = ("direct", "chained")
+DRIFT_MODES = ("direct", "chained", "none")
 
 
 def _check_same_dim(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> None:
@@ -169,6 +169,9 @@ class DriftCompensator:
        ``update_drift(F_t(τ_b), F_b(τ_b), stage=t)`` — each old checkpoint is loaded once, one at a time.
        ``mode="chained"`` (SDC): ``update_drift(F_{b−1}(τ_b), F_b(τ_b))`` composes the step drift of
        the previous model onto every earlier stage — only the previous model (stage b's teacher) is needed.
+       ``mode="none"``: nothing is measured, every drift stays zero and each virtual feature is the
+       teacher feature itself — the ablation that keeps Eq. 6's one term per earlier stage (and so its
+       total weight) but removes what Eq. 3–4 estimate.
     3. While stage b+1 trains, ``virtual_features(teacher_feats)`` gives f̂^t for every t < b (Eq. 4),
        and ``correlation_loss(student, teacher)`` the summed Eq. 6 loss over the real teacher (t = b)
        and the virtual ones.
@@ -226,7 +229,7 @@ class DriftCompensator:
 
     def stages_to_measure(self) -> list[int]:
         """Which earlier models' features ``update_drift`` needs after the latest ``add_stage``."""
-        if self.num_stages < 2:
+        if self.num_stages < 2 or self.mode == "none":
             return []
         return list(range(self.num_stages - 1)) if self.mode == "direct" else [self.num_stages - 2]
 
@@ -242,6 +245,8 @@ class DriftCompensator:
         (chained mode, ``stage`` omitted or equal to the previous stage).
         """
         allowed = self.stages_to_measure()
+        if self.mode == "none":
+            raise ValueError('mode="none" measures no drift: update_drift must not be called')
         if not allowed:
             raise ValueError("update_drift needs at least two stages added (there is no earlier stage)")
         if self.mode == "direct":
@@ -261,6 +266,9 @@ class DriftCompensator:
 
     def virtual_features(self, teacher_feats: torch.Tensor) -> list[torch.Tensor]:
         """f̂^t for every stage t before the teacher's own (Eq. 4); constants, one (B, D) tensor per stage."""
+        if self.mode == "none":  # zero drift: f̂^t = f^{i−1}, without computing weights that multiply zeros
+            feats = teacher_feats.detach().float()
+            return [F.normalize(feats, dim=1) if self.normalize else feats] * (self.num_stages - 1)
         return [
             virtual_features(
                 teacher_feats,

@@ -46,6 +46,7 @@ class Method:
     support: bool = False  # F_s and L_mutual
     teacher: bool = False  # F_{i-1} and L_corr
     virtual: bool = False  # virtual features of earlier stages in L_corr (Eq. 6)
+    drift: bool = True  # estimate them with Eq. 3–4; False: f̂ = the teacher feature (an ablation)
 
 
 METHODS: dict[str, Method] = {
@@ -56,6 +57,9 @@ METHODS: dict[str, Method] = {
     "mutual_only": Method(support=True),
     "fecd_mutual": Method(support=True, teacher=True),
     "ours": Method(support=True, teacher=True, virtual=True),
+    # Eq. 6's one term per earlier stage, without the drift estimate: separates what the virtual
+    # features add from the larger total distillation weight (i terms at stage i)
+    "ours_no_drift": Method(support=True, teacher=True, virtual=True, drift=False),
 }
 
 
@@ -202,7 +206,8 @@ class OnlineLearner:
         if unknown:
             raise ValueError(f"test classes {unknown[:10]} belong to no training stage")
         self.test_labels = test_labels
-        self.compensator = DriftCompensator(mode=self.config.drift_mode, similarity=self.config.drift_similarity)
+        self.compensator = DriftCompensator(mode=self.config.drift_mode if self.method.drift else "none",
+                                            similarity=self.config.drift_similarity)
         self.stage_results: list[dict] = []
         self.stage_logs: list[dict] = []
         self._student: torch.nn.Module | None = None

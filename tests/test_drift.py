@@ -153,7 +153,26 @@ def test_correlation_loss_sums_real_and_virtual_teachers():
     assert single.correlation_loss(student, teacher).item() == pytest.approx(loss(student, ref_emb=teacher).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["direct", "chained"])
+def test_mode_none_keeps_one_term_per_stage_without_drift():
+    comp = DriftCompensator(mode="none")
+    for i in range(3):
+        x, y = clustered(3, 6, 4, seed=i)
+        comp.add_stage(x, y + 10 * i)
+        assert comp.stages_to_measure() == []  # no earlier checkpoint is ever loaded
+    with pytest.raises(ValueError, match="none"):
+        comp.update_drift(torch.randn(6, 4), torch.randn(6, 4), stage=0)
+    teacher = torch.randn(8, 4) * 3
+    virt = comp.virtual_features(teacher)
+    assert len(virt) == 2 and all(torch.allclose(v, F.normalize(teacher, dim=1)) for v in virt)
+    # the same virtual features as a direct-mode compensator whose models never moved
+    still, _ = three_stages("direct", [torch.zeros(4), torch.zeros(4)])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(still.virtual_features(teacher), virt))
+    student = torch.randn(8, 4, requires_grad=True)
+    one = GramCorrelationLoss()(student, ref_emb=teacher)
+    assert comp.correlation_loss(student, teacher).item() == pytest.approx(3 * one.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["direct", "chained", "none"])
 def test_state_dict_round_trip(mode, tmp_path):
     comp, _ = three_stages(mode, [torch.tensor([0.1, 0.0, -0.2, 0.05]), torch.tensor([0.0, 0.3, 0.1, 0.0])])
     path = tmp_path / "drift.pt"

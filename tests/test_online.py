@@ -137,6 +137,27 @@ def test_at_most_three_models_training_and_two_measuring_drift(digits, tmp_path)
     assert peaks["drift"] == 2  # the new model + one old checkpoint, whatever the number of stages
 
 
+@pytest.mark.parametrize("config", [tiny("ours_no_drift"), tiny("ours", drift_mode="none")], ids=["method", "mode"])
+def test_without_drift_estimate_no_old_checkpoint_is_loaded_and_drift_stays_zero(digits, tmp_path, config):
+    train, test = digits
+    learner = OnlineLearner.from_class_assignment(
+        EmbeddingMLP, train, test, stage_assignment(range(10), 4, 2), config=config, run_dir=tmp_path, quiet=True,
+    )
+    loaded_while_measuring = []
+    load = learner.load_stage_model
+
+    def counting_load(stage):
+        if learner.phase == "drift":
+            loaded_while_measuring.append(stage)
+        return load(stage)
+
+    learner.load_stage_model = counting_load
+    learner.run()
+    assert learner.compensator.num_stages == 4
+    assert loaded_while_measuring == []
+    assert all(torch.count_nonzero(d) == 0 for d in learner.compensator.prototype_drifts)
+
+
 def test_one_shared_initial_model(digits, tmp_path):
     train, test = digits
     c2s = stage_assignment(range(10), 5)

@@ -122,12 +122,11 @@ class IncrementalTrainer(MetricLossOnly):
         if self.has_teacher:
             with torch.no_grad():
                 emb_o = scope(self.compute_embeddings(data, prefix="teacher_"))
-            teachers = [emb_o] if self.drift_compensator is None else self.drift_compensator.teacher_features(emb_o)
             corr = self.loss_funcs["correlation_loss"]
-            if hasattr(corr, "sum_over_teachers"):
-                self.losses["correlation_loss"] = corr.sum_over_teachers(emb_p, teachers)
-            else:  # any other PML loss taking ref_emb
-                self.losses["correlation_loss"] = sum(corr(emb_p, ref_emb=t) for t in teachers)
+            if self.drift_compensator is None:
+                self.losses["correlation_loss"] = corr(emb_p, ref_emb=emb_o)
+            else:  # Eq. 6: the real teacher and the virtual features of every earlier stage
+                self.losses["correlation_loss"] = self.drift_compensator.correlation_loss(emb_p, emb_o, loss_fn=corr)
 
     def backward(self):
         if self.grad_scaler is not None:
