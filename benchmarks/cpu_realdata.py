@@ -148,7 +148,7 @@ def main(argv=None):
           f"{'validation' if args.validation else 'test'} images)")
     if args.out:
         config = {k: v for k, v in vars(args).items() if k not in ("out", "runs")}
-        config.update(DATASETS[args.dataset], seeds=seeds, hyper_parameters=configs["ours"].to_dict())
+        config.update(DATASETS[args.dataset], seeds=seeds, hyper_parameters={k: v for k, v in configs[names[-1]].to_dict().items() if k != "method"})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"results": rows, "config": config, "seconds": total}, indent=2, default=str))
 

@@ -54,10 +54,12 @@ def test_cpu_realdata_quick_fashion_mnist(tmp_path, setting):
 @pytest.mark.skipif(not Path("/usr/share/fonts/truetype/dejavu").is_dir(), reason="needs the fonts (scripts/install_data.sh)")
 def test_cpu_realdata_quick_glyphs(tmp_path):
     out = run("cpu_realdata.py", "--dataset", "glyphs", "--setting", "multi-task", "--quick",
-              "--methods", "fecd", "ours", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json"))
-    assert "Table 3 layout" in out
+              "--methods", "fecd", "ours_no_drift", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json"))
+    assert "Table 3 layout" in out and "no drift estimate" in out
     doc = json.loads((tmp_path / "r.json").read_text())
+    assert {r["method"] for r in doc["results"]} == {"initial", "fecd", "ours_no_drift"}
     assert len(doc["results"][0]["recall@1"]["per_stage"]) == 5
+    assert doc["config"]["hyper_parameters"]["lambda_corr"] > 0
 
 
 def test_perf_step_quick(tmp_path):
