@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from pml_mutual.data.cpu_benchmark import load_cpu_benchmark
+from pml_mutual.drift import DRIFT_MODES, SIMILARITIES
 from pml_mutual.experiment import final_row, mean_std, per_stage_row, run_methods
 from pml_mutual.models import SmallCNN
-from pml_mutual.drift import DRIFT_MODES, SIMILARITIES
 from pml_mutual.online import METHODS, OnlineConfig
 
 ALL_METHODS = ["initial", "finetune", "joint", "fecd", "mutual_only", "fecd_mutual", "ours"]
@@ -111,7 +111,7 @@ def main(argv=None):
     p.add_argument("--drift-similarity", choices=SIMILARITIES, default=OnlineConfig.drift_similarity,
                    help="the weight S of Eq. 3 and 4")
     p.add_argument("--drift-mode", choices=DRIFT_MODES, default=OnlineConfig.drift_mode,
-                   help="direct (the paper: F_b → F_{i-1}) or chained (SDC: stage to stage)")
+                   help="direct (the paper: F_b → F_{i-1}), chained (SDC: stage to stage) or none (zero drift)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", type=Path, default=Path("runs/cpu_realdata"), help="checkpoint directory (resumable)")
     p.add_argument("--out", type=Path, default=None)
@@ -148,7 +148,8 @@ def main(argv=None):
           f"{'validation' if args.validation else 'test'} images)")
     if args.out:
         config = {k: v for k, v in vars(args).items() if k not in ("out", "runs")}
-        config.update(DATASETS[args.dataset], seeds=seeds, hyper_parameters={k: v for k, v in configs[names[-1]].to_dict().items() if k != "method"})
+        shared = {k: v for k, v in configs[names[-1]].to_dict().items() if k != "method"}  # every method's
+        config.update(DATASETS[args.dataset], seeds=seeds, hyper_parameters=shared)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"results": rows, "config": config, "seconds": total}, indent=2, default=str))
 
