@@ -1,4 +1,4 @@
-"""Exact Recall@K with FAISS (the paper's retrieval protocol).
+"""Exact Recall@K (the paper's retrieval protocol), searched with FAISS or torch (see :mod:`.knn`).
 
 Recall@K (the paper's metric, Song et al. 2016): the fraction of queries with at least one item of
 their own class among their K nearest neighbours. Query set = gallery = one set of test embeddings;
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-import faiss
 import numpy as np
 import torch
 
-_GPU_RESOURCES = None
+from . import knn
+from .knn import make_index  # noqa: F401  (public since the first release)
 
 
 def _to_numpy(x, name: str) -> np.ndarray:
@@ -32,6 +32,8 @@ def _to_numpy(x, name: str) -> np.ndarray:
 
 
 def check_ks(ks: Iterable[int]) -> tuple[int, ...]:
+    if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool):
+        raise TypeError(f"ks must be a sequence of positive integers, e.g. ({ks},), got the bare integer {ks!r}")
     ks = tuple(ks)
     if not ks:
         raise ValueError("ks must name at least one K")
@@ -61,87 +63,56 @@ def prepare(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
     return emb, lab.astype(np.int64, copy=False)
 
 
-def make_index(dim: int, use_gpu: bool | None = None):
-    """An exact inner-product index: on GPU when faiss has GPUs (and ``use_gpu`` is not False)."""
-    global _GPU_RESOURCES
-    index = faiss.IndexFlatIP(dim)
-    has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if use_gpu and not has_gpu:
-        raise RuntimeError("use_gpu=True but this faiss build sees no GPU (install faiss-gpu on a CUDA machine)")
-    if has_gpu and use_gpu is not False:
-        if _GPU_RESOURCES is None:
-            _GPU_RESOURCES = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)
-    return index
-
-
 def nearest_neighbours(
-    emb: np.ndarray, k: int, chunk_size: int = 8192, use_gpu: bool | None = None
+    emb,
+    k: int,
+    chunk_size: int | None = None,
+    use_gpu: bool | None = None,
+    backend: str = "auto",
+    device=None,
 ) -> np.ndarray:
     """Indices (N, min(k, N−1)) of each row's nearest other rows, self excluded by index, ties → lower index.
 
-    Queries go in chunks, so memory is O(N·k + chunk·k) on top of the index: never an N×N matrix.
+    ``backend``: ``"auto"`` (FAISS GPU, else torch on CUDA, else FAISS CPU), ``"faiss"`` or ``"torch"``
+    (``device`` picks the torch device; default CUDA when present). Queries go in chunks
+    (``chunk_size`` rows; None sizes them from free memory), so memory is O(chunk·N + N·k): never an
+    N×N matrix, also when every row ties.
     """
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    chunk_size = knn.check_chunk_size(chunk_size)
+    if not (isinstance(emb, np.ndarray) and emb.dtype == np.float32 and emb.flags.c_contiguous):
+        emb = np.ascontiguousarray(_to_numpy(emb, "embeddings"), dtype=np.float32)
     n = emb.shape[0]
     k = min(k, n - 1)
     if k <= 0:
         return np.zeros((n, 0), dtype=np.int64)
-    index = make_index(emb.shape[1], use_gpu)
-    index.add(emb)
-    out = np.empty((n, k), dtype=np.int64)
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        idx = _search_past_ties(index, emb[start:stop], k + 1, n)
-        is_self = idx == np.arange(start, stop)[:, None]
-        # Drop self where it was returned; otherwise keep the first k.
-        drop = np.where(is_self.any(1), is_self.argmax(1), k)
-        keep = np.ones_like(idx, dtype=bool)
-        keep[np.arange(stop - start), drop] = False
-        out[start:stop] = idx[keep].reshape(stop - start, -1)[:, :k]
-    return out
-
-
-def _search_past_ties(index, queries: np.ndarray, k: int, n: int) -> np.ndarray:
-    """Top-k indices per query ordered by (score desc, index asc), exactly as a stable full sort would.
-
-    faiss returns *some* k of the items tied at the k-th score; when a row's list ends inside a tie,
-    that row is searched again with twice the k until the tie is fully inside, then cut after sorting.
-    """
-    width = min(k, n)
-    kk = min(k + 1, n)  # one past k: tells whether the k-th score's tie continues
-    scores, idx = index.search(queries, kk)
-    rows = np.arange(len(queries))
-    result = np.empty((len(queries), width), dtype=np.int64)
-    while True:
-        order = np.lexsort((idx, -scores), axis=-1)
-        idx = np.take_along_axis(idx, order, axis=1)
-        scores = np.take_along_axis(scores, order, axis=1)
-        if kk < n:
-            open_tie = scores[:, -1] == scores[:, width - 1]
-        else:
-            open_tie = np.zeros(len(rows), dtype=bool)
-        result[rows[~open_tie]] = idx[~open_tie, :width]
-        if not open_tie.any():
-            return result
-        rows = rows[open_tie]
-        kk = min(2 * kk, n)
-        scores, idx = index.search(queries[rows], kk)
+    backend, torch_device = knn.resolve_backend(backend, use_gpu, device)
+    if backend == "torch":
+        return knn.torch_neighbours(emb, k, torch_device, chunk_size)
+    return knn.faiss_neighbours(emb, k, chunk_size, use_gpu)
 
 
 def recall_at_k(
     embeddings,
     labels,
     ks: Sequence[int] = (1, 2, 4, 8),
-    chunk_size: int = 8192,
+    chunk_size: int | None = None,
     use_gpu: bool | None = None,
+    backend: str = "auto",
+    device=None,
 ) -> dict[int, float]:
     """Exact Recall@K of ``embeddings`` (N, D) against themselves; fractions in [0, 1], keyed by K.
 
-    Accepts tensors or arrays. When N − 1 < K, every other item is a neighbour.
+    Accepts tensors or arrays. When N − 1 < K, every other item is a neighbour. ``backend``,
+    ``device``, ``chunk_size`` and ``use_gpu`` choose the search (see :func:`nearest_neighbours`);
+    every backend gives the same result.
     """
     ks = check_ks(ks)
+    chunk_size = knn.check_chunk_size(chunk_size)
     emb, lab = prepare(embeddings, labels)
-    nbrs = nearest_neighbours(emb, max(ks), chunk_size, use_gpu)
+    nbrs = nearest_neighbours(emb, max(ks), chunk_size, use_gpu, backend, device)
     if nbrs.shape[1] == 0:  # a single item has no neighbour to find
         return {k: 0.0 for k in ks}
     same = lab[nbrs] == lab[:, None]

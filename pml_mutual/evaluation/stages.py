@@ -42,10 +42,10 @@ def extract_embeddings(
     return torch.cat(chunks), torch.cat(labels).long()
 
 
-def _recall_on(emb, lab, mask, ks):
+def _recall_on(emb, lab, mask, ks, backend):
     if not mask.any():
         return None
-    return recall_at_k(emb[mask], lab[mask], ks)
+    return recall_at_k(emb[mask], lab[mask], ks, backend=backend)
 
 
 def stage_recalls(
@@ -54,12 +54,13 @@ def stage_recalls(
     class_to_stage: Mapping[int, int],
     stage: int,
     ks: Sequence[int] = (1, 2, 4, 8),
+    backend: str = "auto",
 ) -> dict:
     """Recall@K after ``stage`` on: old classes (earlier stages), new classes (this stage), all classes
     seen so far, and each stage's classes (``per_stage[j]``). Test items of later stages are ignored.
 
     Each subset is its own query = gallery set, as in the paper. Missing subsets (no old classes at
-    stage 0) are ``None``.
+    stage 0) are ``None``. ``backend`` is the kNN search's (see :func:`~pml_mutual.evaluation.recall_at_k`).
     """
     ks = check_ks(ks)
     emb = _to_numpy(embeddings, "embeddings")
@@ -70,8 +71,8 @@ def stage_recalls(
     item_stage = np.array([class_to_stage[int(c)] for c in lab], dtype=np.int64)
     return {
         "stage": int(stage),
-        "old": _recall_on(emb, lab, item_stage < stage, ks),
-        "new": _recall_on(emb, lab, item_stage == stage, ks),
-        "all": _recall_on(emb, lab, item_stage <= stage, ks),
-        "per_stage": [_recall_on(emb, lab, item_stage == j, ks) for j in range(stage + 1)],
+        "old": _recall_on(emb, lab, item_stage < stage, ks, backend),
+        "new": _recall_on(emb, lab, item_stage == stage, ks, backend),
+        "all": _recall_on(emb, lab, item_stage <= stage, ks, backend),
+        "per_stage": [_recall_on(emb, lab, item_stage == j, ks, backend) for j in range(stage + 1)],
     }

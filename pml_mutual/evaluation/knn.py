@@ -1,0 +1,168 @@
+"""Exact k-nearest-neighbour search of a set against itself: FAISS or plain torch, one semantics.
+
+Both backends return, for every row, the indices of its k most similar *other* rows (inner product of
+L2-normalised float32 rows; the row itself excluded by index), ordered by (score descending, index
+ascending): exactly what a stable full sort of each row would give.
+
+- ``"faiss"``: ``IndexFlatIP`` (on GPU when the installed faiss build has GPUs). FAISS returns *some*
+  k of the items tied at the k-th score; rows whose list ends inside a tie are finished by the torch
+  kernel on those rows alone.
+- ``"torch"``: chunked ``matmul`` + ``topk`` on any torch device (CUDA when present): the GPU path that
+  works with every torch build, including CUDA versions no faiss-gpu wheel exists for.
+- ``"auto"``: FAISS on GPU if faiss sees one, else torch on CUDA if torch sees one, else FAISS on CPU.
+
+Ties are resolved on the chunk's score matrix itself (the items above the k-th score, then the lowest
+indices among those tied at it), so memory stays O(chunk·N + N·k) whatever the data, a collapsed model (all rows equal) included.
+"""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+
+BACKENDS = ("auto", "faiss", "torch")
+# Bytes of working memory per score-matrix element: the float32 score, a boolean mask and a float32
+# key (only for rows whose k-th score is tied beyond k).
+_BYTES_PER_SCORE = 12
+_CPU_BUDGET = 256 * 2**20
+_GPU_RESOURCES = None
+
+
+def faiss_has_gpu() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def resolve_backend(backend: str = "auto", use_gpu: bool | None = None, device=None) -> tuple[str, torch.device]:
+    """(backend, torch device for the torch kernel) after applying ``"auto"`` and ``use_gpu``.
+
+    ``use_gpu=False`` keeps everything on the CPU; ``use_gpu=True`` demands a GPU (FAISS's if the
+    backend is ``"faiss"``, else torch's) and raises when there is none.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if device is not None:
+        device = torch.device(device)
+    cuda = torch.cuda.is_available() and use_gpu is not False
+    if backend == "faiss" or (backend == "auto" and faiss_has_gpu() and use_gpu is not False):
+        if use_gpu and not faiss_has_gpu():
+            raise RuntimeError("use_gpu=True but this faiss build sees no GPU (use backend='torch', or install faiss-gpu)")
+        return "faiss", torch.device("cpu")
+    if backend == "auto" and not cuda and device is None:
+        if use_gpu:
+            raise RuntimeError("use_gpu=True but neither faiss nor torch sees a GPU")
+        return "faiss", torch.device("cpu")
+    if device is None:
+        device = torch.device("cuda") if cuda else torch.device("cpu")
+    if use_gpu and device.type == "cpu":
+        raise RuntimeError("use_gpu=True but torch sees no CUDA device")
+    return "torch", device
+
+
+def check_chunk_size(chunk_size) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None (sized from memory), got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def auto_chunk_rows(n: int, device: torch.device) -> int:
+    """Query rows per chunk so that the chunk's score matrix and tie masks fit the working-memory budget."""
+    budget = _CPU_BUDGET
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = max(_CPU_BUDGET, free // 4)  # a quarter of what is free: the caller's tensors stay
+    return max(1, min(n, budget // (_BYTES_PER_SCORE * max(n, 1))))
+
+
+def exact_topk(queries: torch.Tensor, gallery: torch.Tensor, self_index: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (c, k) of each query's k best gallery rows other than ``self_index``, ordered by
+    (score desc, index asc). ``queries`` (c, D) and ``gallery`` (N, D) on one device; k ≤ N − 1."""
+    scores = queries @ gallery.T
+    rows = torch.arange(len(queries), device=scores.device)
+    scores[rows, self_index] = float("-inf")
+    n = gallery.shape[0]
+    width = min(k + 1, n)  # one past k tells whether the k-th score's tie continues beyond k
+    values, idx = scores.topk(width, dim=1)
+    idx = idx[:, :k]
+    if width > k:
+        open_tie = values[:, k - 1] == values[:, k]
+        if bool(open_tie.any()):  # one host sync per chunk: evaluation, not a training step
+            r = open_tie.nonzero().squeeze(1)
+            sub = scores if len(r) == len(scores) else scores[r]
+            kth = values[r, k - 1 : k]
+            n_above = (values[r, :k] > kth).sum(1, keepdim=True)  # all of them are in any top-k list
+            # the lowest indices among the items tied at the k-th score: top-k of −index over the tie
+            neg_index = -torch.arange(n, device=sub.device, dtype=torch.float32)
+            tied_first = torch.where(sub == kth, neg_index, float("-inf")).topk(k, dim=1).indices
+            j = torch.arange(k, device=sub.device)
+            from_tie = tied_first.gather(1, (j - n_above).clamp(min=0))
+            idx = idx.clone()
+            idx[r] = torch.where(j < n_above, idx[r], from_tie)  # topk puts the items above the tie first
+            del sub, tied_first
+    idx, _ = idx.sort(dim=1)
+    order = scores.gather(1, idx).argsort(dim=1, descending=True, stable=True)
+    return idx.gather(1, order)
+
+
+def torch_neighbours(emb: np.ndarray, k: int, device: torch.device, chunk_size: int | None = None) -> np.ndarray:
+    n = emb.shape[0]
+    x = torch.from_numpy(emb)
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    chunk = chunk_size or auto_chunk_rows(n, device)
+    out = torch.empty((n, k), dtype=torch.int64, device=device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        out[start:stop] = exact_topk(x[start:stop], x, torch.arange(start, stop, device=device), k)
+    return out.cpu().numpy()
+
+
+def make_index(dim: int, use_gpu: bool | None = None):
+    """An exact inner-product FAISS index: on GPU when faiss has GPUs (and ``use_gpu`` is not False)."""
+    global _GPU_RESOURCES
+    index = faiss.IndexFlatIP(dim)
+    if use_gpu and not faiss_has_gpu():
+        raise RuntimeError("use_gpu=True but this faiss build sees no GPU (use backend='torch', or install faiss-gpu)")
+    if faiss_has_gpu() and use_gpu is not False:
+        if _GPU_RESOURCES is None:
+            _GPU_RESOURCES = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)
+    return index
+
+
+def faiss_neighbours(emb: np.ndarray, k: int, chunk_size: int | None = None, use_gpu: bool | None = None) -> np.ndarray:
+    n = emb.shape[0]
+    index = make_index(emb.shape[1], use_gpu)
+    index.add(emb)
+    chunk = chunk_size or 8192
+    out = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        out[start:stop] = _faiss_chunk(index, emb, start, stop, k)
+    return out
+
+
+def _faiss_chunk(index, emb: np.ndarray, start: int, stop: int, k: int) -> np.ndarray:
+    n = emb.shape[0]
+    width = min(k + 2, n)  # k others + possibly self + one past: tells whether the k-th score's tie continues
+    scores, idx = index.search(emb[start:stop], width)
+    own = np.arange(start, stop)[:, None]
+    scores = np.where(idx == own, -np.inf, scores)  # self excluded by index
+    order = np.lexsort((idx, -scores), axis=-1)
+    idx = np.take_along_axis(idx, order, axis=1)
+    scores = np.take_along_axis(scores, order, axis=1)
+    result = idx[:, :k].copy()
+    if width > k:
+        # scores[:, k] is the (k+1)-th other item whether or not self came back among the `width`
+        open_tie = scores[:, k] == scores[:, k - 1]
+    else:
+        open_tie = np.zeros(stop - start, dtype=bool)
+    rows = np.flatnonzero(open_tie)
+    if len(rows):  # finish the tied rows exactly, in groups that fit the working-memory budget
+        gallery = torch.from_numpy(emb)
+        group = auto_chunk_rows(n, torch.device("cpu"))
+        for g in range(0, len(rows), group):
+            r = rows[g : g + group]
+            result[r] = exact_topk(gallery[start + r], gallery, torch.from_numpy(start + r), k).numpy()
+    return result

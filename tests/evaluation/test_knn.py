@@ -1,0 +1,97 @@
+"""The FAISS and torch kNN backends: same neighbours, same recalls, O(chunk·N) memory under ties."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pml_mutual.evaluation import knn, nearest_neighbours, recall_at_k
+
+
+def exact_data(rng, n, dim):
+    """Rows with four entries ±0.5 (unit norm): every inner product is a multiple of 0.25, exact in
+    float32 whatever the summation order, so both backends see the same scores and the same ties."""
+    x = np.zeros((n, dim), dtype=np.float32)
+    for i in range(n):
+        cols = rng.choice(dim, size=4, replace=False)
+        x[i, cols] = rng.choice([-0.5, 0.5], size=4)
+    return x
+
+
+def stable_sort_reference(emb, k):
+    """Each row's k nearest other rows by a stable full sort of exact (float64) scores."""
+    sim = emb.astype(np.float64) @ emb.astype(np.float64).T
+    out = []
+    for q in range(len(emb)):
+        others = np.delete(np.arange(len(emb)), q)
+        out.append(others[np.argsort(-sim[q, others], kind="stable")][:k])
+    return np.array(out, dtype=np.int64).reshape(len(emb), k)
+
+
+@given(st.integers(2, 70), st.integers(4, 9), st.integers(1, 12), st.integers(1, 9), st.integers(0, 2**31 - 1))
+def test_backends_return_the_stable_sort_neighbours(n, dim, k, chunk, seed):
+    emb = exact_data(np.random.default_rng(seed), n, dim)  # few distinct rows: ties everywhere
+    want = stable_sort_reference(emb, min(k, n - 1))
+    for backend in ("faiss", "torch"):
+        for chunk_size in (None, chunk):
+            got = nearest_neighbours(emb, k, chunk_size=chunk_size, backend=backend)
+            np.testing.assert_array_equal(got, want, err_msg=f"{backend}, chunk_size={chunk_size}")
+
+
+@given(st.integers(3, 80), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_backends_agree_on_recall_with_duplicates_and_lone_queries(n, n_classes, seed):
+    rng = np.random.default_rng(seed)
+    emb = exact_data(rng, n, 6)
+    emb[: n // 3] = emb[0]  # a block of exact duplicates
+    labels = rng.integers(0, n_classes, n)
+    labels[-1] = n_classes  # a lone query: a miss for every K
+    ks = (1, 2, 4, 8)
+    faiss_r = recall_at_k(emb, labels, ks, backend="faiss", chunk_size=5)
+    torch_r = recall_at_k(emb, labels, ks, backend="torch", chunk_size=7)
+    assert faiss_r == torch_r
+    assert max(torch_r.values()) <= (n - 1) / n  # the lone query never counts as a hit
+
+
+def test_a_collapsed_model_keeps_the_lower_index_rule_in_small_chunks():
+    n = 3000
+    emb = np.tile(np.array([[0.6, 0.8]], dtype=np.float32), (n, 1))
+    for backend in ("faiss", "torch"):
+        nbrs = nearest_neighbours(emb, 4, backend=backend, chunk_size=256)
+        assert nbrs[0].tolist() == [1, 2, 3, 4]
+        assert nbrs[2].tolist() == [0, 1, 3, 4]
+        assert nbrs[n - 1].tolist() == [0, 1, 2, 3]
+
+
+def test_tie_resolution_memory_follows_the_chunk_not_n_squared():
+    # The automatic chunk keeps chunk × N × (bytes per score) inside the budget, whatever N.
+    for n in (1_000, 88_000, 1_000_000):
+        rows = knn.auto_chunk_rows(n, torch.device("cpu"))
+        assert rows >= 1
+        assert rows == 1 or rows * n * knn._BYTES_PER_SCORE <= knn._CPU_BUDGET
+
+
+def test_backend_choice_and_errors():
+    assert knn.resolve_backend("torch", device="cpu") == ("torch", torch.device("cpu"))
+    assert knn.resolve_backend("faiss")[0] == "faiss"
+    if not torch.cuda.is_available() and not knn.faiss_has_gpu():
+        assert knn.resolve_backend("auto")[0] == "faiss"  # CPU: FAISS, as before
+        with pytest.raises(RuntimeError, match="GPU"):
+            knn.resolve_backend("auto", use_gpu=True)
+        with pytest.raises(RuntimeError, match="CUDA"):
+            knn.resolve_backend("torch", use_gpu=True)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        recall_at_k(np.eye(3, dtype=np.float32), np.array([0, 0, 1]), backend="annoy")
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, True])
+def test_chunk_size_must_be_a_positive_integer(chunk_size):
+    emb, labels = np.eye(4, dtype=np.float32), np.array([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        recall_at_k(emb, labels, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        nearest_neighbours(emb, 2, chunk_size=chunk_size)
+
+
+def test_bare_integer_ks_names_the_problem():
+    with pytest.raises(TypeError, match="sequence of positive integers"):
+        recall_at_k(np.eye(4, dtype=np.float32), np.array([0, 0, 1, 1]), ks=4)
