@@ -16,3 +16,17 @@ def check_embeddings(x: torch.Tensor, name: str = "embeddings") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf values")
+
+
+def nonfinite_tensors(obj, prefix: str = "") -> list[str]:
+    """Names (dotted paths) of the floating-point tensors in a nested dict/list that hold NaN or inf."""
+    if torch.is_tensor(obj):
+        return [prefix or "tensor"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out += nonfinite_tensors(v, f"{prefix}[{i}]")
+    return out

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
+import math
 import os
 import random
 import tempfile
@@ -26,12 +26,14 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from . import distributed
+from . import distributed, identity
+from .data.loaders import EmbeddingLoader
 from .data.stages import check_stages, dataset_labels, split_by_stage
 from .drift import DRIFT_MODES, SIMILARITIES, DriftCompensator
 from .evaluation import extract_embeddings, stage_recalls, summarize_run, to_markdown
-from .evaluation.results import save_json, stage_result_from_json, stage_result_to_json
+from .evaluation.results import stage_result_from_json, stage_result_to_json
 from .losses import GramCorrelationLoss, MutualGramLoss
+from .run_dir import RunDirectory, save_json
 from .trainers import IncrementalTrainer
 
 LOGGER = logging.getLogger("pml_mutual")
@@ -112,10 +114,21 @@ class OnlineConfig:
         distributed.check_gram_scope(self.gram_scope)
         if self.support_init not in ("fresh", "teacher"):
             raise ValueError(f"support_init must be 'fresh' or 'teacher', got {self.support_init!r}")
-        for name in ("epochs", "iterations_per_epoch", "batch_size", "m_per_class"):
+        for name in ("epochs", "iterations_per_epoch", "batch_size", "m_per_class", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        self.ks = tuple(self.ks)
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be at least 0, got {self.num_workers}")
+        for name in ("lr", "weight_decay", "lambda_metric", "lambda_corr", "lambda_mutual", "triplet_margin"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        # large T makes the KL a difference of nearly equal float32 logs: values below 1e-7 relative are noise
+        if not isinstance(self.temperature, (int, float)) or not 0 < self.temperature <= 1000:
+            raise ValueError(f"temperature must be a finite number in (0, 1000], got {self.temperature!r}")
+        from .evaluation.recall import check_ks
+
+        self.ks = check_ks(self.ks)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -129,19 +142,6 @@ def seed_everything(*keys: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same directory, then rename: a kill never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class OnlineLearner:
@@ -161,6 +161,10 @@ class OnlineLearner:
         initial_state_dict: weights of an already trained F_0 (skips training stage 0), so several
             methods can share one initial model as in the paper.
         quiet: no progress bars.
+        identity_tags: extra fields of the run's identity (e.g. command-line flags that change the data
+            or the model, the weights file's SHA-256): a run_dir holding other tags is refused.
+        fresh: a run_dir holding a run of another identity is moved aside (``<run_dir>.old-N``) instead
+            of refused.
     """
 
     def __init__(
@@ -175,6 +179,8 @@ class OnlineLearner:
         prototype_stages: Sequence[Dataset] | None = None,
         initial_state_dict: dict | None = None,
         quiet: bool = False,
+        identity_tags: dict | None = None,
+        fresh: bool = False,
     ):
         self.config = config or OnlineConfig()
         self.method = METHODS[self.config.method]
@@ -185,6 +191,9 @@ class OnlineLearner:
         if run_dir is None:  # under torchrun every rank must use rank 0's directory
             run_dir = distributed.broadcast_object(tempfile.mkdtemp(prefix="pml_mutual_run_") if distributed.is_main() else None)
         self.run_dir = Path(run_dir)
+        self.directory = RunDirectory(run_dir)  # refuses "", "." and the like before anything else
+        self.identity_tags = dict(identity_tags or {})
+        self.fresh = fresh
         self.metric_loss = metric_loss or pml_losses.TripletMarginLoss(margin=self.config.triplet_margin)
         self.miner = miner if miner is not None else pml_miners.BatchHardMiner()
         self.initial_state_dict = initial_state_dict
@@ -205,12 +214,17 @@ class OnlineLearner:
         unknown = sorted(set(np.unique(test_labels).tolist()) - set(self.class_to_stage))
         if unknown:
             raise ValueError(f"test classes {unknown[:10]} belong to no training stage")
+        missing = sorted(set(range(len(self.train_stages))) - {self.class_to_stage[int(c)] for c in np.unique(test_labels)})
+        if missing:
+            raise ValueError(f"the test set has no item of stage(s) {missing}: every stage must be evaluated")
         self.test_labels = test_labels
         self.compensator = DriftCompensator(mode=self.config.drift_mode if self.method.drift else "none",
                                             similarity=self.config.drift_similarity)
         self.stage_results: list[dict] = []
         self.stage_logs: list[dict] = []
         self._student: torch.nn.Module | None = None
+        self._test_loader: EmbeddingLoader | None = None
+        self._written: dict[str, str] = {}  # files of the current stage already on disk → SHA-256
 
     @classmethod
     def from_class_assignment(cls, model_factory, train_dataset, test_dataset, class_to_stage, **kwargs):
@@ -245,6 +259,7 @@ class OnlineLearner:
             save_json(summary, self.run_dir / "results.json")
             (self.run_dir / "results.md").write_text(to_markdown(summary) + "\n")
         distributed.barrier()
+        self._test_loader = None  # its worker processes end with it
         return summary
 
     # ----------------------------------------------------------------- one stage
@@ -313,7 +328,8 @@ class OnlineLearner:
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "epoch_losses": epoch_losses,
             }
-            self._save(state, self.run_dir / "in_progress.pt")
+            # written by a background thread from a CPU snapshot: the next epoch does not wait for the disk
+            self.directory.save_in_background(state)
 
         trainer = IncrementalTrainer(
             models=self._wrap_for_ranks(models, trained),
@@ -334,13 +350,15 @@ class OnlineLearner:
             quiet=self.quiet,
             amp=cfg.amp,
             gram_scope=cfg.gram_scope,
+            context=f"[{cfg.method}] stage {stage}, ",
         )
         if start_epoch <= epochs:
             trainer.train(start_epoch, epochs)
+        self.directory.wait()
         self._student = student
         support = models.get("support_trunk")
-        if support is not None:
-            self._save(support.state_dict(), self._stage_dir(stage) / "support.pt")
+        if support is not None:  # written now so that drift measurement holds two networks, not three
+            self._written["support.pt"] = self.directory.save_stage_file(stage, "support.pt", support.state_dict())
         del trainer, models, optimizers, support
         gc.collect()  # free F_s and the teacher before drift measurement loads old models
         return epoch_losses
@@ -355,12 +373,6 @@ class OnlineLearner:
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         return {k: DDP(m, device_ids=ids) if k in trained else m for k, m in models.items()}
-
-    def _save(self, obj, path: Path) -> None:
-        """Atomic save by rank 0 only; every rank waits until the file is there."""
-        if distributed.is_main():
-            atomic_save(obj, path)
-        distributed.barrier()
 
     def _batchnorm_frozen(self, stage: int, models: dict) -> list[str]:
         mode = self.config.freeze_batchnorm
@@ -378,24 +390,30 @@ class OnlineLearner:
         if not self.method.virtual:
             return
         self.phase = "drift"
-        new_feats, labels = self._extract(self._student, self.prototype_stages[stage])
+        loader = self._embedding_loader(self.prototype_stages[stage])  # its workers serve every model below
+        new_feats, labels = self._extract(self._student, loader)
         self.compensator.add_stage(new_feats, labels)
         for t in self.compensator.stages_to_measure():
             old_model = self.load_stage_model(t)  # one old model at a time
-            old_feats, _ = self._extract(old_model, self.prototype_stages[stage])
+            old_feats, _ = self._extract(old_model, loader)
             del old_model
             gc.collect()
             self.compensator.update_drift(old_feats, new_feats, stage=t)
 
-    def _extract(self, model: torch.nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings of ``dataset`` in order; under torchrun each rank embeds a shard and all get the whole."""
+    def _embedding_loader(self, dataset: Dataset) -> EmbeddingLoader:
         cfg = self.config
+        return EmbeddingLoader(dataset, cfg.eval_batch_size, cfg.num_workers, pin_memory=self.device.type == "cuda")
+
+    def _extract(self, model: torch.nn.Module, loader: EmbeddingLoader, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of ``loader``'s items (``indices``, default all) in order; under torchrun each rank
+        embeds a shard and all get the whole."""
+        cfg = self.config
+        if indices is None:
+            indices = np.arange(len(loader.dataset))
         if not distributed.is_active():
-            return extract_embeddings(model, dataset, cfg.eval_batch_size, self.device, cfg.amp, cfg.num_workers)
-        n = len(dataset)
-        emb, labels = extract_embeddings(
-            model, Subset(dataset, distributed.shard(n).tolist()), cfg.eval_batch_size, self.device, cfg.amp, cfg.num_workers
-        )
+            return extract_embeddings(model, loader(indices), device=self.device, amp=cfg.amp)
+        n = len(indices)
+        emb, labels = extract_embeddings(model, loader(np.asarray(indices)[distributed.shard(n)]), device=self.device, amp=cfg.amp)
         comm = self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL moves CUDA tensors only
         emb = distributed.gather_rows(emb.to(comm), n).cpu()
         labels = distributed.gather_rows(labels.to(comm), n).cpu()
@@ -403,9 +421,11 @@ class OnlineLearner:
 
     def _evaluate(self, stage: int) -> dict:
         seen = np.flatnonzero([self.class_to_stage[int(c)] <= stage for c in self.test_labels])
-        emb, labels = self._extract(self._student, Subset(self.test_dataset, seen.tolist()))
+        if self._test_loader is None:  # one loader (and one set of workers) for every stage's evaluation
+            self._test_loader = self._embedding_loader(self.test_dataset)
+        emb, labels = self._extract(self._student, self._test_loader, seen)
         results = None
-        if distributed.is_main():  # one FAISS search, its result sent to every rank
+        if distributed.is_main():  # one search, its result sent to every rank
             results = stage_recalls(emb, labels, self.class_to_stage, stage, self.config.ks)
         return distributed.broadcast_object(results)
 
@@ -414,75 +434,64 @@ class OnlineLearner:
         return self.model_factory().to(self.device)
 
     def load_stage_model(self, stage: int) -> torch.nn.Module:
-        """A fresh network holding the deployed weights of ``stage`` (F_p of that stage)."""
-        path = self._stage_dir(stage) / "model.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint of stage {stage} is missing: {path}")
+        """A fresh network holding the deployed weights of ``stage`` (F_p of that stage), checked against
+        the SHA-256 recorded when it was written."""
         model = self.new_model()
-        model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        model.load_state_dict(self.directory.load_stage_file(stage, "model.pt", map_location=self.device))
         return model
 
     def _stage_dir(self, stage: int) -> Path:
-        return self.run_dir / f"stage_{stage:03d}"
+        return self.directory.stage_dir(stage)
 
-    def _run_identity(self) -> dict:
-        return {
+    def run_identity(self) -> dict:
+        """What determines this run's numbers; a run_dir holding another identity is refused."""
+        ident = {
             "config": {k: v for k, v in self.config.to_dict().items() if k not in self._not_identity()},
             "class_to_stage": {str(k): v for k, v in sorted(self.class_to_stage.items())},
-            "train_sizes": [len(d) for d in self.train_stages],
-            "test_size": len(self.test_dataset),
-            "initial_weights_given": self.initial_state_dict is not None,
+            "data": {
+                "train": [identity.dataset_fingerprint(d) for d in self.train_stages],
+                "prototype": [identity.dataset_fingerprint(d) for d in self.prototype_stages],
+                "test": identity.dataset_fingerprint(self.test_dataset),
+            },
+            "model": identity.model_fingerprint(self.model_factory()),
+            "metric_loss": identity.describe(self.metric_loss),
+            "miner": identity.describe(self.miner),
+            "initial_weights": identity.state_dict_sha256(self.initial_state_dict),
+            "tags": self.identity_tags,
         }
+        if distributed.world_size() > 1:
+            ident["world_size"] = distributed.world_size()
+        return ident
 
     @staticmethod
     def _not_identity() -> tuple[str, ...]:
         # settings that do not change what is trained; gram_scope matters only with several ranks
-        skip = ("device", "eval_batch_size", "amp", "num_workers")
+        skip = ("device", "eval_batch_size", "num_workers")
         return skip + (("gram_scope",) if distributed.world_size() == 1 else ())
 
     def _save_stage(self, stage: int, results: dict, epoch_losses: list[dict], seconds: float) -> None:
-        d = self._stage_dir(stage)
-        self._save(self._student.state_dict(), d / "model.pt")
-        self._save(self.compensator.state_dict(), d / "drift.pt")
+        files = {"model.pt": self._student.state_dict(), "drift.pt": self.compensator.state_dict()}
+        written, self._written = self._written, {}
         log = {"stage": stage, "epoch_losses": epoch_losses, "seconds": seconds}
-        if distributed.is_main():
-            # stage.json is written last: its presence marks the stage complete.
-            save_json({"results": stage_result_to_json(results), "log": log}, d / "stage.json")
-            in_progress = self.run_dir / "in_progress.pt"
-            if in_progress.exists():
-                in_progress.unlink()
-        distributed.barrier()  # no rank starts the next stage before this one is on disk
+        # stage.json is written last, with each file's SHA-256: its presence marks the stage complete
+        self.directory.save_stage(stage, files, {"results": stage_result_to_json(results), "log": log}, written)
         self.stage_results.append(results)
         self.stage_logs.append(log)
 
     def _resume(self) -> int:
-        """Check the run directory against this run's config and return the first stage still to train."""
-        identity = self._run_identity()
-        if distributed.world_size() > 1:
-            identity["world_size"] = distributed.world_size()
-        path = self.run_dir / "config.json"
-        if distributed.is_main():
-            for stale in self.run_dir.rglob("*.tmp"):  # half-written files of a killed run
-                stale.unlink()
-            if not path.exists():
-                save_json(identity, path)
-        distributed.barrier()
-        if path.exists():
-            saved = json.loads(path.read_text())
-            diffs = _diff(saved, json.loads(json.dumps(identity)))
-            if diffs:
-                raise ValueError(
-                    f"{self.run_dir} holds a run with a different configuration ({'; '.join(diffs[:5])}); "
-                    "use another run_dir or remove it"
-                )
-        stage = 0
-        while (self._stage_dir(stage) / "stage.json").exists() and stage < len(self.train_stages):
-            done = json.loads((self._stage_dir(stage) / "stage.json").read_text())
-            self.stage_results.append(stage_result_from_json(done["results"]))
-            self.stage_logs.append(done["log"])
-            stage += 1
+        """Check the run directory against this run's identity and return the first stage still to train."""
+        self.directory.check_identity(self.run_identity(), fresh=self.fresh)
+        done = self.directory.completed_stages(len(self.train_stages))
+        for doc in done:
+            try:
+                self.stage_results.append(stage_result_from_json(doc["results"]))
+            except (KeyError, TypeError, ValueError) as e:
+                path = self._stage_dir(len(self.stage_results)) / "stage.json"
+                raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); delete its stage directory to retrain it") from e
+            self.stage_logs.append(doc["log"])
+        stage = len(done)
         if stage > 0:
-            self.compensator.load_state_dict(torch.load(self._stage_dir(stage - 1) / "drift.pt", weights_only=True))
+            self.compensator.load_state_dict(self.directory.load_stage_file(stage - 1, "drift.pt"))
             if not self.quiet:
                 print(f"[{self.config.method}] resuming {self.run_dir} at stage {stage}", flush=True)
         return stage
@@ -492,11 +501,8 @@ class OnlineLearner:
 
         Returns (that epoch, the per-epoch loss log so far); (0, []) when the stage starts afresh.
         """
-        path = self.run_dir / "in_progress.pt"
-        if not path.exists():
-            return 0, []
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        if state["stage"] != stage:
+        state = self.directory.load_in_progress(map_location=self.device)
+        if state is None or state["stage"] != stage:
             return 0, []
         for k, sd in state["models"].items():
             models[k].load_state_dict(sd)
@@ -505,12 +511,3 @@ class OnlineLearner:
         if not self.quiet:
             print(f"[{self.config.method}] resuming stage {stage} after epoch {state['epoch']}", flush=True)
         return int(state["epoch"]), list(state["epoch_losses"])
-
-
-def _diff(a, b, prefix="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} != {b!r}"]

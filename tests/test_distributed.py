@@ -64,8 +64,17 @@ def test_two_ranks_match_one_process_with_the_global_batch(tmp_path, gram_scope)
     one = torch.load(tmp_path / "one.pt", weights_only=True)
     assert set(two["grads"]) == set(one["grads"])
     if gram_scope == "global":
-        for k in ("metric_loss", "support_metric_loss", "correlation_loss", "mutual_loss", "total_loss"):
-            assert two["losses"][k] == pytest.approx(one["losses"][k], rel=1e-5, abs=1e-7), k
+        # Two ranks embed half batches (other matmul blocking) and gather: every cosine of D-dim float32
+        # embeddings may differ by up to ~D·eps. A row log-softmax moves by at most 2·max|ΔG|/T, so each
+        # KL term by at most ~4·D·eps/T; Eq. 6 sums one term per teacher (real + virtual); a triplet term
+        # (distances, no 1/T) by ~2·D·eps. The total carries the λ-weighted sum of these.
+        eps, d, t = float(torch.finfo(torch.float32).eps), ddp_step.EMBEDDING_SIZE, 4.0
+        kl = 4 * d * eps / t
+        bound = {"metric_loss": 2 * d * eps, "support_metric_loss": 2 * d * eps, "mutual_loss": 2 * kl,
+                 "correlation_loss": ddp_step.CORRELATION_TERMS * kl}
+        bound["total_loss"] = sum(ddp_step.LOSS_WEIGHTS[k] * b for k, b in bound.items())
+        for k, b in bound.items():
+            assert abs(two["losses"][k] - one["losses"][k]) <= b, (k, two["losses"][k], one["losses"][k], b)
         for k, g in one["grads"].items():
             assert torch.allclose(two["grads"][k], g, rtol=1e-4, atol=1e-7), k
     else:  # each rank sees half the batch: the Gram terms differ from the global ones

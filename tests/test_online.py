@@ -214,7 +214,7 @@ def test_resume_refuses_a_different_config(digits, tmp_path):
     train, test = digits
     c2s = stage_assignment(range(10), 5)
     OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=tiny("finetune"), run_dir=tmp_path, quiet=True).run()
-    with pytest.raises(ValueError, match="different configuration.*lambda_corr"):
+    with pytest.raises(ValueError, match="different identity.*lambda_corr"):
         OnlineLearner.from_class_assignment(
             EmbeddingMLP, train, test, c2s, config=tiny("finetune", lambda_corr=5.0), run_dir=tmp_path, quiet=True
         ).run()

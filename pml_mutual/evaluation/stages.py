@@ -13,7 +13,7 @@ from .recall import _to_numpy, check_ks, recall_at_k
 @torch.no_grad()
 def extract_embeddings(
     model: torch.nn.Module,
-    dataset: Dataset,
+    dataset: Dataset | DataLoader,
     batch_size: int = 256,
     device: torch.device | str | None = None,
     amp: bool = False,
@@ -21,25 +21,37 @@ def extract_embeddings(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed a ``(x, label)`` dataset in eval mode without gradients; returns float32 CPU (N, D) and (N,).
 
-    The model's train/eval mode is restored afterwards. ``amp`` runs the forward under autocast
-    (float16 on CUDA, bfloat16 on CPU); the embeddings are returned in float32 either way.
+    ``dataset`` may be a ready DataLoader (e.g. an :class:`~pml_mutual.data.loaders.EmbeddingLoader`'s,
+    whose workers persist between calls); ``batch_size`` and ``num_workers`` then do not apply. The
+    model's train/eval mode is restored afterwards. ``amp`` runs the forward under autocast (bfloat16,
+    or float16 on a GPU without bfloat16); the embeddings are returned in float32 either way. Batches
+    are copied to the device without blocking and the embeddings gathered there: one copy back at the end.
     """
-    if len(dataset) == 0:
+    loader = dataset
+    if not isinstance(loader, DataLoader):
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    if len(loader.dataset) == 0 or len(loader) == 0:
         raise ValueError("cannot extract embeddings of an empty dataset")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     chunks, labels = [], []
     try:
         for x, y in loader:
-            with torch.autocast(device.type, enabled=amp, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16):
-                out = model(x.to(device))
-            chunks.append(out.float().cpu())
-            labels.append(torch.as_tensor(y).cpu())
+            with torch.autocast(device.type, enabled=amp, dtype=autocast_dtype(device)):
+                out = model(x.to(device, non_blocking=True))
+            chunks.append(out.float())
+            labels.append(torch.as_tensor(y))
     finally:
         model.train(was_training)
-    return torch.cat(chunks), torch.cat(labels).long()
+    return torch.cat(chunks).cpu(), torch.cat(labels).cpu().long()
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 (no loss scaling needed) on CPU and on GPUs that have it; float16 on older GPUs."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
 
 
 def _recall_on(emb, lab, mask, ks, backend):

@@ -9,6 +9,8 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils.key_checker import KeyChecker
 
 from .. import distributed
+from ..data.loaders import train_loader
+from ..evaluation.stages import autocast_dtype
 
 LOGGER = logging.getLogger("pml_mutual")
 
@@ -52,8 +54,10 @@ class IncrementalTrainer(MetricLossOnly):
         freeze_batchnorm_in=None,
         amp: bool = False,
         gram_scope: str = "global",
+        context: str = "",
         **kwargs,
     ):
+        self.context = context  # prefix of error messages, e.g. "stage 2, "
         self.gram_scope = distributed.check_gram_scope(gram_scope)
         self.amp = amp
         self.drift_compensator = drift_compensator
@@ -78,8 +82,11 @@ class IncrementalTrainer(MetricLossOnly):
             if not needed and name in self.loss_funcs:
                 raise ValueError(f"loss_funcs has {name!r} but models has no {'teacher' if name[0] == 'c' else 'support'}_trunk")
         self.loss_names = list(self.loss_funcs.keys())
-        cuda = torch.device(self.data_device).type == "cuda" if self.data_device is not None else torch.cuda.is_available()
-        self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp and cuda else None
+        self.device_type = torch.device(self.data_device).type
+        self.autocast_dtype = autocast_dtype(torch.device(self.data_device))
+        # bfloat16 needs no loss scaling; float16 (GPUs without bfloat16) does, at one sync per step
+        self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp and self.autocast_dtype == torch.float16 else None
+        self.dataloader = None
         if self.has_teacher:
             self.freeze_these = tuple(set(self.freeze_these) | set(TEACHER))
 
@@ -98,11 +105,9 @@ class IncrementalTrainer(MetricLossOnly):
         )
 
     def calculate_loss(self, curr_batch):
-        # AMP: the networks run under autocast (float16 + GradScaler on CUDA, bfloat16 on CPU); the
-        # Gram losses compute their softmax/KL in float32 regardless.
-        device_type = torch.device(self.data_device).type
-        dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
-        with torch.autocast(device_type=device_type, dtype=dtype, enabled=self.amp):
+        # AMP: the networks run under autocast (bfloat16; float16 + GradScaler on GPUs without it);
+        # the Gram losses compute their softmax/KL in float32 regardless.
+        with torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype, enabled=self.amp):
             self._calculate_loss(curr_batch)
 
     def _calculate_loss(self, curr_batch):
@@ -153,8 +158,28 @@ class IncrementalTrainer(MetricLossOnly):
         return self.loss_funcs[name](embeddings, labels, indices_tuple)
 
     def compute_embeddings(self, data, prefix: str = ""):
-        data = c_f.to_device(data, device=self.data_device, dtype=self.dtype)
         return self.models[f"{prefix}embedder"](self.models[f"{prefix}trunk"](data))
+
+    def initialize_dataloader(self):
+        """One loader for the whole stage: its workers persist from epoch to epoch, and each epoch's
+        batches come from ``self.sampler`` (set by ``epoch_start_hook``) with augmentations seeded per
+        batch from torch's generator as the epoch starts (see :mod:`pml_mutual.data.loaders`)."""
+        if self.dataloader is None:
+            self.dataloader, self.batch_sampler = train_loader(
+                self.dataset, self.batch_size, self.dataloader_num_workers,
+                pin_memory=self.device_type == "cuda", collate_fn=self.collate_fn,
+            )
+        self.batch_sampler.set_epoch(self.sampler, int(torch.randint(2**62, ()).item()))  # CPU generator: no GPU sync
+        self.dataloader_iter = iter(self.dataloader)
+
+    def get_batch(self):
+        self.dataloader_iter, curr_batch = c_f.try_next_on_generator(self.dataloader_iter, self.dataloader)
+        data, labels = self.data_and_label_getter(curr_batch)
+        labels = c_f.process_label(labels, self.label_hierarchy_level, self.label_mapper)
+        # pinned host memory → device without blocking the host; the step queues behind the copy
+        data = data.to(self.data_device, dtype=self.dtype, non_blocking=True) if self.dtype else data.to(self.data_device, non_blocking=True)
+        labels = labels.to(self.data_device, non_blocking=True)
+        return self.maybe_do_batch_mining(data, labels)
 
     def maybe_freeze_trunk_batchnorm(self):
         # The paper freezes BatchNorm in every trained network, not only PML's "trunk".
@@ -166,26 +191,58 @@ class IncrementalTrainer(MetricLossOnly):
                 self.models[k].apply(c_f.set_layers_to_eval("BatchNorm"))
 
     def train(self, start_epoch: int = 1, num_epochs: int = 1):
-        """PML's loop, with a fresh data iterator per epoch (after ``epoch_start_hook``) so every epoch
-        depends only on the seed and the weights it starts from: that is what makes resume exact."""
+        """PML's loop, with each epoch's batches drawn afresh after ``epoch_start_hook`` so every epoch
+        depends only on the seed and the weights it starts from: that is what makes resume exact.
+
+        Loss terms stay on the device: their sums and a record of the first iteration at which each
+        term was not finite are read once per epoch (on CPU, where reading is free, after every step),
+        and a non-finite term raises :class:`NonFiniteLossError` before ``end_of_epoch_hook`` can
+        checkpoint anything.
+        """
         for self.epoch in range(start_epoch, num_epochs + 1):
             if self.epoch_start_hook is not None:
                 self.epoch_start_hook(self)
             self.initialize_dataloader()
             self.set_to_train()
-            sums = {}
+            sums, first_bad = {}, {}
             pbar = tqdm.tqdm(range(self.iterations_per_epoch), disable=self.quiet, leave=False, desc=f"epoch {self.epoch}")
             for self.iteration in pbar:
                 self.forward_and_backward()
-                for k, v in self.losses.items():  # detached tensors: no host sync per step
-                    sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
+                for k, v in self.losses.items():  # detached device tensors: no host sync per step
+                    if torch.is_tensor(v):
+                        v = v.detach()
+                        bad = ~torch.isfinite(v)
+                        first_bad[k] = torch.where(bad & (first_bad.get(k, -1) < 0), self.iteration, first_bad.get(k, -1))
+                    sums[k] = sums.get(k, 0.0) + v
+                if self.device_type == "cpu":
+                    self.raise_if_not_finite(first_bad)
                 self.end_of_iteration_hook(self)
-                if not self.quiet and self.iteration % 10 == 0:
-                    pbar.set_postfix(loss=f"{float(sums['total_loss']) / (self.iteration + 1):.4f}")
                 self.step_lr_schedulers(end_of_epoch=False)
+            self.raise_if_not_finite(first_bad)
             self.step_lr_schedulers(end_of_epoch=True)
             self.epoch_losses = {k: float(v) / max(1, self.iterations_per_epoch) for k, v in sums.items()}
+            if not self.quiet:
+                pbar.write(f"epoch {self.epoch}: total_loss={self.epoch_losses.get('total_loss', 0.0):.4f}")
             LOGGER.info("epoch %d: %s", self.epoch, " ".join(f"{k}={v:.5f}" for k, v in self.epoch_losses.items()))
             self.zero_losses()
             if self.end_of_epoch_hook(self) is False:
                 break
+
+    def raise_if_not_finite(self, first_bad: dict) -> None:
+        """Raise naming the epoch, the first iteration and the loss terms that were NaN or inf."""
+        if not first_bad:
+            return
+        names = list(first_bad)
+        at = torch.stack([torch.as_tensor(first_bad[k]).reshape(()).cpu() for k in names]).tolist()  # one read
+        bad = {k: i for k, i in zip(names, at) if i >= 0}
+        if bad:
+            it = min(bad.values())
+            terms = ", ".join(k for k, i in bad.items() if i == it)
+            raise NonFiniteLossError(
+                f"{self.context}epoch {self.epoch}, iteration {it + 1}: non-finite loss ({terms}); "
+                "training stopped before anything was checkpointed"
+            )
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf during training."""

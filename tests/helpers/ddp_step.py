@@ -16,6 +16,10 @@ from pml_mutual import DriftCompensator, GramCorrelationLoss, IncrementalTrainer
 from pml_mutual.models import EmbeddingMLP
 
 GLOBAL_BATCH = 24
+EMBEDDING_SIZE = 32
+LOSS_WEIGHTS = {"metric_loss": 1, "support_metric_loss": 1, "correlation_loss": 10, "mutual_loss": 8}
+STAGES = 3
+CORRELATION_TERMS = STAGES  # the real teacher and the virtual features of the STAGES − 1 earlier stages (Eq. 6)
 
 
 def global_batch():
@@ -28,7 +32,7 @@ def global_batch():
 def compensator():
     g = torch.Generator().manual_seed(2)
     comp = DriftCompensator()
-    for s in range(3):
+    for s in range(STAGES):
         feats = F.normalize(torch.randn(60, 32, generator=g), dim=1)
         comp.add_stage(feats, torch.arange(5 * s, 5 * s + 5).repeat(12))
         for t in comp.stages_to_measure():
@@ -40,7 +44,7 @@ def run_step(world: int, rank: int, out: str, gram_scope: str = "global") -> Non
     models = {}
     for i, k in enumerate(("trunk", "support_trunk", "teacher_trunk")):
         torch.manual_seed(10 + i)
-        models[k] = EmbeddingMLP(in_features=64, hidden=48, embedding_size=32)
+        models[k] = EmbeddingMLP(in_features=64, hidden=48, embedding_size=EMBEDDING_SIZE)
     trained = ("trunk", "support_trunk")
     optimizers = {f"{k}_optimizer": torch.optim.SGD(models[k].parameters(), lr=0.0) for k in trained}
     if world > 1:
@@ -55,8 +59,7 @@ def run_step(world: int, rank: int, out: str, gram_scope: str = "global") -> Non
             "metric_loss": losses.TripletMarginLoss(margin=0.1), "correlation_loss": GramCorrelationLoss(),
             "mutual_loss": MutualGramLoss()},
         dataset=None, mining_funcs={"tuple_miner": miners.BatchHardMiner()}, iterations_per_epoch=1,
-        data_device=torch.device("cpu"), loss_weights={"metric_loss": 1, "support_metric_loss": 1,
-                                                       "correlation_loss": 10, "mutual_loss": 8},
+        data_device=torch.device("cpu"), loss_weights=LOSS_WEIGHTS,
         drift_compensator=compensator(), quiet=True, gram_scope=gram_scope,
     )
     trainer.get_batch = lambda: batch

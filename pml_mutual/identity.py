@@ -1,0 +1,87 @@
+"""Fingerprints of what determines a run's numbers: data items, model architecture, loss settings, weights.
+
+An online run's identity (``OnlineLearner.run_identity``) is built from these; a run directory holding
+another identity is refused, so a rerun with another split, image size, loss or backbone never reports
+the numbers of an earlier run.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, Subset, TensorDataset
+
+from .data.stages import dataset_labels
+
+
+def _sha(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def dataset_fingerprint(dataset) -> str:
+    """A hash of the dataset's items in order: their labels, and where the dataset says what its items
+    are (image paths and boxes, the transform's description, a tensor's bytes, a subset's indices), that too.
+    A dataset may define ``fingerprint()`` to describe itself."""
+    if hasattr(dataset, "fingerprint"):
+        return _sha(type(dataset).__name__, dataset.fingerprint())
+    if isinstance(dataset, Subset):
+        return _sha("Subset", dataset_fingerprint(dataset.dataset), np.asarray(dataset.indices, dtype=np.int64).tobytes())
+    if isinstance(dataset, ConcatDataset):
+        return _sha("Concat", *[dataset_fingerprint(d) for d in dataset.datasets])
+    if isinstance(dataset, TensorDataset):
+        return _sha("Tensors", *[t.detach().cpu().contiguous().numpy().tobytes() for t in dataset.tensors])
+    parts = [type(dataset).__name__, len(dataset), dataset_labels(dataset).tobytes()]
+    for attr in ("items", "paths", "samples", "imgs"):
+        if hasattr(dataset, attr):
+            parts.append(repr(getattr(dataset, attr)))
+    if getattr(dataset, "transform", None) is not None:
+        parts.append(repr(dataset.transform))
+    return _sha(*parts)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """The architecture: class, and every parameter's and buffer's name, shape and dtype, in order."""
+    entries = [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()]
+    return _sha(type(model).__qualname__, *entries)
+
+
+def describe(obj) -> dict | None:
+    """Class and simple settings (numbers, strings, flags) of a loss / miner and its PML parts."""
+    if obj is None:
+        return None
+    out = {"class": type(obj).__qualname__}
+    for k, v in sorted(vars(obj).items()):
+        if k.startswith("_") or k in ("training",):
+            continue
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            out[k] = v
+        elif hasattr(v, "__dict__") and type(v).__module__.startswith(("pytorch_metric_learning", "pml_mutual")):
+            out[k] = describe(v)
+    for name, child in getattr(obj, "_modules", {}).items():
+        out[name] = describe(child)
+    return out
+
+
+def state_dict_sha256(state_dict: dict | None) -> str | None:
+    """SHA-256 of a state dict's tensors (names, shapes, bytes) in order, or None."""
+    if state_dict is None:
+        return None
+    h = hashlib.sha256()
+    for k, t in state_dict.items():
+        t = torch.as_tensor(t).detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,287 @@
+"""The run directory: what an online run keeps on disk, and the guarantees about it, in one place.
+
+Layout::
+
+    run_dir/config.json            the run's identity (see OnlineLearner.run_identity); written once
+    run_dir/in_progress.pt         the current stage's last finished epoch (models, optimizers, loss log)
+    run_dir/stage_XXX/model.pt     F_p of stage XXX (the deployed model), support.pt (F_s), drift.pt
+    run_dir/stage_XXX/stage.json   results, log and the SHA-256 of each file above; written last, it
+                                   marks the stage complete
+    run_dir/results.json, results.md
+
+Guarantees:
+
+- every file is written to a temporary name of this project's own pattern (``.pml_mutual-*.tmp``) in
+  its final directory and renamed: a kill never leaves a partial file under a real name; temporaries of
+  a killed run are removed only in the directories this class writes, only with that pattern, and only
+  after the identity check accepted the directory;
+- nothing holding a NaN or inf tensor is written, and nothing holding one is loaded;
+- a stage's files are checked against the SHA-256 recorded in its ``stage.json`` when loaded; any file
+  that cannot be read is an error naming it and saying what to do;
+- a directory holding a run of another identity is refused, naming the fields that differ;
+- the working directory, a filesystem root or the home directory are refused as run directories.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from .checks import nonfinite_tensors
+
+TMP_PREFIX = ".pml_mutual-"
+TMP_SUFFIX = ".tmp"
+
+
+class RunDirectoryError(ValueError):
+    """A run directory that cannot be used as it is: another run's identity, or a damaged file."""
+
+
+def check_run_dir(path) -> Path:
+    if path is None or str(path).strip() == "":
+        raise ValueError("run_dir is empty: name a directory of its own for the run's checkpoints")
+    p = Path(path).expanduser()
+    resolved = p.resolve()
+    if resolved == Path.cwd().resolve() or resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        raise ValueError(
+            f"run_dir {str(path)!r} is the working directory, a filesystem root or the home directory: "
+            "name a directory of its own for the run's checkpoints"
+        )
+    return p
+
+
+def _bytes_of(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def write_atomic(data: bytes, path: Path) -> None:
+    """``data`` to a temp file of this project's pattern beside ``path``, then renamed to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj, path: Path) -> str:
+    """torch.save ``obj`` atomically (refusing non-finite tensors); returns the file's SHA-256."""
+    refuse_nonfinite(obj, path)
+    data = _bytes_of(obj)
+    write_atomic(data, Path(path))
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_json(obj, path: Path) -> None:
+    write_atomic((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), Path(path))
+
+
+def refuse_nonfinite(obj, path) -> None:
+    bad = nonfinite_tensors(obj)
+    if bad:
+        raise FloatingPointError(f"refusing to write {path}: non-finite values in {', '.join(bad[:5])}")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunDirectoryError(f"{path} cannot be read ({e})") from e
+    except json.JSONDecodeError as e:
+        raise RunDirectoryError(f"{path} is damaged (line {e.lineno}: {e.msg}); delete it (or its stage directory) to redo that part") from e
+    if not isinstance(doc, dict):
+        raise RunDirectoryError(f"{path} is damaged (not a JSON object); delete it (or its stage directory) to redo that part")
+    return doc
+
+
+def load_checked(path: Path, sha256: str | None = None, map_location=None):
+    """torch.load(weights_only=True) with every failure naming the file; checks the recorded SHA-256
+    and refuses non-finite tensors."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RunDirectoryError(f"{path} cannot be read ({e}); delete its stage directory to retrain that stage") from e
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise RunDirectoryError(
+            f"{path} does not match the SHA-256 recorded when it was written (damaged or replaced); "
+            "delete its stage directory to retrain that stage"
+        )
+    try:
+        obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, empty, not a checkpoint, or a pickle weights_only refuses
+        raise RunDirectoryError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); delete it to redo that part") from e
+    bad = nonfinite_tensors(obj)
+    if bad:
+        raise RunDirectoryError(f"{path} holds non-finite values ({', '.join(bad[:5])}); delete it to redo that part")
+    return obj
+
+
+class RunDirectory:
+    """One run's directory (see the module docstring). Under torchrun rank 0 writes, every rank reads."""
+
+    def __init__(self, path):
+        self.path = check_run_dir(path)
+        self._writer: threading.Thread | None = None
+        self._writer_error: BaseException | None = None
+
+    # ------------------------------------------------------------------ identity
+    def check_identity(self, identity: dict, fresh: bool = False) -> None:
+        """Accept the directory for a run of ``identity``: a new one, or one holding the same identity.
+
+        ``fresh=True`` accepts a directory whose identity differs only after moving it aside
+        (``<dir>.old-N``); otherwise a different identity is refused with the differing fields named.
+        Afterwards, temporaries of a killed run are swept (this project's pattern, its directories).
+        """
+        path = self.path / "config.json"
+        identity = json.loads(json.dumps(identity))
+        if distributed.is_main() and path.exists():
+            diffs = _diff(read_json(path), identity)
+            if diffs and fresh:
+                aside = _free_name(self.path)
+                os.replace(self.path, aside)
+            elif diffs:
+                raise RunDirectoryError(
+                    f"{self.path} holds a run with a different identity ({'; '.join(diffs[:8])}); use another "
+                    "run_dir, remove it, or start fresh (OnlineLearner(..., fresh=True) / --fresh moves it aside)"
+                )
+        distributed.barrier()
+        if distributed.is_main():
+            if not path.exists():
+                save_json(identity, path)
+            self._sweep_temporaries()
+        distributed.barrier()
+
+    def _sweep_temporaries(self) -> None:
+        dirs = [self.path] + sorted(self.path.glob("stage_[0-9][0-9][0-9]"))
+        for d in dirs:
+            for stale in d.glob(f"{TMP_PREFIX}*{TMP_SUFFIX}"):
+                stale.unlink()
+
+    # ------------------------------------------------------------------ stages
+    def stage_dir(self, stage: int) -> Path:
+        return self.path / f"stage_{stage:03d}"
+
+    def completed_stages(self, limit: int) -> list[dict]:
+        """The ``stage.json`` documents of the completed stages 0, 1, … (at most ``limit``)."""
+        done = []
+        while len(done) < limit and (self.stage_dir(len(done)) / "stage.json").exists():
+            path = self.stage_dir(len(done)) / "stage.json"
+            doc = read_json(path)
+            if not {"results", "log", "files"} <= set(doc):
+                raise RunDirectoryError(f"{path} is damaged (missing {sorted({'results', 'log', 'files'} - set(doc))}); "
+                                        "delete its stage directory to retrain that stage")
+            done.append(doc)
+        return done
+
+    def save_stage_file(self, stage: int, name: str, obj) -> str | None:
+        """One checkpoint of a stage written ahead of :meth:`save_stage`; returns its SHA-256 (rank 0)."""
+        sha = atomic_save(obj, self.stage_dir(stage) / name) if distributed.is_main() else None
+        distributed.barrier()
+        return sha
+
+    def save_stage(self, stage: int, files: dict, record: dict, written: dict | None = None) -> None:
+        """Write a stage's checkpoints, then its ``stage.json`` (``record`` + the SHA-256 of these and of the
+        ``written`` ones) last."""
+        self.wait()
+        d = self.stage_dir(stage)
+        if distributed.is_main():
+            sums = dict(written or {})
+            sums.update({name: atomic_save(obj, d / name) for name, obj in files.items()})
+            save_json(dict(record, files=sums), d / "stage.json")
+            self.remove("in_progress.pt")
+        distributed.barrier()  # no rank starts the next stage before this one is on disk
+
+    def save(self, obj, name: str) -> None:
+        """Atomic save of a checkpoint by rank 0 (non-finite tensors refused); every rank waits for it."""
+        if distributed.is_main():
+            atomic_save(obj, self.path / name)
+        distributed.barrier()
+
+    def load_stage_file(self, stage: int, name: str, map_location=None):
+        record = self.completed_stages(stage + 1)
+        sha = record[stage]["files"].get(name) if len(record) > stage else None
+        path = self.stage_dir(stage) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint of stage {stage} is missing: {path}; delete {self.stage_dir(stage)} to retrain it")
+        return load_checked(path, sha, map_location)
+
+    # ------------------------------------------------------------------ the epoch checkpoint
+    def save_in_background(self, state: dict, name: str = "in_progress.pt") -> None:
+        """Snapshot ``state`` to CPU now (training may go on changing it), check it is finite, and write it
+        in a background thread; the previous write is waited for first. Rank 0 only (resume state)."""
+        self.wait()
+        if not distributed.is_main():
+            return
+        snapshot = _to_cpu(state)
+        refuse_nonfinite(snapshot, self.path / name)
+
+        def write():
+            try:
+                write_atomic(_bytes_of(snapshot), self.path / name)
+            except BaseException as e:  # re-raised by wait() in the training thread
+                self._writer_error = e
+
+        self._writer = threading.Thread(target=write, name="pml_mutual-checkpoint", daemon=False)
+        self._writer.start()
+
+    def wait(self) -> None:
+        """Block until the background write (if any) is on disk; re-raise its error."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._writer_error is not None:
+            error, self._writer_error = self._writer_error, None
+            raise error
+
+    def load_in_progress(self, map_location=None) -> dict | None:
+        path = self.path / "in_progress.pt"
+        return load_checked(path, map_location=map_location) if path.exists() else None
+
+    def remove(self, name: str) -> None:
+        path = self.path / name
+        if path.exists():
+            path.unlink()
+
+
+def _to_cpu(obj):
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _free_name(path: Path) -> Path:
+    n = 1
+    while path.with_name(f"{path.name}.old-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}.old-{n}")
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {_short(a)} != {_short(b)}"]
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
