@@ -27,6 +27,7 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from . import distributed, identity
+from .checks import nonfinite_tensors
 from .data.loaders import EmbeddingLoader
 from .data.stages import check_stages, dataset_labels, split_by_stage
 from .drift import DRIFT_MODES, SIMILARITIES, DriftCompensator
@@ -197,6 +198,9 @@ class OnlineLearner:
         self.metric_loss = metric_loss or pml_losses.TripletMarginLoss(margin=self.config.triplet_margin)
         self.miner = miner if miner is not None else pml_miners.BatchHardMiner()
         self.initial_state_dict = initial_state_dict
+        bad = nonfinite_tensors(initial_state_dict) if initial_state_dict is not None else []
+        if bad:
+            raise ValueError(f"initial_state_dict holds NaN or inf values in {', '.join(bad[:5])}")
         default_device = "cpu"
         if torch.cuda.is_available():
             default_device = f"cuda:{torch.cuda.current_device()}" if distributed.is_active() else "cuda"
@@ -241,11 +245,16 @@ class OnlineLearner:
         for stage in range(start, len(self.train_stages)):
             t0 = time.perf_counter()
             epoch_losses = self._train_stage(stage)
+            t_train = time.perf_counter()
             self._measure_drift(stage)
+            t_drift = time.perf_counter()
             self.phase = "eval"
             results = self._evaluate(stage)
+            t_eval = time.perf_counter()
+            self.phase_seconds = {"train": t_train - t0, "drift": t_drift - t_train, "eval": t_eval - t_drift}
+            self._save_stage(stage, results, epoch_losses, t_eval - t0)
+            self.phase_seconds["save"] = time.perf_counter() - t_eval
             seconds = time.perf_counter() - t0
-            self._save_stage(stage, results, epoch_losses, seconds)
             if not self.quiet:
                 fmt = lambda r: "  –  " if r is None else f"{100 * r[1]:5.1f}"  # noqa: E731
                 print(
@@ -472,7 +481,7 @@ class OnlineLearner:
     def _save_stage(self, stage: int, results: dict, epoch_losses: list[dict], seconds: float) -> None:
         files = {"model.pt": self._student.state_dict(), "drift.pt": self.compensator.state_dict()}
         written, self._written = self._written, {}
-        log = {"stage": stage, "epoch_losses": epoch_losses, "seconds": seconds}
+        log = {"stage": stage, "epoch_losses": epoch_losses, "seconds": seconds, "phase_seconds": dict(self.phase_seconds)}
         # stage.json is written last, with each file's SHA-256: its presence marks the stage complete
         self.directory.save_stage(stage, files, {"results": stage_result_to_json(results), "log": log}, written)
         self.stage_results.append(results)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ from .data.images import ImageItems, ImageListDataset
 from .data.stages import scale_stage_ends, stages_from_ends
 from .data.transforms import ProtocolTransform
 from .experiment import final_row, mean_std, per_stage_row, run_methods
+from .identity import file_sha256
 from .models.backbones import BACKBONES, BATCH, INPUT_SPACE, backbone_factory
 from .online import METHODS, OnlineConfig
 from .published import ONE_TASK, TABLES, published
@@ -96,7 +99,8 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--corr-direction", choices=["forward", "reverse"], default="forward",
                    help="'reverse' = the KL direction of the authors' code")
     p.add_argument("--image-size", type=int, default=None, help="crop size (default 224, smoke 32)")
-    p.add_argument("--amp", action="store_true", help="mixed precision (float16 + GradScaler on CUDA)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 autocast; float16 + GradScaler on GPUs without bfloat16)")
+    p.add_argument("--fresh", action="store_true", help="a run directory holding other settings is moved aside (<dir>.old-N) instead of refused")
     p.add_argument("--device", default=None)
     p.add_argument("--num-workers", type=int, default=8)
     p.add_argument("--runs", type=Path, default=Path("runs") / dataset, help="checkpoints (an interrupted run resumes)")
@@ -134,7 +138,25 @@ def resolve(args: argparse.Namespace, dataset: str) -> argparse.Namespace:
             raise SystemExit("--weights is required (the ImageNet state dict of the backbone), or --no-pretrained")
         if args.weights is not None and not args.weights.is_file():
             raise SystemExit(f"--weights: no such file {args.weights}")
+    if args.out is not None:  # known before training: say so now, not after hours of it
+        if args.out.is_dir():
+            raise SystemExit(f"--out {args.out} is a directory: name a JSON file")
+        parent = args.out.parent if str(args.out.parent) else Path(".")
+        existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
+        if not os.access(existing, os.W_OK) or (args.out.exists() and not os.access(args.out, os.W_OK)):
+            raise SystemExit(f"--out {args.out} is not writable")
     return args
+
+
+def data_and_model_flags(args) -> dict:
+    """The command-line settings that change the data or the model (the weights file by its SHA-256)."""
+    flags = {k: getattr(args, k, None) for k in ("backbone", "setting", "split_seed", "image_size", "cub_split", "crop",
+                                                 "no_pretrained", "smoke")}
+    for k in ("data_root", "train_list", "test_list"):
+        v = getattr(args, k, None)
+        flags[k] = str(Path(v).resolve()) if v is not None and not args.smoke else None
+    flags["weights_sha256"] = file_sha256(args.weights) if args.weights is not None and not args.no_pretrained else None
+    return flags
 
 
 def make_configs(args, seed: int, m_per_class: int, batch: int) -> dict[str, OnlineConfig]:
@@ -207,12 +229,15 @@ def _run(dataset: str, args, device: torch.device) -> list[dict]:
         train = ImageListDataset(train_items, ProtocolTransform(True, space, size))
         test = ImageListDataset(test_items, ProtocolTransform(False, space, size))
         prototypes = ImageListDataset(train_items, ProtocolTransform(False, space, size))
+        flags = data_and_model_flags(args)
+        flag_hash = hashlib.sha256(json.dumps(flags, sort_keys=True).encode()).hexdigest()[:10]
         for seed in args.seeds:
-            tag = f"{args.backbone}_{args.setting}{'_smoke' if args.smoke else ''}/seed{seed}"
+            # every flag that changes the data or the model is in the tag (and in each run's identity)
+            tag = f"{args.backbone}_{args.setting}{'_smoke' if args.smoke else ''}_{flag_hash}/seed{seed}"
             t0 = time.perf_counter()
             results = run_methods(
                 factory, train, test, class_to_stage, make_configs(args, seed, m_per_class, batch),
-                args.runs / tag, prototype_dataset=prototypes,
+                args.runs / tag, prototype_dataset=prototypes, identity_tags=flags, fresh=args.fresh,
             )
             for m, s in results.items():
                 rows.append(result_row(dataset, args, m, seed, s))

@@ -98,3 +98,13 @@ def test_obdsd_paper_datasets_smoke(tmp_path, dataset):
 def test_perf_step_with_a_paper_backbone(tmp_path):
     out = run("perf_step.py", "--model", "bninception", "--image-size", "64", "--quick", "--out", str(tmp_path / "p.json"))
     assert "ours_step_ms" in out and json.loads((tmp_path / "p.json").read_text())["model"] == "bninception"
+
+
+def test_perf_e2e_quick(tmp_path):
+    out = run("perf_e2e.py", "--quick", "--num-workers", "0", "--out", str(tmp_path / "e2e.json"))
+    assert "e2e_over_compute:" in out and "bound by" in out
+    res = json.loads((tmp_path / "e2e.json").read_text())
+    # the stage's phases add up to its end-to-end time, and compute is what the pure measurements give
+    assert sum(res["phases_s"].values()) == pytest.approx(res["e2e_s"], rel=1e-6)
+    assert res["compute_s"] == pytest.approx(res["iterations"] * res["step_s"] + res["extraction_s"], rel=1e-9)
+    assert res["e2e_over_compute"] == pytest.approx(res["e2e_s"] / res["compute_s"], rel=1e-9)

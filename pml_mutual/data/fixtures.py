@@ -33,8 +33,10 @@ def _save(image, path: Path) -> None:
     image.save(path, quality=90)
 
 
-def write_cub_fixture(root: str | os.PathLike, counts: Sequence[int], seed: int = 0, official_train_every: int = 2) -> Path:
-    """CUB-200-2011 layout with ``len(counts)`` classes holding ``counts[c]`` images each; returns the directory.
+def write_cub_fixture(root: str | os.PathLike, counts: Sequence[int], seed: int = 0, official_train_every: int = 2,
+                      size: tuple[int, int] = (48, 40)) -> Path:
+    """CUB-200-2011 layout with ``len(counts)`` classes holding ``counts[c]`` images each of ``size``
+    (width, height; CUB's own are about 500 × 375); returns the directory.
 
     Every ``official_train_every``-th image of a class is in the official train split."""
     root = Path(root)
@@ -47,7 +49,7 @@ def write_cub_fixture(root: str | os.PathLike, counts: Sequence[int], seed: int 
         for j in range(n):
             image_id += 1
             rel = f"{folder}/Class_{c + 1}_{j:04d}_{image_id}.jpg"
-            _save(class_image(c, rng), root / "images" / rel)
+            _save(class_image(c, rng, size), root / "images" / rel)
             images.append(f"{image_id} {rel}")
             labels.append(f"{image_id} {c + 1}")
             split.append(f"{image_id} {int(j % official_train_every == 0)}")

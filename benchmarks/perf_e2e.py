@@ -1,0 +1,173 @@
+"""A whole stage end to end against its compute: what a run costs beyond its training steps.
+
+    python benchmarks/perf_e2e.py --device cuda --model resnet50 --num-workers 14     # CUB size, 500×375 JPEGs
+    python benchmarks/perf_e2e.py --quick                                             # CPU, seconds (tested)
+
+Writes a CUB-format directory of JPEGs (``--classes`` × ``--images-per-class`` at ``--image-width`` ×
+``--image-height``), then in one process:
+
+1. one `--method` stage end to end through ``OnlineLearner``: stage 0 keeps a given random F_0 (no
+   training), stage 1 (the other half of the classes) trains ``--iterations`` steps, measures drift,
+   evaluates, checkpoints. Its wall time is the ``e2e`` figure.
+2. the pure costs of the same stage: a training step of the same model on one batch already on the
+   device (median of repeats, ``perf_step``'s trainer), and a pure forward pass of the same model over
+   as many images as the stage embeds (drift: the stage's training images by F_1 and F_0; evaluation:
+   every test image) from a tensor already on the device.
+3. the loader alone: images/s of the training DataLoader (decoding + augmentation, same workers)
+   against the model's images/s, to say which bounds the stage.
+
+Printed: ``e2e_over_compute: x`` = e2e ÷ (iterations × step + extraction), the phases of the stage
+(train / drift / eval / save) and where the rest went.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from perf_step import build, make_trainer, sync, timed  # noqa: E402
+
+from pml_mutual import OnlineConfig, OnlineLearner  # noqa: E402
+from pml_mutual.data import ImageListDataset, ProtocolTransform, load_cub, stages_from_ends  # noqa: E402
+from pml_mutual.data.fixtures import write_cub_fixture  # noqa: E402
+from pml_mutual.data.loaders import train_loader  # noqa: E402
+from pml_mutual.models import BACKBONES, build_backbone  # noqa: E402
+from pml_mutual.models.backbones import INPUT_SPACE  # noqa: E402
+
+
+def factory_for(model_name: str, image_size: int):
+    if model_name in BACKBONES:
+        return lambda: build_backbone(model_name), INPUT_SPACE[model_name]
+    raise SystemExit(f"--model must be one of {BACKBONES} (the stage decodes RGB JPEGs)")
+
+
+def loader_images_per_second(dataset, batch, workers, n_batches, pin):
+    from pytorch_metric_learning.samplers import MPerClassSampler
+
+    labels = np.asarray(dataset.items.labels)
+    loader, batches = train_loader(dataset, batch, workers, pin_memory=pin)
+    batches.set_epoch(MPerClassSampler(labels, batch // 8 if batch >= 16 else 2, batch, length_before_new_iter=batch * n_batches), 0)
+    it = iter(loader)
+    next(it)  # workers started: their start-up is not decoding throughput
+    t0 = time.perf_counter()
+    got = 0
+    for x, _ in it:
+        got += len(x)
+    return got / max(time.perf_counter() - t0, 1e-9)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, help="where to write the dataset (default: a temporary directory)")
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--images-per-class", type=int, default=80, help="CUB has ~59 per class; 100 × 80 = 8,000")
+    p.add_argument("--image-width", type=int, default=500)
+    p.add_argument("--image-height", type=int, default=375)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--model", default="resnet50", choices=BACKBONES)
+    p.add_argument("--method", default="ours")
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--classes-per-batch", type=int, default=16)
+    p.add_argument("--images-per-class-batch", type=int, default=3, dest="m")
+    p.add_argument("--num-workers", type=int, default=14)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on for cuda")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="CPU-sized: 8 classes × 12 images of 96×72, crop 32, 4 steps")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_e2e.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.classes, args.images_per_class, args.image_width, args.image_height = 8, 12, 96, 72
+        args.crop, args.iterations, args.classes_per_batch, args.m, args.repeats = 32, 4, 2, 2, 3
+        args.num_workers = min(args.num_workers, 2)
+        args.model = "bninception" if args.model == "resnet50" else args.model
+    device = torch.device(args.device)
+    amp = args.amp if args.amp is not None else device.type == "cuda"
+    batch = args.classes_per_batch * args.m
+    factory, space = factory_for(args.model, args.crop)
+
+    tmp = tempfile.TemporaryDirectory(prefix="pml_mutual_e2e_")
+    root = args.root or Path(tmp.name) / "CUB_200_2011"
+    t0 = time.perf_counter()
+    if not (root / "images.txt").exists():
+        write_cub_fixture(root, [args.images_per_class] * args.classes, size=(args.image_width, args.image_height))
+    print(f"dataset: {args.classes} classes × {args.images_per_class} JPEGs of {args.image_width}×{args.image_height} "
+          f"at {root} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    train_items, test_items = load_cub(root)
+    classes = np.unique(train_items.labels)
+    class_to_stage = stages_from_ends(classes, [len(classes) // 2])
+    train = ImageListDataset(train_items, ProtocolTransform(True, space, args.crop))
+    test = ImageListDataset(test_items, ProtocolTransform(False, space, args.crop))
+    protos = ImageListDataset(train_items, ProtocolTransform(False, space, args.crop))
+    config = OnlineConfig(method=args.method, epochs=1, iterations_per_epoch=args.iterations, batch_size=batch,
+                          m_per_class=args.m, device=str(device), amp=amp, num_workers=args.num_workers,
+                          eval_batch_size=4 * batch, drift_mode="direct")
+    torch.manual_seed(0)
+    initial = factory().state_dict()
+
+    # 1. the stage end to end
+    learner = OnlineLearner.from_class_assignment(
+        factory, train, test, class_to_stage, config=config, run_dir=Path(tmp.name) / "run",
+        prototype_dataset=protos, initial_state_dict=initial, quiet=True)
+    learner.run()
+    stage1 = learner.stage_logs[1]
+    e2e = stage1["seconds"] + learner.phase_seconds["save"]
+    phases = dict(stage1["phase_seconds"], save=learner.phase_seconds["save"])
+    del learner
+
+    # 2. pure step and pure extraction of the same model, data already on the device
+    method = "ours" if args.method.startswith("ours") else ("finetune" if args.method == "finetune" else "fecd")
+    x = torch.randn(batch, 3, args.crop, args.crop, device=device)
+    y = torch.arange(args.classes_per_batch, device=device).repeat_interleave(args.m)
+    trainer = make_trainer(method, args.model, (x, y), device, amp=amp)
+    step = timed(trainer.forward_and_backward, device, max(1, args.repeats // 5), args.repeats)[0]
+    del trainer
+    model, _ = build(args.model, device, args.crop)
+    model.eval()
+    stage1_train = int(np.sum([class_to_stage[int(c)] == 1 for c in train_items.labels]))
+    n_embed = 2 * stage1_train + len(test_items)  # drift: F_1 and F_0 on stage 1's images; eval: every test image
+    eval_batch = 4 * batch
+    xb = torch.randn(eval_batch, 3, args.crop, args.crop, device=device)
+
+    def forward():
+        with torch.no_grad(), torch.autocast(device.type, enabled=amp, dtype=torch.bfloat16):
+            model(xb)
+    per_batch = timed(forward, device, 2, max(3, args.repeats // 2))[0]
+    extraction = per_batch * n_embed / eval_batch
+    compute = args.iterations * step + extraction
+
+    # 3. the loader alone against the model
+    loader_ips = loader_images_per_second(train, batch, args.num_workers, min(args.iterations, 30), device.type == "cuda")
+    model_ips = batch / step
+    bound = "decoding (loader)" if loader_ips < model_ips else "the GPU/CPU step"
+
+    result = {
+        "device": str(device), "model": args.model, "method": args.method, "iterations": args.iterations,
+        "batch": batch, "num_workers": args.num_workers, "amp": amp, "images": f"{args.image_width}x{args.image_height}",
+        "e2e_s": e2e, "phases_s": phases, "step_s": step, "extraction_s": extraction, "compute_s": compute,
+        "e2e_over_compute": e2e / compute, "loader_images_per_s": loader_ips, "model_images_per_s": model_ips,
+    }
+    print(f"e2e stage: {e2e:.2f}s  (train {phases['train']:.2f}s, drift {phases['drift']:.2f}s, "
+          f"eval {phases['eval']:.2f}s, save {phases['save']:.2f}s)")
+    print(f"compute: {args.iterations} × step {1000 * step:.1f} ms + extraction of {n_embed} images {extraction:.2f}s = {compute:.2f}s")
+    print(f"rest: train {phases['train'] - args.iterations * step:+.2f}s beyond its steps, "
+          f"drift+eval {phases['drift'] + phases['eval'] - extraction:+.2f}s beyond their forwards, save {phases['save']:.2f}s")
+    print(f"loader: {loader_ips:.0f} images/s with {args.num_workers} workers; model step: {model_ips:.0f} images/s → bound by {bound}")
+    print(f"e2e_over_compute: {e2e / compute:.2f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Faults a careful user runs into, each run for real: stale results, foreign files, NaN, late or nameless errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Subset, TensorDataset
+
+from pml_mutual import OnlineConfig, OnlineLearner
+from pml_mutual.data import stage_assignment
+from pml_mutual.evaluation import recall_at_k
+from pml_mutual.models import EmbeddingMLP
+from pml_mutual.run_dir import RunDirectoryError
+from pml_mutual.trainers.incremental_trainer import NonFiniteLossError
+
+
+def tiny(**kw):
+    base = dict(method="finetune", epochs=1, iterations_per_epoch=2, batch_size=4, m_per_class=2, device="cpu", lr=1e-3)
+    base.update(kw)
+    return OnlineConfig(**base)
+
+
+def data(n_classes=4, per_class=6, seed=0, nan_class=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_classes * per_class, 64, generator=g)
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    if nan_class is not None:
+        x[y == nan_class] = float("nan")
+    return TensorDataset(x, y)
+
+
+def learner(run_dir, train=None, test=None, config=None, factory=EmbeddingMLP, **kw):
+    train = train if train is not None else data()
+    test = test if test is not None else data(seed=1)
+    return OnlineLearner.from_class_assignment(factory, train, test, stage_assignment(range(4), 2),
+                                               config=config or tiny(), run_dir=run_dir, quiet=True, **kw)
+
+
+def test_a_different_split_of_equal_size_is_refused_naming_the_data(tmp_path):
+    learner(tmp_path / "r").run()
+    other = data(seed=5)  # same sizes and labels, other items
+    with pytest.raises(ValueError, match="different identity.*data.train"):
+        learner(tmp_path / "r", train=other).run()
+
+
+def test_another_architecture_metric_loss_or_tag_is_refused(tmp_path):
+    from pytorch_metric_learning import losses
+
+    learner(tmp_path / "r").run()
+    with pytest.raises(ValueError, match="model"):
+        learner(tmp_path / "r", factory=lambda: EmbeddingMLP(hidden=32)).run()
+    with pytest.raises(ValueError, match="metric_loss.margin"):
+        learner(tmp_path / "r", metric_loss=losses.TripletMarginLoss(margin=0.3)).run()
+    with pytest.raises(ValueError, match="tags.image_size"):
+        learner(tmp_path / "r", identity_tags={"image_size": 112}).run()
+
+
+def test_fresh_moves_the_other_run_aside(tmp_path):
+    learner(tmp_path / "r").run()
+    learner(tmp_path / "r", config=tiny(lr=2e-3), fresh=True).run()
+    assert (tmp_path / "r.old-1" / "config.json").exists()
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["lr"] == 2e-3
+
+
+def test_only_own_temporaries_are_removed_and_only_after_the_identity_check(tmp_path):
+    run = tmp_path / "r"
+    learner(run).run()
+    mine = run / "stage_000" / ".pml_mutual-model.pt.x1.tmp"
+    users = [run / "notes.tmp", run / "deep" / "a" / "b.tmp", run / "stage_000" / "mine.tmp"]
+    for f in [mine, *users]:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x")
+    with pytest.raises(ValueError, match="different identity"):
+        learner(run, config=tiny(lr=5e-3)).run()
+    assert mine.exists()  # a refused launch touches nothing
+    learner(run).run()
+    assert not mine.exists() and all(f.exists() for f in users)
+
+
+@pytest.mark.parametrize("bad", ["", ".", "./"])
+def test_the_working_directory_is_refused_as_run_dir(bad, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="run_dir"):
+        learner(bad)
+
+
+def test_nan_data_stops_training_naming_stage_epoch_iteration_and_term_and_writes_nothing(tmp_path):
+    run = tmp_path / "r"
+    with pytest.raises(NonFiniteLossError, match=r"stage 0, epoch 1, iteration \d+: non-finite loss \(.*metric_loss"):
+        learner(run, train=data(nan_class=1)).run()
+    assert not (run / "in_progress.pt").exists() and not list(run.glob("stage_*/*.pt"))
+    with pytest.raises(ValueError, match="different identity.*data.train"):
+        learner(run, train=data()).run()  # fixed data is other data: never mixed with the old run
+    learner(run, train=data(), fresh=True).run()
+    assert (run / "stage_001" / "stage.json").exists()
+
+
+def test_non_finite_initial_weights_are_refused_before_a_checkpoint(tmp_path):
+    sd = EmbeddingMLP().state_dict()
+    next(iter(sd.values())).fill_(float("nan"))
+    with pytest.raises(ValueError, match="initial_state_dict holds NaN"):
+        learner(tmp_path / "r", initial_state_dict=sd)
+    assert not list((tmp_path / "r").glob("stage_*/*.pt"))
+
+
+def test_a_damaged_checkpoint_is_named_and_not_loaded(tmp_path):
+    run = tmp_path / "r"
+    learner(run, config=tiny(method="fecd")).run()
+    (run / "stage_001" / "stage.json").unlink()  # stage 1 retrains from stage 0's checkpoint
+    model = run / "stage_000" / "model.pt"
+    raw = bytearray(model.read_bytes())
+    raw[-200] ^= 0xFF  # a flipped byte that torch.load would accept
+    model.write_bytes(bytes(raw))
+    with pytest.raises(RunDirectoryError, match=r"stage_000/model.pt does not match the SHA-256.*delete"):
+        learner(run, config=tiny(method="fecd")).run()
+
+
+def test_a_damaged_stage_json_is_named(tmp_path):
+    run = tmp_path / "r"
+    learner(run).run()
+    (run / "stage_000" / "stage.json").write_text('{"results": ')
+    with pytest.raises(RunDirectoryError, match=r"stage_000/stage.json is damaged \(line 1"):
+        learner(run).run()
+
+
+def test_a_test_set_missing_a_stage_is_refused_before_training(tmp_path):
+    test = Subset(data(seed=1), list(range(12)))  # classes 0, 1 only: stage 1 has no test item
+    with pytest.raises(ValueError, match=r"no item of stage\(s\) \[1\]"):
+        learner(tmp_path / "r", test=test)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("field,value", [("temperature", float("inf")), ("temperature", 0.0), ("temperature", 5e3),
+                                         ("lambda_corr", float("nan")), ("lr", -1.0), ("eval_batch_size", 0),
+                                         ("ks", 4)])
+def test_invalid_config_values_are_refused_at_construction(field, value):
+    with pytest.raises((ValueError, TypeError), match=field if field != "ks" else "ks"):
+        tiny(**{field: value})
+
+
+def test_recall_chunk_size_is_checked():
+    with pytest.raises(ValueError, match="chunk_size"):
+        recall_at_k(np.eye(4, dtype=np.float32), np.array([0, 0, 1, 1]), chunk_size=-1)
