@@ -82,12 +82,11 @@ def stage_results_from_summary(summary: dict) -> list[dict]:
 
 
 def save_json(summary: dict, path: str | os.PathLike) -> None:
-    """Write atomically (temp file + rename) so a killed run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
+    """Write atomically (a temp file of the project's own pattern + rename) so a killed run never leaves
+    half a file, and no file of the user's is overwritten on the way."""
+    from ..run_dir import write_atomic
+
+    write_atomic(json.dumps(summary, indent=2).encode(), Path(path))
 
 
 
