@@ -79,6 +79,29 @@ def make_trainer(method, model_name, batch, device, compensator=None, amp=False)
     return trainer
 
 
+def sync_audit(trainer, steps: int = 3) -> dict[str, int]:
+    """Host-synchronising CUDA calls of ``steps`` training steps, counted per source line (CUDA only):
+    torch flags each one when ``set_sync_debug_mode`` is on."""
+    import traceback
+    import warnings
+
+    counts: dict[str, int] = {}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                trainer.forward_and_backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{Path(w.filename).name}:{w.lineno}"
+            counts[where] = counts.get(where, 0) + 1
+    return {k: v / steps for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["small_cnn", "mlp", *BACKBONES], default="small_cnn")
@@ -91,6 +114,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--sync-audit", action="store_true", help="CUDA: list the host syncs of one step of each method")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_step.json")
     args = p.parse_args(argv)
     if args.quick:
@@ -123,10 +147,14 @@ def main(argv=None):
         comp.add_stage(feats, torch.arange(10 * s, 10 * s + 10, device=device).repeat(20))
         for t in comp.stages_to_measure():
             comp.update_drift(feats, F.normalize(feats + 0.1, dim=1), stage=t)
-    results = {}
+    results, audit = {}, {}
     for name, c in (("finetune", None), ("fecd", None), ("ours", None), ("ours_stage5", comp)):
         trainer = make_trainer(name, args.model, batch, device, c, amp)
         results[name] = timed(trainer.forward_and_backward, device, args.warmup, args.repeats)
+        if args.sync_audit and device.type == "cuda":
+            audit[name] = sync_audit(trainer)
+            print(f"host syncs per step, {name}: {sum(audit[name].values()):.0f}  " +
+                  ", ".join(f"{k}×{v:g}" for k, v in audit[name].items()), flush=True)
 
     # The loss part alone: L_corr over real + virtual teachers and L_mutual, forward + backward, on embeddings.
     emb = lambda: torch.randn(args.batch_size, dim, device=device)  # noqa: E731
@@ -134,8 +162,9 @@ def main(argv=None):
     corr, mutual = GramCorrelationLoss(), MutualGramLoss()
     def loss_part(compensator):
         total = 8 * mutual(p_emb, ref_emb=s_emb)
-        teachers = [o_emb] if compensator is None else compensator.teacher_features(o_emb)
-        total = total + 10 * sum(corr(p_emb, ref_emb=t) for t in teachers)
+        # the trainer's path: Eq. 6 as one batched computation over the real and virtual teachers
+        corr_term = corr(p_emb, ref_emb=o_emb) if compensator is None else compensator.correlation_loss(p_emb, o_emb, loss_fn=corr)
+        total = total + 10 * corr_term
         total.backward()
     share_one = timed(lambda: loss_part(None), device, args.warmup, args.repeats)[0] / results["ours"][0]
     share_five = timed(lambda: loss_part(comp), device, args.warmup, args.repeats)[0] / results["ours_stage5"][0]
@@ -147,6 +176,7 @@ def main(argv=None):
         "steps_ms": {k: [1e3 * v for v in vals] for k, vals in results.items()},
         "ratio_to_finetune": {k: v[0] / base for k, v in results.items()},
         "loss_share": {"ours": share_one, "ours_stage5": share_five},
+        "host_syncs_per_step": audit,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2))

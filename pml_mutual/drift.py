@@ -17,6 +17,7 @@ raw weights and raises when a weight sum is ≈ 0, ``"gaussian"`` is SDC's exp(�
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -203,6 +204,7 @@ class DriftCompensator:
         self.class_ids: list[torch.Tensor] = []
         self.stage_prototypes: list[torch.Tensor] = []  # μ^b_b, in F_b's space
         self.prototype_drifts: list[torch.Tensor] = []  # Δμ^{b→latest}
+        self._padded = None  # (device, prototypes, drifts, mask) of the earlier stages, built once per change
 
     @property
     def num_stages(self) -> int:
@@ -225,6 +227,7 @@ class DriftCompensator:
         self.class_ids.append(class_ids.cpu())
         self.stage_prototypes.append(means)
         self.prototype_drifts.append(torch.zeros_like(means))
+        self._padded = None
         return self.num_stages - 1
 
     def stages_to_measure(self) -> list[int]:
@@ -245,6 +248,7 @@ class DriftCompensator:
         (chained mode, ``stage`` omitted or equal to the previous stage).
         """
         allowed = self.stages_to_measure()
+        self._padded = None
         if self.mode == "none":
             raise ValueError('mode="none" measures no drift: update_drift must not be called')
         if not allowed:
@@ -266,20 +270,58 @@ class DriftCompensator:
 
     def virtual_features(self, teacher_feats: torch.Tensor) -> list[torch.Tensor]:
         """f̂^t for every stage t before the teacher's own (Eq. 4); constants, one (B, D) tensor per stage."""
+        return list(self.virtual_feature_stack(teacher_feats).unbind(0))
+
+    @torch.no_grad()
+    def virtual_feature_stack(self, teacher_feats: torch.Tensor) -> torch.Tensor:
+        """Eq. 4 for every earlier stage at once: (stages − 1, B, D), float32, constants.
+
+        One batched computation whatever the number of stages (no per-stage Python loop on the training
+        step): the stages' drifted prototypes and drifts are padded to a common class count and kept on
+        the features' device until the next change, the padding masked out of the weights.
+        """
+        check_embeddings(teacher_feats, "teacher_feats")
+        feats = teacher_feats.detach().float()
+        earlier = self.num_stages - 1
+        if earlier <= 0:
+            return feats.new_zeros(0, *feats.shape)
         if self.mode == "none":  # zero drift: f̂^t = f^{i−1}, without computing weights that multiply zeros
-            feats = teacher_feats.detach().float()
-            return [F.normalize(feats, dim=1) if self.normalize else feats] * (self.num_stages - 1)
-        return [
-            virtual_features(
-                teacher_feats,
-                self.drifted_prototypes(t).to(teacher_feats.device),
-                self.prototype_drifts[t].to(teacher_feats.device),
-                self.similarity,
-                normalize=self.normalize,
-                **self._weight_kwargs(),
-            )
-            for t in range(self.num_stages - 1)
-        ]
+            return (F.normalize(feats, dim=1) if self.normalize else feats).expand(earlier, *feats.shape)
+        if self.similarity == "cosine":  # the raw weights must be checked per stage (a sum ≈ 0 raises)
+            return torch.stack([
+                virtual_features(feats, self.drifted_prototypes(t).to(feats.device), self.prototype_drifts[t].to(feats.device),
+                                 self.similarity, normalize=self.normalize, **self._weight_kwargs())
+                for t in range(earlier)
+            ])
+        protos, drifts, mask = self._padded_stages(feats.device)
+        _check_same_dim(protos[0], feats, "prototypes", "teacher_feats")
+        if self.similarity == "cosine_relu":
+            cos = F.normalize(feats, dim=1) @ F.normalize(protos, dim=2).transpose(1, 2)  # (S, B, K)
+            weights = (cos.clamp(min=0) + self.eps) * mask[:, None, :]
+            weights = weights / weights.sum(dim=2, keepdim=True)
+        else:  # gaussian
+            logits = -torch.cdist(feats.expand(earlier, *feats.shape), protos).pow(2) / (2 * self.sigma**2)
+            weights = torch.softmax(logits.masked_fill(~mask[:, None, :].bool(), float("-inf")), dim=2)
+        virtual = feats - weights @ drifts  # f + Δf, Δf = −Σ_k S Δμ_k / Σ_k S
+        return F.normalize(virtual, dim=2) if self.normalize else virtual
+
+    def _padded_stages(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._padded is None or self._padded[0] != device:
+            earlier = range(self.num_stages - 1)
+            k_max = max(self.stage_prototypes[t].shape[0] for t in earlier)
+            dim = self.stage_prototypes[0].shape[1]
+            protos = torch.zeros(len(earlier), k_max, dim)
+            drifts = torch.zeros(len(earlier), k_max, dim)
+            mask = torch.zeros(len(earlier), k_max)
+            for t in earlier:
+                k = self.stage_prototypes[t].shape[0]
+                protos[t, :k] = self.drifted_prototypes(t).float().cpu()
+                drifts[t, :k] = self.prototype_drifts[t].float().cpu()
+                mask[t, :k] = 1
+            # padding rows get a unit prototype so normalising them divides by no zero; their weight is masked
+            protos[mask == 0] = 1.0
+            self._padded = (device, protos.to(device), drifts.to(device), mask.to(device))
+        return self._padded[1:]
 
     def teacher_features(self, teacher_emb: torch.Tensor) -> list[torch.Tensor]:
         """The real teacher features followed by the virtual features of every earlier stage."""
@@ -291,13 +333,15 @@ class DriftCompensator:
     ) -> torch.Tensor:
         """Eq. 6: Σ_t L_corr^{t→i} over the real teacher and the virtual features of earlier stages.
 
-        ``loss_fn`` defaults to the compensator's own (a ``GramCorrelationLoss`` unless given).
+        ``loss_fn`` defaults to the compensator's own (a ``GramCorrelationLoss`` unless given); one
+        that has ``sum_over_teachers`` gets all teachers as one (T, B, D) tensor.
         """
         loss_fn = self.loss_fn if loss_fn is None else loss_fn
-        teachers = self.teacher_features(teacher_emb)
+        teacher_emb = teacher_emb.detach()
         if hasattr(loss_fn, "sum_over_teachers"):
-            return loss_fn.sum_over_teachers(student_emb, teachers)
-        return sum(loss_fn(student_emb, ref_emb=t) for t in teachers)
+            virtual = self.virtual_feature_stack(teacher_emb)
+            return loss_fn.sum_over_teachers(student_emb, torch.cat([teacher_emb.float()[None], virtual]))
+        return sum(loss_fn(student_emb, ref_emb=t) for t in self.teacher_features(teacher_emb))
 
     def state_dict(self) -> dict:
         return {
@@ -312,16 +356,45 @@ class DriftCompensator:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output, checked first (keys, settings, shapes, finiteness, disjoint
+        classes): a bad state raises ValueError naming the entry and leaves this compensator unchanged."""
+        keys = ("mode", "similarity", "sigma", "eps", "normalize", "class_ids", "stage_prototypes", "prototype_drifts")
+        if not isinstance(state, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(state).__name__}")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"state_dict is missing key {missing[0]!r} (has {sorted(state)})")
         for key in ("mode", "similarity"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"state_dict was saved with {key}={state.get(key)!r}, this compensator has {getattr(self, key)!r}")
-        lengths = {len(state[k]) for k in ("class_ids", "stage_prototypes", "prototype_drifts")}
-        if len(lengths) != 1:
+            if state[key] != getattr(self, key):
+                raise ValueError(f"state_dict was saved with {key}={state[key]!r}, this compensator has {getattr(self, key)!r}")
+        for key in ("sigma", "eps"):
+            if not isinstance(state[key], (int, float)) or not math.isfinite(state[key]) or state[key] <= 0:
+                raise ValueError(f"state_dict {key} must be a finite positive number, got {state[key]!r}")
+        lists = [state[k] for k in ("class_ids", "stage_prototypes", "prototype_drifts")]
+        if not all(isinstance(v, (list, tuple)) for v in lists) or len({len(v) for v in lists}) != 1:
             raise ValueError("state_dict is inconsistent: class_ids, stage_prototypes and prototype_drifts differ in length")
-        self.sigma, self.eps, self.normalize = state["sigma"], state["eps"], state["normalize"]
+        dim, seen = None, set()
+        for t, (ids, protos, drift) in enumerate(zip(*lists)):
+            for name, x in ((f"stage_prototypes[{t}]", protos), (f"prototype_drifts[{t}]", drift)):
+                if not torch.is_tensor(x) or x.ndim != 2 or not x.is_floating_point():
+                    raise ValueError(f"state_dict {name} must be a 2-D float tensor, got {getattr(x, 'shape', type(x).__name__)}")
+                if not torch.isfinite(x).all():
+                    raise ValueError(f"state_dict {name} contains NaN or inf")
+            dim = protos.shape[1] if dim is None else dim
+            if protos.shape[1] != dim:
+                raise ValueError(f"state_dict stage_prototypes[{t}] has shape {tuple(protos.shape)}: embedding size {dim} expected")
+            if drift.shape != protos.shape:
+                raise ValueError(f"state_dict prototype_drifts[{t}] has shape {tuple(drift.shape)}, its prototypes {tuple(protos.shape)}")
+            if not torch.is_tensor(ids) or ids.ndim != 1 or ids.is_floating_point() or len(ids) != protos.shape[0]:
+                raise ValueError(f"state_dict class_ids[{t}] must list the {protos.shape[0]} classes of its prototypes as integers")
+            if seen & set(ids.tolist()):
+                raise ValueError(f"state_dict class_ids[{t}] repeats classes of an earlier stage")
+            seen |= set(ids.tolist())
+        self._padded = None
+        self.sigma, self.eps, self.normalize = float(state["sigma"]), float(state["eps"]), bool(state["normalize"])
         self.class_ids = [c.clone() for c in state["class_ids"]]
-        self.stage_prototypes = [p.clone() for p in state["stage_prototypes"]]
-        self.prototype_drifts = [d.clone() for d in state["prototype_drifts"]]
+        self.stage_prototypes = [p.clone().float() for p in state["stage_prototypes"]]
+        self.prototype_drifts = [d.clone().float() for d in state["prototype_drifts"]]
 
     def __repr__(self) -> str:
         return f"DriftCompensator(mode={self.mode!r}, similarity={self.similarity!r}, stages={self.num_stages})"

@@ -9,7 +9,6 @@ from its last epoch with the same command and ends with the same weights.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import math
 import os
@@ -276,7 +275,6 @@ class OnlineLearner:
         cfg, method = self.config, self.method
         self.phase = "train"
         self._student = None  # the previous stage's model comes back from its checkpoint as the teacher
-        gc.collect()
         seed_everything(cfg.seed, stage, 0)
         trains = (stage == 0 and self.initial_state_dict is None) or (stage > 0 and method.train)
         teacher = self.load_stage_model(stage - 1) if stage > 0 else None
@@ -363,13 +361,14 @@ class OnlineLearner:
         )
         if start_epoch <= epochs:
             trainer.train(start_epoch, epochs)
-        self.directory.wait()
+        # the last epoch's checkpoint goes on writing during drift and evaluation; save_stage waits for it
         self._student = student
         support = models.get("support_trunk")
         if support is not None:  # written now so that drift measurement holds two networks, not three
             self._written["support.pt"] = self.directory.save_stage_file(stage, "support.pt", support.state_dict())
+        # F_s and the teacher are freed here, by reference counting (no cycles hold models; tested without
+        # the garbage collector), before drift measurement loads old models
         del trainer, models, optimizers, support
-        gc.collect()  # free F_s and the teacher before drift measurement loads old models
         return epoch_losses
 
     def _wrap_for_ranks(self, models: dict, trained: list[str]) -> dict:
@@ -406,7 +405,6 @@ class OnlineLearner:
             old_model = self.load_stage_model(t)  # one old model at a time
             old_feats, _ = self._extract(old_model, loader)
             del old_model
-            gc.collect()
             self.compensator.update_drift(old_feats, new_feats, stage=t)
 
     def _embedding_loader(self, dataset: Dataset) -> EmbeddingLoader:

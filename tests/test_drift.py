@@ -222,3 +222,64 @@ def test_bad_input():
     comp.add_stage(x, y + 10)
     with pytest.raises(ValueError, match="stage must be one of"):
         comp.update_drift(x, x, stage=1)
+
+
+@given(
+    classes=st.lists(st.integers(1, 7), min_size=2, max_size=5),
+    dim=st.integers(2, 9),
+    similarity=st.sampled_from(["cosine_relu", "gaussian"]),
+    normalize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_the_batched_virtual_features_equal_eq4_stage_by_stage(classes, dim, similarity, normalize, seed):
+    """One padded computation for all earlier stages (the training step's path) gives Eq. 4 of each
+    stage as the pure function computes it, whatever the class counts per stage."""
+    g = torch.Generator().manual_seed(seed)
+    comp = DriftCompensator(similarity=similarity, normalize=normalize)
+    first = 0
+    for k in classes:
+        comp.add_stage(F.normalize(torch.randn(3 * k, dim, generator=g), dim=1), torch.arange(first, first + k).repeat(3))
+        first += k
+        for t in comp.stages_to_measure():
+            old = F.normalize(torch.randn(3 * k, dim, generator=g), dim=1)
+            comp.update_drift(old, old + 0.3 * torch.randn(3 * k, dim, generator=g), stage=t)
+    teacher = torch.randn(5, dim, generator=g)
+    got = comp.virtual_feature_stack(teacher)
+    assert got.shape == (len(classes) - 1, 5, dim)
+    for t in range(len(classes) - 1):
+        want = virtual_features(teacher, comp.drifted_prototypes(t), comp.prototype_drifts[t], similarity,
+                                normalize=normalize, sigma=comp.sigma, eps=comp.eps)
+        # the same sums over a stage's classes, padded with exact zeros; only the order of float32
+        # additions may differ: a few eps per term of the K-term and D-term sums, relative to the drift
+        scale = 1 + comp.prototype_drifts[t].abs().max().item()
+        bound = 8 * (max(classes) + dim) * torch.finfo(torch.float32).eps * scale * (1 if normalize else 1 + teacher.abs().max().item())
+        assert (got[t] - want).abs().max().item() <= bound
+
+
+def test_load_state_dict_refuses_bad_state():
+    comp, _ = three_stages("direct", [torch.tensor([0.1, 0.0, -0.2, 0.05]), torch.tensor([0.0, 0.3, 0.1, 0.0])])
+    good = comp.state_dict()
+
+    def broken(**change):
+        state = {k: (list(v) if isinstance(v, list) else v) for k, v in good.items()}
+        for k, v in change.items():
+            if v is None:
+                del state[k]
+            else:
+                state[k] = v(state) if callable(v) else v
+        return state
+
+    cases = {
+        "missing key 'prototype_drifts'": broken(prototype_drifts=None),
+        "stage_prototypes\\[1\\].*shape": broken(stage_prototypes=lambda s: [s["stage_prototypes"][0], torch.zeros(3, 5), s["stage_prototypes"][2]]),
+        "prototype_drifts\\[0\\].*shape": broken(prototype_drifts=lambda s: [torch.zeros(2, 4)] + s["prototype_drifts"][1:]),
+        "stage_prototypes\\[2\\].*NaN": broken(stage_prototypes=lambda s: s["stage_prototypes"][:2] + [torch.full_like(s["stage_prototypes"][2], float("nan"))]),
+        "class_ids\\[0\\].*classes": broken(class_ids=lambda s: [torch.arange(7)] + s["class_ids"][1:]),
+        "sigma": broken(sigma=float("inf")),
+        "differ in length": broken(class_ids=lambda s: s["class_ids"][:2]),
+    }
+    for message, state in cases.items():
+        fresh = DriftCompensator()
+        with pytest.raises(ValueError, match=message):
+            fresh.load_state_dict(state)
+        assert fresh.num_stages == 0  # nothing half-loaded

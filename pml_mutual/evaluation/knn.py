@@ -25,6 +25,7 @@ BACKENDS = ("auto", "faiss", "torch")
 # key (only for rows whose k-th score is tied beyond k).
 _BYTES_PER_SCORE = 12
 _CPU_BUDGET = 256 * 2**20
+_FAISS_PATH_BUDGET = 32 * 2**20
 _GPU_RESOURCES = None
 
 
@@ -66,12 +67,11 @@ def check_chunk_size(chunk_size) -> int | None:
     return int(chunk_size)
 
 
-def auto_chunk_rows(n: int, device: torch.device) -> int:
+def auto_chunk_rows(n: int, device: torch.device, budget: int = _CPU_BUDGET) -> int:
     """Query rows per chunk so that the chunk's score matrix and tie masks fit the working-memory budget."""
-    budget = _CPU_BUDGET
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = max(_CPU_BUDGET, free // 4)  # a quarter of what is free: the caller's tensors stay
+        budget = max(budget, free // 4)  # a quarter of what is free: the caller's tensors stay
     return max(1, min(n, budget // (_BYTES_PER_SCORE * max(n, 1))))
 
 
@@ -92,9 +92,7 @@ def exact_topk(queries: torch.Tensor, gallery: torch.Tensor, self_index: torch.T
             sub = scores if len(r) == len(scores) else scores[r]
             kth = values[r, k - 1 : k]
             n_above = (values[r, :k] > kth).sum(1, keepdim=True)  # all of them are in any top-k list
-            # the lowest indices among the items tied at the k-th score: top-k of −index over the tie
-            neg_index = -torch.arange(n, device=sub.device, dtype=torch.float32)
-            tied_first = torch.where(sub == kth, neg_index, float("-inf")).topk(k, dim=1).indices
+            tied_first = _lowest_tied(sub, kth, k)
             j = torch.arange(k, device=sub.device)
             from_tie = tied_first.gather(1, (j - n_above).clamp(min=0))
             idx = idx.clone()
@@ -103,6 +101,31 @@ def exact_topk(queries: torch.Tensor, gallery: torch.Tensor, self_index: torch.T
     idx, _ = idx.sort(dim=1)
     order = scores.gather(1, idx).argsort(dim=1, descending=True, stable=True)
     return idx.gather(1, order)
+
+
+def _lowest_tied(scores: torch.Tensor, kth: torch.Tensor, k: int, block: int = 1024) -> torch.Tensor:
+    """The k lowest column indices per row where ``scores`` equals ``kth`` (c, 1) (top-k of −index over
+    the tie). Heavy ties (a collapsed model: every item ties) are settled on the first ``block`` columns
+    alone; the other rows scan all N columns."""
+    n = scores.shape[1]
+
+    def lowest(cols: torch.Tensor, rows_kth: torch.Tensor) -> torch.Tensor:
+        neg_index = -torch.arange(cols.shape[1], device=cols.device, dtype=torch.float32)
+        return torch.where(cols == rows_kth, neg_index, float("-inf")).topk(k, dim=1).indices
+
+    if n <= 2 * block:
+        return lowest(scores, kth)
+    head = scores[:, :block]
+    settled = (head == kth).sum(1) >= k  # k tied items among the first columns: the k lowest are there
+    if bool(settled.all()):
+        return lowest(head, kth)
+    out = torch.empty((len(scores), k), dtype=torch.int64, device=scores.device)
+    rest = (~settled).nonzero().squeeze(1)
+    out[rest] = lowest(scores[rest], kth[rest])
+    done = settled.nonzero().squeeze(1)
+    if len(done):
+        out[done] = lowest(head[done], kth[done])
+    return out
 
 
 def torch_neighbours(emb: np.ndarray, k: int, device: torch.device, chunk_size: int | None = None) -> np.ndarray:
@@ -137,9 +160,28 @@ def faiss_neighbours(emb: np.ndarray, k: int, chunk_size: int | None = None, use
     index.add(emb)
     chunk = chunk_size or 8192
     out = np.empty((n, k), dtype=np.int64)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        out[start:stop] = _faiss_chunk(index, emb, start, stop, k)
+    start, tie_heavy = 0, False
+    while start < n:
+        # a first, small chunk tells whether this data is tie-heavy before FAISS searches much of it
+        stop = min(start + (chunk if start or chunk_size else min(chunk, 1024)), n)
+        if tie_heavy:  # FAISS's lists would be discarded row by row: go straight to the exact kernel
+            out[start:stop] = _exact_rows(emb, np.arange(start, stop), k)
+        else:
+            out[start:stop], tied = _faiss_chunk(index, emb, start, stop, k)
+            tie_heavy = tied > (stop - start) // 2
+        start = stop
+    return out
+
+
+def _exact_rows(emb: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """The torch kernel on CPU for ``rows``, in groups that fit the working-memory budget."""
+    gallery = torch.from_numpy(emb)
+    # FAISS's own search works in small blocks: the exact kernel that stands in for it does too
+    group = auto_chunk_rows(emb.shape[0], torch.device("cpu"), budget=_FAISS_PATH_BUDGET)
+    out = np.empty((len(rows), k), dtype=np.int64)
+    for g in range(0, len(rows), group):
+        r = rows[g : g + group]
+        out[g : g + group] = exact_topk(gallery[r], gallery, torch.from_numpy(r), k).numpy()
     return out
 
 
@@ -159,10 +201,6 @@ def _faiss_chunk(index, emb: np.ndarray, start: int, stop: int, k: int) -> np.nd
     else:
         open_tie = np.zeros(stop - start, dtype=bool)
     rows = np.flatnonzero(open_tie)
-    if len(rows):  # finish the tied rows exactly, in groups that fit the working-memory budget
-        gallery = torch.from_numpy(emb)
-        group = auto_chunk_rows(n, torch.device("cpu"))
-        for g in range(0, len(rows), group):
-            r = rows[g : g + group]
-            result[r] = exact_topk(gallery[start + r], gallery, torch.from_numpy(start + r), k).numpy()
-    return result
+    if len(rows):  # finish the tied rows exactly
+        result[rows] = _exact_rows(emb, start + rows, k)
+    return result, len(rows)

@@ -49,14 +49,20 @@ class GramCorrelationLoss(PairedGramLoss):
             }
         }
 
-    def sum_over_teachers(self, embeddings: torch.Tensor, teachers: Sequence[torch.Tensor]) -> torch.Tensor:
+    def sum_over_teachers(self, embeddings: torch.Tensor, teachers) -> torch.Tensor:
         """Σ_t loss(embeddings, ref_emb=t): Eq. 6 over the real and the virtual teachers.
 
-        With the default cosine distance and ``MeanReducer`` (the usual case) the student's Gram and
-        softmax are computed once and all teachers' Grams in one batched matmul; otherwise it is the
-        plain sum of calls. Both give the same value.
+        ``teachers``: a sequence of (B, D) tensors or one (T, B, D) tensor. With the default cosine
+        distance and ``MeanReducer`` (the usual case) the student's Gram and softmax are computed once
+        and all teachers' Grams in one batched matmul; otherwise it is the plain sum of calls. Both
+        give the same value.
         """
-        teachers = list(teachers)
+        if torch.is_tensor(teachers) and teachers.ndim == 3:
+            stacked = teachers
+            teachers = list(teachers.unbind(0))
+        else:
+            teachers = list(teachers)
+            stacked = None
         if not teachers:
             raise ValueError("sum_over_teachers needs at least one teacher")
         fused = (
@@ -70,7 +76,8 @@ class GramCorrelationLoss(PairedGramLoss):
             check_pair(embeddings, t, self.ref_name)
         log_student = self.log_probs(embeddings.float())
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            stacked = F.normalize(torch.stack([t.detach().float() for t in teachers]), dim=2)
+            stacked = torch.stack([t.detach().float() for t in teachers]) if stacked is None else stacked.detach().float()
+            stacked = F.normalize(stacked, dim=2)
             log_teachers = F.log_softmax(stacked @ stacked.transpose(1, 2) / self.temperature, dim=2)
             log_student = log_student.expand_as(log_teachers)
             if self.direction == "forward":

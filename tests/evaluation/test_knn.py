@@ -95,3 +95,21 @@ def test_chunk_size_must_be_a_positive_integer(chunk_size):
 def test_bare_integer_ks_names_the_problem():
     with pytest.raises(TypeError, match="sequence of positive integers"):
         recall_at_k(np.eye(4, dtype=np.float32), np.array([0, 0, 1, 1]), ks=4)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 700])
+def test_wide_ties_settled_in_the_first_columns_or_scanned_in_full(chunk_size):
+    """N beyond the tie kernel's first block of columns: rows whose tie is settled among the first
+    columns (a collapsed majority), rows whose tied items all lie beyond them (a duplicate group at
+    the end), and distinct rows — all equal to the stable sort, on both backends, including the FAISS
+    path's switch to the exact kernel on tie-heavy data."""
+    rng = np.random.default_rng(0)
+    n, k = 2600, 8
+    emb = exact_data(rng, n, 8)
+    emb[:1800] = emb[0]  # collapsed majority: settled on the first block
+    emb[-30:] = emb[-1]  # a duplicate group beyond the first block: scanned in full
+    emb[1000:1003] = emb[-1]  # ... with three members inside it (fewer than k): still scanned in full
+    want = stable_sort_reference(emb, k)
+    for backend in ("faiss", "torch"):
+        got = nearest_neighbours(emb, k, chunk_size=chunk_size, backend=backend)
+        np.testing.assert_array_equal(got, want, err_msg=backend)
