@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -74,7 +75,7 @@ def main(argv=None):
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--model", default="resnet50", choices=BACKBONES)
     p.add_argument("--method", default="ours")
-    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--iterations", type=int, default=None, help="default 100 (--quick: 4)")
     p.add_argument("--classes-per-batch", type=int, default=16)
     p.add_argument("--images-per-class-batch", type=int, default=3, dest="m")
     p.add_argument("--num-workers", type=int, default=14)
@@ -82,13 +83,16 @@ def main(argv=None):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on for cuda")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="CPU-sized: 8 classes × 12 images of 96×72, crop 32, 4 steps")
+    p.add_argument("--profile", type=Path, help="write a cProfile summary of the end-to-end stage to this file")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_e2e.json")
     args = p.parse_args(argv)
     if args.quick:
         args.classes, args.images_per_class, args.image_width, args.image_height = 8, 12, 96, 72
-        args.crop, args.iterations, args.classes_per_batch, args.m, args.repeats = 32, 4, 2, 2, 3
+        args.crop, args.classes_per_batch, args.m, args.repeats = 32, 2, 2, 3
+        args.iterations = args.iterations or 4
         args.num_workers = min(args.num_workers, 2)
         args.model = "bninception" if args.model == "resnet50" else args.model
+    args.iterations = args.iterations or 100
     device = torch.device(args.device)
     amp = args.amp if args.amp is not None else device.type == "cuda"
     batch = args.classes_per_batch * args.m
@@ -98,7 +102,8 @@ def main(argv=None):
     root = args.root or Path(tmp.name) / "CUB_200_2011"
     t0 = time.perf_counter()
     if not (root / "images.txt").exists():
-        write_cub_fixture(root, [args.images_per_class] * args.classes, size=(args.image_width, args.image_height))
+        write_cub_fixture(root, [args.images_per_class] * args.classes, size=(args.image_width, args.image_height),
+                          workers=os.cpu_count() or 1)
     print(f"dataset: {args.classes} classes × {args.images_per_class} JPEGs of {args.image_width}×{args.image_height} "
           f"at {root} ({time.perf_counter() - t0:.1f}s)", flush=True)
     train_items, test_items = load_cub(root)
@@ -119,7 +124,18 @@ def main(argv=None):
     learner = OnlineLearner.from_class_assignment(
         factory, train, test, class_to_stage, config=config, run_dir=Path(tmp.name) / "run",
         prototype_dataset=protos, initial_state_dict=initial, quiet=True)
-    learner.run()
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(learner.run)
+        with open(args.profile, "w") as f:
+            stats = pstats.Stats(profiler, stream=f).sort_stats("cumulative")
+            stats.print_stats(80)
+            stats.sort_stats("tottime").print_stats(40)
+    else:
+        learner.run()
     stage1 = learner.stage_logs[1]
     e2e = stage1["seconds"] + learner.phase_seconds["save"]
     phases = dict(stage1["phase_seconds"], save=learner.phase_seconds["save"])

@@ -230,11 +230,13 @@ class DriftCompensator:
         self._padded = None
         return self.num_stages - 1
 
-    def stages_to_measure(self) -> list[int]:
-        """Which earlier models' features ``update_drift`` needs after the latest ``add_stage``."""
-        if self.num_stages < 2 or self.mode == "none":
+    def stages_to_measure(self, after_adding: int = 0) -> list[int]:
+        """Which earlier models' features ``update_drift`` needs after the latest ``add_stage``
+        (``after_adding=1``: after the next one, to load its first old model before adding it)."""
+        n = self.num_stages + after_adding
+        if n < 2 or self.mode == "none":
             return []
-        return list(range(self.num_stages - 1)) if self.mode == "direct" else [self.num_stages - 2]
+        return list(range(n - 1)) if self.mode == "direct" else [n - 2]
 
     def drifted_prototypes(self, stage: int) -> torch.Tensor:
         """μ^{latest}_{stage,k} = μ^{stage}_{stage,k} + Δμ^{stage→latest}_{stage,k}."""

@@ -27,7 +27,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from . import distributed, identity
 from .checks import nonfinite_tensors
-from .data.loaders import EmbeddingLoader
+from .data.loaders import EmbeddingView, LoaderPool
 from .data.stages import check_stages, dataset_labels, split_by_stage
 from .drift import DRIFT_MODES, SIMILARITIES, DriftCompensator
 from .evaluation import extract_embeddings, stage_recalls, summarize_run, to_markdown
@@ -226,7 +226,8 @@ class OnlineLearner:
         self.stage_results: list[dict] = []
         self.stage_logs: list[dict] = []
         self._student: torch.nn.Module | None = None
-        self._test_loader: EmbeddingLoader | None = None
+        self.loaders = LoaderPool(self.config.batch_size, self.config.eval_batch_size, self.config.num_workers,
+                                  pin_memory=self.device.type == "cuda")
         self._written: dict[str, str] = {}  # files of the current stage already on disk → SHA-256
 
     @classmethod
@@ -240,6 +241,12 @@ class OnlineLearner:
     # ----------------------------------------------------------------- the run
     def run(self) -> dict:
         """Train and evaluate every remaining stage; returns the results document (see evaluation.results)."""
+        try:
+            return self._run()
+        finally:
+            self.loaders.close()  # the run's worker processes end here, once
+
+    def _run(self) -> dict:
         start = self._resume()
         for stage in range(start, len(self.train_stages)):
             t0 = time.perf_counter()
@@ -267,7 +274,6 @@ class OnlineLearner:
             save_json(summary, self.run_dir / "results.json")
             (self.run_dir / "results.md").write_text(to_markdown(summary) + "\n")
         distributed.barrier()
-        self._test_loader = None  # its worker processes end with it
         return summary
 
     # ----------------------------------------------------------------- one stage
@@ -357,6 +363,7 @@ class OnlineLearner:
             quiet=self.quiet,
             amp=cfg.amp,
             gram_scope=cfg.gram_scope,
+            loader_pool=self.loaders,
             context=f"[{cfg.method}] stage {stage}, ",
         )
         if start_epoch <= epochs:
@@ -399,21 +406,25 @@ class OnlineLearner:
             return
         self.phase = "drift"
         loader = self._embedding_loader(self.prototype_stages[stage])  # its workers serve every model below
-        new_feats, labels = self._extract(self._student, loader)
+        earlier = self.compensator.stages_to_measure(after_adding=1)
+        first = self.load_stage_model(earlier[0]) if earlier else None
+        # the new model and the first old one embed each decoded batch together: one decoding pass fewer
+        (new_feats, *old), labels = self._extract([self._student] + ([first] if first is not None else []), loader)
+        del first
         self.compensator.add_stage(new_feats, labels)
-        for t in self.compensator.stages_to_measure():
-            old_model = self.load_stage_model(t)  # one old model at a time
-            old_feats, _ = self._extract(old_model, loader)
-            del old_model
-            self.compensator.update_drift(old_feats, new_feats, stage=t)
+        for i, t in enumerate(earlier):
+            if i > 0:
+                old_model = self.load_stage_model(t)  # one old model at a time
+                old, _ = self._extract([old_model], loader)
+                del old_model
+            self.compensator.update_drift(old[0], new_feats, stage=t)
 
-    def _embedding_loader(self, dataset: Dataset) -> EmbeddingLoader:
-        cfg = self.config
-        return EmbeddingLoader(dataset, cfg.eval_batch_size, cfg.num_workers, pin_memory=self.device.type == "cuda")
+    def _embedding_loader(self, dataset: Dataset) -> EmbeddingView:
+        return self.loaders.embed(dataset)
 
-    def _extract(self, model: torch.nn.Module, loader: EmbeddingLoader, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings of ``loader``'s items (``indices``, default all) in order; under torchrun each rank
-        embeds a shard and all get the whole."""
+    def _extract(self, model, loader: EmbeddingView, indices=None):
+        """Embeddings of ``loader``'s items (``indices``, default all) in order by ``model`` (or a list of
+        models, each batch decoded once); under torchrun each rank embeds a shard and all get the whole."""
         cfg = self.config
         if indices is None:
             indices = np.arange(len(loader.dataset))
@@ -422,15 +433,13 @@ class OnlineLearner:
         n = len(indices)
         emb, labels = extract_embeddings(model, loader(np.asarray(indices)[distributed.shard(n)]), device=self.device, amp=cfg.amp)
         comm = self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL moves CUDA tensors only
-        emb = distributed.gather_rows(emb.to(comm), n).cpu()
-        labels = distributed.gather_rows(labels.to(comm), n).cpu()
-        return emb, labels
+        gather = lambda x: distributed.gather_rows(x.to(comm), n).cpu()  # noqa: E731
+        emb = gather(emb) if torch.is_tensor(emb) else [gather(e) for e in emb]
+        return emb, gather(labels)
 
     def _evaluate(self, stage: int) -> dict:
         seen = np.flatnonzero([self.class_to_stage[int(c)] <= stage for c in self.test_labels])
-        if self._test_loader is None:  # one loader (and one set of workers) for every stage's evaluation
-            self._test_loader = self._embedding_loader(self.test_dataset)
-        emb, labels = self._extract(self._student, self._test_loader, seen)
+        emb, labels = self._extract(self._student, self._embedding_loader(self.test_dataset), seen)
         results = None
         if distributed.is_main():  # one search, its result sent to every rank
             results = stage_recalls(emb, labels, self.class_to_stage, stage, self.config.ks)

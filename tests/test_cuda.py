@@ -21,10 +21,12 @@ def test_gram_losses_are_float32_under_float16_autocast():
     assert torch.allclose(corr, reference, rtol=2e-2, atol=1e-5)
 
 
-def test_amp_run_on_cuda_uses_a_grad_scaler_and_learns(tmp_path):
+def test_amp_run_on_cuda_scales_float16_only_and_learns(tmp_path):
+    """bfloat16 autocast where the GPU has it (no GradScaler, no per-step sync), float16 + GradScaler elsewhere."""
     from pml_mutual import OnlineConfig, OnlineLearner
     from pml_mutual.data import load_digits_splits, stage_assignment
     from pml_mutual.models import EmbeddingMLP
+    from pml_mutual.evaluation.stages import autocast_dtype
     from pml_mutual.trainers import IncrementalTrainer
 
     scalers = []
@@ -44,7 +46,8 @@ def test_amp_run_on_cuda_uses_a_grad_scaler_and_learns(tmp_path):
         summary = learner.run()
     finally:
         IncrementalTrainer.custom_setup = original
-    assert scalers and all(s is not None for s in scalers)
+    bf16 = autocast_dtype(torch.device("cuda")) == torch.bfloat16
+    assert scalers and all((s is None) == bf16 for s in scalers)
     final = summary["stages"][-1]["all"]["1"]
     assert np.isfinite(final) and final > 0.5  # 10 classes: chance is 0.1
 
@@ -59,3 +62,43 @@ def test_faiss_gpu_matches_cpu_when_available():
     emb = rng.normal(size=(2000, 64)).astype("float32")
     labels = rng.integers(0, 50, 2000)
     assert recall_at_k(emb, labels, (1, 2, 4), use_gpu=True) == pytest.approx(recall_at_k(emb, labels, (1, 2, 4), use_gpu=False))
+
+
+def test_distillation_losses_and_virtual_features_never_sync_the_host():
+    """Eq. 1–2 and Eq. 4–6 on the GPU, forward and backward, under torch's sync detector set to raise."""
+    import torch.nn.functional as F
+
+    from pml_mutual import DriftCompensator, GramCorrelationLoss, MutualGramLoss
+
+    comp = DriftCompensator()
+    for s in range(5):
+        feats = F.normalize(torch.randn(60, 32, device="cuda"), dim=1)
+        comp.add_stage(feats, torch.arange(10 * s, 10 * s + 10, device="cuda").repeat(6))
+        for t in comp.stages_to_measure():
+            comp.update_drift(feats, F.normalize(feats + 0.1, dim=1), stage=t)
+    p = torch.randn(48, 32, device="cuda", requires_grad=True)
+    s_ = torch.randn(48, 32, device="cuda", requires_grad=True)
+    o = torch.randn(48, 32, device="cuda")
+    corr, mutual = GramCorrelationLoss(), MutualGramLoss()
+    comp.correlation_loss(p, o, loss_fn=corr)  # first call builds the device copy of the prototypes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total = comp.correlation_loss(p, o, loss_fn=corr) + mutual(p, ref_emb=s_) + corr(p, ref_emb=o)
+        total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(total).item()
+
+
+def test_torch_knn_on_cuda_equals_faiss_on_cpu():
+    from pml_mutual.evaluation import nearest_neighbours, recall_at_k
+
+    rng = np.random.default_rng(0)
+    emb = np.zeros((3000, 8), dtype=np.float32)  # entries ±0.5: exact scores, ties everywhere
+    for i in range(len(emb)):
+        emb[i, rng.choice(8, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+    emb[:1500] = emb[0]
+    labels = rng.integers(0, 40, len(emb))
+    assert np.array_equal(nearest_neighbours(emb, 8, backend="torch", device="cuda"), nearest_neighbours(emb, 8, backend="faiss"))
+    assert recall_at_k(emb, labels, backend="auto") == recall_at_k(emb, labels, backend="faiss")

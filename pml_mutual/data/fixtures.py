@@ -34,29 +34,48 @@ def _save(image, path: Path) -> None:
 
 
 def write_cub_fixture(root: str | os.PathLike, counts: Sequence[int], seed: int = 0, official_train_every: int = 2,
-                      size: tuple[int, int] = (48, 40)) -> Path:
+                      size: tuple[int, int] = (48, 40), workers: int = 1) -> Path:
     """CUB-200-2011 layout with ``len(counts)`` classes holding ``counts[c]`` images each of ``size``
     (width, height; CUB's own are about 500 × 375); returns the directory.
 
-    Every ``official_train_every``-th image of a class is in the official train split."""
+    Every ``official_train_every``-th image of a class is in the official train split. ``workers`` > 1
+    writes classes in forked processes (call it before CUDA starts), each class drawn from its own generator (seeded from
+    ``seed`` and the class): other images than ``workers=1`` draws, equally deterministic."""
     root = Path(root)
-    rng = np.random.default_rng(seed)
-    images, labels, split, classes = [], [], [], []
+    images, labels, split, classes, jobs = [], [], [], [], []
     image_id = 0
     for c, n in enumerate(counts):
         folder = f"{c + 1:03d}.Class_{c + 1}"
         classes.append(f"{c + 1} {folder}")
+        files = []
         for j in range(n):
             image_id += 1
             rel = f"{folder}/Class_{c + 1}_{j:04d}_{image_id}.jpg"
-            _save(class_image(c, rng, size), root / "images" / rel)
+            files.append(root / "images" / rel)
             images.append(f"{image_id} {rel}")
             labels.append(f"{image_id} {c + 1}")
             split.append(f"{image_id} {int(j % official_train_every == 0)}")
+        jobs.append((c, files))
+    if workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool.starmap(_write_class, [(c, files, size, (seed, c)) for c, files in jobs])
+    else:
+        rng = np.random.default_rng(seed)
+        for c, files in jobs:
+            for path in files:
+                _save(class_image(c, rng, size), path)
     for name, lines in (("images.txt", images), ("image_class_labels.txt", labels),
                         ("train_test_split.txt", split), ("classes.txt", classes)):
         (root / name).write_text("\n".join(lines) + "\n")
     return root
+
+
+def _write_class(label: int, files: Sequence[Path], size: tuple[int, int], seed) -> None:
+    rng = np.random.default_rng(seed)
+    for path in files:
+        _save(class_image(label, rng, size), path)
 
 
 def _mat_struct(records: list[dict]) -> np.ndarray:

@@ -11,6 +11,10 @@ loader per dataset, and changes only what they iterate over:
   decodes the batch, how many workers there are, or what that worker decoded before. An epoch replays
   exactly after a resume, with persistent workers, with any ``num_workers``.
 - :class:`EmbeddingLoader` iterates any index subset of one dataset in order, for embedding extraction.
+- :class:`LoaderPool` keeps those loaders for a whole run: stage datasets that are subsets of one base
+  dataset (what :func:`~pml_mutual.data.split_by_stage` makes) share the base's loader and its workers,
+  so worker processes start once per run, not once per stage, and their shutdown (seconds with many
+  workers forked from a process holding a CUDA context) happens once, at the end.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 
 
 def batch_seed(epoch_seed: int, batch: int) -> int:
@@ -33,16 +37,19 @@ class EpochBatchSampler(Sampler):
         self.batch_size = int(batch_size)
         self.sampler: Iterable[int] | None = None
         self.epoch_seed = 0
+        self.index_map: np.ndarray | None = None
 
-    def set_epoch(self, sampler: Iterable[int], epoch_seed: int) -> None:
-        self.sampler, self.epoch_seed = sampler, int(epoch_seed)
+    def set_epoch(self, sampler: Iterable[int], epoch_seed: int, index_map: np.ndarray | None = None) -> None:
+        """``index_map[i]`` is the loader's item for the sampler's index ``i`` (a stage subset inside its base)."""
+        self.sampler, self.epoch_seed, self.index_map = sampler, int(epoch_seed), index_map
 
     def __iter__(self) -> Iterator[tuple[int, list[int]]]:
         if self.sampler is None:
             raise RuntimeError("EpochBatchSampler.set_epoch must be called before iterating")
         batch, number = [], 0
+        index_map = self.index_map
         for i in self.sampler:
-            batch.append(int(i))
+            batch.append(int(i) if index_map is None else int(index_map[i]))
             if len(batch) == self.batch_size:
                 yield batch_seed(self.epoch_seed, number), batch
                 batch, number = [], number + 1
@@ -109,3 +116,60 @@ class EmbeddingLoader:
     def __call__(self, indices: Sequence[int] | None = None) -> DataLoader:
         self._order.indices = range(len(self.dataset)) if indices is None else list(indices)
         return self._loader
+
+
+def base_indices(dataset: Dataset) -> tuple[Dataset, np.ndarray]:
+    """(base dataset, indices into it) of a ``Subset`` (or a ``ConcatDataset`` of subsets) of one
+    dataset, at any depth; any other dataset is its own base."""
+    if isinstance(dataset, Subset):
+        base, index = base_indices(dataset.dataset)
+        return base, index[np.asarray(dataset.indices, dtype=np.int64)]
+    if isinstance(dataset, ConcatDataset) and dataset.datasets:
+        parts = [base_indices(d) for d in dataset.datasets]
+        if all(base is parts[0][0] for base, _ in parts):
+            return parts[0][0], np.concatenate([index for _, index in parts])
+    return dataset, np.arange(len(dataset))
+
+
+class EmbeddingView:
+    """``dataset`` (a subset of the pool's base dataset) through the base's :class:`EmbeddingLoader`."""
+
+    def __init__(self, dataset: Dataset, loader: EmbeddingLoader, index: np.ndarray):
+        self.dataset, self._loader, self._index = dataset, loader, index
+
+    def __call__(self, indices: Sequence[int] | None = None) -> DataLoader:
+        return self._loader(self._index if indices is None else self._index[np.asarray(indices, dtype=np.int64)])
+
+
+class LoaderPool:
+    """The loaders of a run, each built once per base dataset and kept until :meth:`close`.
+
+    ``train(dataset)`` → ``(loader, batch_sampler, index_map)`` for a stage's training set (the last
+    base's loader is replaced, not kept, when a stage has another base); ``embed(dataset)`` → an
+    :class:`EmbeddingView` for extraction.
+    """
+
+    def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int = 0, pin_memory: bool = False):
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self._train: tuple | None = None  # (base, loader, batch sampler)
+        self._embed: dict[int, tuple[Dataset, EmbeddingLoader]] = {}
+
+    def train(self, dataset: Dataset, collate_fn=None):
+        base, index = base_indices(dataset)
+        if self._train is None or self._train[0] is not base or self._train[3] is not collate_fn:
+            self._train = None  # the old base's workers end before new ones start
+            loader, batches = train_loader(base, self.batch_size, self.num_workers, self.pin_memory, collate_fn)
+            self._train = (base, loader, batches, collate_fn)
+        return self._train[1], self._train[2], index
+
+    def embed(self, dataset: Dataset) -> EmbeddingView:
+        base, index = base_indices(dataset)
+        if id(base) not in self._embed:
+            self._embed[id(base)] = (base, EmbeddingLoader(base, self.eval_batch_size, self.num_workers, self.pin_memory))
+        return EmbeddingView(dataset, self._embed[id(base)][1], index)
+
+    def close(self) -> None:
+        """End every worker process now."""
+        self._train = None
+        self._embed.clear()

@@ -128,11 +128,23 @@ def _lowest_tied(scores: torch.Tensor, kth: torch.Tensor, k: int, block: int = 1
     return out
 
 
-def torch_neighbours(emb: np.ndarray, k: int, device: torch.device, chunk_size: int | None = None) -> np.ndarray:
+def normalized_rows(emb: np.ndarray) -> np.ndarray:
+    """Float32 rows scaled to unit L2 norm (zero rows stay zero); NaN or inf is a ValueError."""
+    if not np.isfinite(emb).all():
+        raise ValueError("embeddings contain NaN or inf values")
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    return np.ascontiguousarray(emb / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def torch_neighbours(emb: np.ndarray, k: int, device: torch.device, chunk_size: int | None = None,
+                     normalize: bool = False) -> np.ndarray:
+    """``normalize``: check finiteness and scale rows to unit norm on ``device`` (as :func:`normalized_rows`)."""
     n = emb.shape[0]
-    x = torch.from_numpy(emb)
-    if device.type == "cuda":
-        x = x.pin_memory().to(device, non_blocking=True)
+    x = torch.from_numpy(emb).to(device)
+    if normalize:
+        if not bool(torch.isfinite(x).all()):  # one read per evaluation
+            raise ValueError("embeddings contain NaN or inf values")
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
     chunk = chunk_size or auto_chunk_rows(n, device)
     out = torch.empty((n, k), dtype=torch.int64, device=device)
     for start in range(0, n, chunk):

@@ -43,8 +43,9 @@ def check_ks(ks: Iterable[int]) -> tuple[int, ...]:
     return tuple(int(k) for k in ks)
 
 
-def prepare(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
-    """Validate and convert to (float32 L2-normalised C-contiguous (N, D), int64 (N,))."""
+def check_inputs(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert to (float32 C-contiguous (N, D), int64 (N,)); values are checked where the
+    search runs (see :func:`prepare`)."""
     emb = _to_numpy(embeddings, "embeddings")
     lab = _to_numpy(labels, "labels")
     if emb.ndim != 2:
@@ -55,12 +56,13 @@ def prepare(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"labels must be 1-D with one entry per embedding ({emb.shape[0]}), got shape {lab.shape}")
     if not np.issubdtype(lab.dtype, np.integer):
         raise TypeError(f"labels must be integers, got {lab.dtype}")
-    emb = emb.astype(np.float32, copy=False)
-    if not np.isfinite(emb).all():
-        raise ValueError("embeddings contain NaN or inf values")
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    emb = np.ascontiguousarray(emb / np.maximum(norms, 1e-12), dtype=np.float32)
-    return emb, lab.astype(np.int64, copy=False)
+    return np.ascontiguousarray(emb, dtype=np.float32), lab.astype(np.int64, copy=False)
+
+
+def prepare(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert to (float32 L2-normalised C-contiguous (N, D), int64 (N,))."""
+    emb, lab = check_inputs(embeddings, labels)
+    return knn.normalized_rows(emb), lab
 
 
 def nearest_neighbours(
@@ -111,8 +113,15 @@ def recall_at_k(
     """
     ks = check_ks(ks)
     chunk_size = knn.check_chunk_size(chunk_size)
-    emb, lab = prepare(embeddings, labels)
-    nbrs = nearest_neighbours(emb, max(ks), chunk_size, use_gpu, backend, device)
+    emb, lab = check_inputs(embeddings, labels)
+    k = min(max(ks), emb.shape[0] - 1)
+    backend, torch_device = knn.resolve_backend(backend, use_gpu, device)
+    if k <= 0:
+        nbrs = np.zeros((emb.shape[0], 0), dtype=np.int64)
+    elif backend == "torch":  # finiteness and L2 normalisation on the search device, not on the host first
+        nbrs = knn.torch_neighbours(emb, k, torch_device, chunk_size, normalize=True)
+    else:
+        nbrs = knn.faiss_neighbours(knn.normalized_rows(emb), k, chunk_size, use_gpu)
     if nbrs.shape[1] == 0:  # a single item has no neighbour to find
         return {k: 0.0 for k in ks}
     same = lab[nbrs] == lab[:, None]

@@ -12,39 +12,47 @@ from .recall import _to_numpy, check_ks, recall_at_k
 
 @torch.no_grad()
 def extract_embeddings(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Sequence[torch.nn.Module],
     dataset: Dataset | DataLoader,
     batch_size: int = 256,
     device: torch.device | str | None = None,
     amp: bool = False,
     num_workers: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
     """Embed a ``(x, label)`` dataset in eval mode without gradients; returns float32 CPU (N, D) and (N,).
 
-    ``dataset`` may be a ready DataLoader (e.g. an :class:`~pml_mutual.data.loaders.EmbeddingLoader`'s,
-    whose workers persist between calls); ``batch_size`` and ``num_workers`` then do not apply. The
-    model's train/eval mode is restored afterwards. ``amp`` runs the forward under autocast (bfloat16,
-    or float16 on a GPU without bfloat16); the embeddings are returned in float32 either way. Batches
-    are copied to the device without blocking and the embeddings gathered there: one copy back at the end.
+    ``model`` may be a list of models: each batch is then decoded once and embedded by every one of
+    them, and the first value returned is the list of their embeddings (drift measurement embeds the
+    same images with the new and an old model). ``dataset`` may be a ready DataLoader (e.g. an
+    :class:`~pml_mutual.data.loaders.EmbeddingLoader`'s, whose workers persist between calls);
+    ``batch_size`` and ``num_workers`` then do not apply. The models' train/eval modes are restored
+    afterwards. ``amp`` runs the forward under autocast (bfloat16, or float16 on a GPU without
+    bfloat16); the embeddings are returned in float32 either way. Batches are copied to the device
+    without blocking and the embeddings gathered there: one copy back at the end.
     """
+    models = [model] if isinstance(model, torch.nn.Module) else list(model)
     loader = dataset
     if not isinstance(loader, DataLoader):
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     if len(loader.dataset) == 0 or len(loader) == 0:
         raise ValueError("cannot extract embeddings of an empty dataset")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    chunks, labels = [], []
+    device = torch.device(device) if device is not None else next(models[0].parameters()).device
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    chunks, labels = [[] for _ in models], []
     try:
         for x, y in loader:
-            with torch.autocast(device.type, enabled=amp, dtype=autocast_dtype(device)):
-                out = model(x.to(device, non_blocking=True))
-            chunks.append(out.float())
+            x = x.to(device, non_blocking=True)
+            for m, out in zip(models, chunks):
+                with torch.autocast(device.type, enabled=amp, dtype=autocast_dtype(device)):
+                    out.append(m(x).float())
             labels.append(torch.as_tensor(y))
     finally:
-        model.train(was_training)
-    return torch.cat(chunks).cpu(), torch.cat(labels).cpu().long()
+        for m, mode in zip(models, was_training):
+            m.train(mode)
+    embeddings = [torch.cat(c).cpu() for c in chunks]
+    return (embeddings[0] if isinstance(model, torch.nn.Module) else embeddings), torch.cat(labels).cpu().long()
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:

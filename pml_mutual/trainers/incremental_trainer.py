@@ -40,6 +40,9 @@ class IncrementalTrainer(MetricLossOnly):
     trained models whose BatchNorm layers stay in eval mode (default, with PML's
     ``freeze_trunk_batchnorm=True``: both students).
 
+    ``loader_pool`` (a :class:`~pml_mutual.data.loaders.LoaderPool`) supplies the training loader, so
+    worker processes persist across stages; without it the trainer builds its own for its epochs.
+
     Under ``torchrun`` (students wrapped in ``DistributedDataParallel``, see :class:`~pml_mutual.OnlineLearner`),
     ``gram_scope="global"`` computes every loss on the batch gathered from all ranks, so N ranks with
     batches of B train exactly like one process with N·B; ``"local"`` keeps each rank's batch.
@@ -55,9 +58,11 @@ class IncrementalTrainer(MetricLossOnly):
         amp: bool = False,
         gram_scope: str = "global",
         context: str = "",
+        loader_pool=None,
         **kwargs,
     ):
         self.context = context  # prefix of error messages, e.g. "stage 2, "
+        self.loader_pool = loader_pool  # a data.loaders.LoaderPool whose workers serve every stage of a run
         self.gram_scope = distributed.check_gram_scope(gram_scope)
         self.amp = amp
         self.drift_compensator = drift_compensator
@@ -169,12 +174,18 @@ class IncrementalTrainer(MetricLossOnly):
         batches come from ``self.sampler`` (set by ``epoch_start_hook``) with augmentations seeded per
         batch from torch's generator as the epoch starts (see :mod:`pml_mutual.data.loaders`)."""
         if self.dataloader is None:
-            self.dataloader, self.batch_sampler = train_loader(
-                self.dataset, self.batch_size, self.dataloader_num_workers,
-                pin_memory=self.device_type == "cuda", collate_fn=self.collate_fn,
-            )
+            if self.loader_pool is not None:  # the run's loader: its workers outlive this stage
+                if self.loader_pool.batch_size != self.batch_size:
+                    raise ValueError(f"loader_pool batches {self.loader_pool.batch_size} items, the trainer {self.batch_size}")
+                self.dataloader, self.batch_sampler, self.index_map = self.loader_pool.train(self.dataset, self.collate_fn)
+            else:
+                self.dataloader, self.batch_sampler = train_loader(
+                    self.dataset, self.batch_size, self.dataloader_num_workers,
+                    pin_memory=self.device_type == "cuda", collate_fn=self.collate_fn,
+                )
+                self.index_map = None
         sampler = self.sampler if self.sampler is not None else torch.utils.data.RandomSampler(self.dataset)  # PML: shuffle
-        self.batch_sampler.set_epoch(sampler, int(torch.randint(2**62, ()).item()))  # CPU generator: no GPU sync
+        self.batch_sampler.set_epoch(sampler, int(torch.randint(2**62, ()).item()), self.index_map)  # CPU generator: no GPU sync
         self.dataloader_iter = iter(self.dataloader)
 
     def get_batch(self):
@@ -235,9 +246,9 @@ class IncrementalTrainer(MetricLossOnly):
         self.close_dataloader()
 
     def close_dataloader(self) -> None:
-        """End the stage's loader workers now. Left to the garbage collector (the trainer sits in
-        reference cycles), their shutdown runs inside ``gc.collect`` and each worker is only
-        terminated after DataLoader's 5 s status interval: seconds per stage for nothing."""
+        """Let go of the loader: its workers end now (or stay with the ``loader_pool`` that owns them).
+        Left to the garbage collector, their shutdown would run inside a later ``gc.collect``, where
+        each worker is only terminated after DataLoader's 5 s status interval."""
         self.dataloader_iter = None
         self.dataloader = None
 

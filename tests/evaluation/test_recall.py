@@ -104,9 +104,10 @@ def test_agrees_with_pml_precision_at_1():
         (np.ones((3, 2)), np.array([0.0, 1.0, 1.0]), (1,), TypeError, "integers"),
     ],
 )
-def test_bad_input(emb, labels, ks, err, match):
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_bad_input(emb, labels, ks, err, match, backend):
     with pytest.raises(err, match=match):
-        recall_at_k(emb, labels, ks)
+        recall_at_k(emb, labels, ks, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])

@@ -138,7 +138,9 @@ def test_a_trained_trainer_and_its_loader_workers_go_with_the_last_reference(new
     import weakref
 
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # torch's one-off lazy import (see test_online)
-    models = full_models()
+    from pytorch_metric_learning.utils import common_functions as c_f
+
+    models = {k: m.to(c_f.use_cuda_if_available()) for k, m in full_models().items()}  # PML's default device
     weights = {"metric_loss": 1, "support_metric_loss": 1, "correlation_loss": 1, "mutual_loss": 1}
     gc.collect()
     gc.disable()
