@@ -30,7 +30,7 @@ from .data.stages import scale_stage_ends, stages_from_ends
 from .data.transforms import ProtocolTransform
 from .experiment import final_row, mean_std, per_stage_row, run_methods
 from .identity import file_sha256
-from .models.backbones import BACKBONES, BATCH, INPUT_SPACE, backbone_factory
+from .models.backbones import BACKBONES, BATCH, INPUT_SPACE, backbone_factory, check_image_size
 from .online import METHODS, OnlineConfig
 from .published import ONE_TASK, TABLES, published
 
@@ -47,7 +47,8 @@ class DatasetSpec:
 
 
 def _load_cub(root, seed, args):
-    return cub.load_cub(root, split=args.cub_split, seed=seed, train_list=args.train_list, test_list=args.test_list)
+    return cub.load_cub(root, split=args.cub_split, seed=seed, train_list=args.train_list, test_list=args.test_list,
+                        allow_outside_root=args.allow_outside_root)
 
 
 DATASETS = {
@@ -58,7 +59,7 @@ DATASETS = {
     ),
     "cars196": DatasetSpec(
         "cars196", "Cars196", cars196.NUM_CLASSES, cars196.STAGE_ENDS,
-        lambda root, seed, args: cars196.load_cars196(root, seed=seed, crop=args.crop),
+        lambda root, seed, args: cars196.load_cars196(root, seed=seed, crop=args.crop, allow_outside_root=args.allow_outside_root),
         lambda d: fixtures.write_cars196_fixture(d, [8] * 16),
         "a directory with cars_annos.mat and car_ims/ (or the devkit layout)",
     ),
@@ -106,6 +107,8 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--runs", type=Path, default=Path("runs") / dataset, help="checkpoints (an interrupted run resumes)")
     p.add_argument("--out", type=Path, help="write every run and the published numbers as JSON")
     p.add_argument("--smoke", action="store_true", help="tiny data in the real format, random weights, seconds")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="follow image paths of the annotation/list files that leave the dataset directory (refused by default)")
     if dataset == "cub200":
         p.add_argument("--cub-split", choices=["protocol", "official", "lists"], default="protocol")
         p.add_argument("--train-list", type=Path, help="'<path> <label>' list file (e.g. FECD's data/train.txt)")
@@ -222,6 +225,10 @@ def _run(dataset: str, args, device: torch.device) -> list[dict]:
     rows, t_all = [], time.perf_counter()
     try:
         train_items, test_items = spec.load(args.data_root, args.split_seed, args)
+        # known before training: every listed image exists, and the backbone takes this crop size
+        train_items.check_files_exist(f"the {spec.title} training split")
+        test_items.check_files_exist(f"the {spec.title} test split")
+        check_image_size(args.backbone, size)
         classes = np.unique(train_items.labels)
         # the paper's stage boundaries; moved proportionally when a subset (or smoke data) has fewer classes
         ends = scale_stage_ends(spec.stage_ends[args.setting], spec.num_classes, len(classes))

@@ -141,3 +141,84 @@ def test_invalid_config_values_are_refused_at_construction(field, value):
 def test_recall_chunk_size_is_checked():
     with pytest.raises(ValueError, match="chunk_size"):
         recall_at_k(np.eye(4, dtype=np.float32), np.array([0, 0, 1, 1]), chunk_size=-1)
+
+
+# ----------------------------------------------------------------- image datasets on disk
+def _cub(tmp_path, counts=(4, 4, 4, 4)):
+    from pml_mutual.data.fixtures import write_cub_fixture
+
+    return write_cub_fixture(tmp_path / "CUB_200_2011", list(counts))
+
+
+@pytest.mark.parametrize("bad_path", ["../../outside.jpg", "/etc/hostname", "001.Class_1/../../../x.jpg"])
+def test_annotation_paths_leaving_the_dataset_are_refused_unless_allowed(tmp_path, bad_path):
+    from pml_mutual.data import cub
+    from pml_mutual.data.images import read_list_file
+
+    root = _cub(tmp_path)
+    lines = (root / "images.txt").read_text().splitlines()
+    lines[2] = f"3 {bad_path}"
+    (root / "images.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"images\.txt.*outside the dataset root"):
+        cub.load_cub(root)
+    items, _ = cub.read_cub(root, allow_outside_root=True)  # the explicit opt-out reads it as written
+    assert items.paths[2] == bad_path
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"a/b.jpg 0\n{bad_path} 1\n")
+    with pytest.raises(ValueError, match=r"list\.txt.*item 2.*outside"):
+        read_list_file(listing)
+
+
+def test_a_missing_image_file_is_refused_before_training(tmp_path):
+    from pml_mutual.data import ImageListDataset, load_cub, stages_from_ends
+    from pml_mutual.data.transforms import ProtocolTransform
+
+    root = _cub(tmp_path, (6, 6, 6, 6))
+    train_items, test_items = load_cub(root)
+    (train_items.root / train_items.paths[3]).unlink()
+    transform = ProtocolTransform(False, "imagenet", 16)
+    trained = []
+
+    class Spy(EmbeddingMLP):
+        def forward(self, x):
+            trained.append(1)
+            return super().forward(x.flatten(1)[:, :64])
+
+    with pytest.raises(FileNotFoundError, match=r"1 of the \d+ image files of the training dataset do not exist.*" + train_items.paths[3]):
+        OnlineLearner.from_class_assignment(
+            Spy, ImageListDataset(train_items, transform), ImageListDataset(test_items, transform),
+            stages_from_ends(np.unique(train_items.labels), [2]), config=tiny(), run_dir=tmp_path / "r", quiet=True)
+    assert not trained and not (tmp_path / "r" / "config.json").exists()
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from pml_mutual.data.images import open_image
+
+    grey = (np.arange(64 * 48).reshape(48, 64) * 21).astype(np.uint16)  # 0 … 64491
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")  # Pillow reads it as 16-bit grey
+    rgb = np.asarray(open_image(tmp_path / "deep.png"))
+    assert rgb.shape == (48, 64, 3)
+    np.testing.assert_array_equal(rgb[..., 0], np.round(grey / 257.0).astype(np.uint8))
+    assert rgb.min() == 0 and 245 <= rgb.max() <= 251  # the full range, not a white image
+
+
+def test_unsupported_backbone_image_sizes_are_named_before_training():
+    from pml_mutual.models.backbones import check_image_size, supported_image_sizes
+
+    assert supported_image_sizes("bninception", [224, 48]) == [224]
+    with pytest.raises(ValueError, match=r"bninception backbone cannot take 80×80 images; sizes that work near it: \[.*\]"):
+        check_image_size("bninception", 80)
+    check_image_size("bninception", 224)
+
+
+def test_the_cli_checks_image_size_and_files_before_training(tmp_path, capsys):
+    from pml_mutual.reproduce import run
+
+    with pytest.raises(ValueError, match="cannot take 48×48"):
+        run("cub200", ["--smoke", "--backbone", "bninception", "--image-size", "48", "--methods", "finetune",
+                       "--runs", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()

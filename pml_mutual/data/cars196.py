@@ -48,13 +48,15 @@ def _field(record, name: str, path: Path):
         raise ValueError(f"{path}: annotations lack the field {name!r}") from None
 
 
-def read_cars196(root: str | os.PathLike, crop: bool = False) -> ImageItems:
-    """Every image of a Cars196 directory (labels = class − 1), from cars_annos.mat or the devkit layout."""
+def read_cars196(root: str | os.PathLike, crop: bool = False, allow_outside_root: bool = False) -> ImageItems:
+    """Every image of a Cars196 directory (labels = class − 1), from cars_annos.mat or the devkit layout;
+    image paths must stay inside ``root`` unless ``allow_outside_root``."""
     root = Path(root)
     require(root, "Cars196 directory")
-    paths, labels, boxes = [], [], []
+    paths, labels, boxes, sources = [], [], [], []
     if (root / "cars_annos.mat").is_file():
         path = root / "cars_annos.mat"
+        sources.append(path)
         for a in _records(_loadmat(path), path):
             paths.append(str(_field(a, "relative_im_path", path)))
             labels.append(int(_field(a, "class", path)) - 1)
@@ -68,6 +70,7 @@ def read_cars196(root: str | os.PathLike, crop: bool = False) -> ImageItems:
                 "(devkit/cars_train_annos.mat and cars_test_annos_withlabels.mat)"
             )
         for path, folder in ((train_annos, "cars_train"), (test_annos, "cars_test")):
+            sources.append(path)
             for a in _records(_loadmat(path), path):
                 paths.append(f"{folder}/{_field(a, 'fname', path)}")
                 labels.append(int(_field(a, "class", path)) - 1)
@@ -75,12 +78,13 @@ def read_cars196(root: str | os.PathLike, crop: bool = False) -> ImageItems:
     items = ImageItems(root, paths, np.array(labels), np.array(boxes) if crop else None)
     if items.labels.min() < 0:
         raise ValueError("Cars196 class ids are 1-based: found class 0")
-    return items
+    return items.check_inside_root(" / ".join(map(str, sources)), allow_outside_root)
 
 
 def load_cars196(
-    root: str | os.PathLike, seed: int = 0, train_fraction: float = TRAIN_FRACTION, crop: bool = False
+    root: str | os.PathLike, seed: int = 0, train_fraction: float = TRAIN_FRACTION, crop: bool = False,
+    allow_outside_root: bool = False,
 ) -> tuple[ImageItems, ImageItems]:
     """(train, test) items of Cars196 under the paper's per-class split (see the module docstring)."""
-    items = read_cars196(root, crop=crop)
+    items = read_cars196(root, crop=crop, allow_outside_root=allow_outside_root)
     return split_items(items, train_fraction, seed)

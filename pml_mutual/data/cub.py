@@ -32,8 +32,9 @@ def _read_table(path: Path, what: str) -> list[list[str]]:
     return rows
 
 
-def read_cub(root: str | os.PathLike) -> tuple[ImageItems, np.ndarray]:
-    """Every image of a CUB-200-2011 directory (labels = class id − 1) and the official is-train flags."""
+def read_cub(root: str | os.PathLike, allow_outside_root: bool = False) -> tuple[ImageItems, np.ndarray]:
+    """Every image of a CUB-200-2011 directory (labels = class id − 1) and the official is-train flags;
+    image paths must stay under ``images/`` unless ``allow_outside_root``."""
     root = Path(root)
     require(root, "CUB-200-2011 directory (the one holding images.txt)")
     paths = dict(_read_table(root / "images.txt", "CUB images.txt"))
@@ -46,6 +47,7 @@ def read_cub(root: str | os.PathLike) -> tuple[ImageItems, np.ndarray]:
     items = ImageItems(root / "images", [paths[i].strip() for i in ids], np.array([labels[i] for i in ids]))
     if items.labels.min() < 0:
         raise ValueError("CUB class ids are 1-based: found class id 0 in image_class_labels.txt")
+    items.check_inside_root(root / "images.txt", allow_outside_root)
     return items, np.array([official.get(i, False) for i in ids])
 
 
@@ -68,21 +70,23 @@ def load_cub(
     train_fraction: float = TRAIN_FRACTION,
     train_list: str | os.PathLike | None = None,
     test_list: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
 ) -> tuple[ImageItems, ImageItems]:
     """(train, test) items of CUB-200-2011.
 
     ``split="protocol"``: floor(``train_fraction``·n_c) random images per class with ``seed`` (the paper's
     7,048 / 4,740); ``"official"``: CUB's own train_test_split.txt; ``"lists"``: ``train_list`` and
     ``test_list`` in the ``<path> <label>`` format (e.g. FECD's data/train.txt and data/test.txt).
+    Image paths must stay inside the dataset (or list file's) directory unless ``allow_outside_root``.
     """
     root = Path(root)
     if split == "lists" or train_list is not None or test_list is not None:
         if train_list is None or test_list is None:
             raise ValueError("a list-file split needs both train_list and test_list")
-        train = _resolve_list_items(read_list_file(train_list), root)
-        test = _resolve_list_items(read_list_file(test_list), root)
+        train = _resolve_list_items(read_list_file(train_list, allow_outside_root=allow_outside_root), root)
+        test = _resolve_list_items(read_list_file(test_list, allow_outside_root=allow_outside_root), root)
     else:
-        items, official = read_cub(root)
+        items, official = read_cub(root, allow_outside_root)
         if split == "protocol":
             return split_items(items, train_fraction, seed)
         if split != "official":

@@ -47,6 +47,29 @@ class ImageItems:
     def classes(self) -> np.ndarray:
         return np.unique(self.labels)
 
+    def check_inside_root(self, source: str | os.PathLike, allow_outside_root: bool = False) -> "ImageItems":
+        """Refuse absolute paths and paths whose ``..`` leave ``root`` (read from ``source``), unless
+        ``allow_outside_root``: an annotation file must not make the loader open files elsewhere."""
+        if allow_outside_root:
+            return self
+        for i, p in enumerate(self.paths):
+            parts = Path(os.path.normpath(p)).parts
+            if os.path.isabs(p) or (parts and parts[0] == ".."):
+                raise ValueError(
+                    f"{source}: image path {p!r} (item {i + 1}) lies outside the dataset root {self.root}; refused "
+                    "(pass allow_outside_root=True, or --allow-outside-root on the command line, if that is intended)"
+                )
+        return self
+
+    def check_files_exist(self, what: str = "the dataset") -> None:
+        """One ``stat`` per listed image: a missing file is an error now, not hours into training."""
+        missing = [p for p in self.paths if not (self.root / p).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of the {len(self.paths)} image files of {what} do not exist under {self.root}, "
+                f"e.g. {', '.join(missing[:3])}"
+            )
+
 
 class ImageListDataset(Dataset):
     """``(transform(image), label)`` for each item of :class:`ImageItems`; boxes crop before the transform.
@@ -79,6 +102,12 @@ def open_image(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"image file missing: {path}")
     with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit (or 32-bit integer) grey levels: Pillow's convert("RGB") clips them at 255 (a white
+            # image); scaled to 8 bits instead (65535 → 255)
+            pixels = np.asarray(im, dtype=np.float64)
+            scale = 257.0 if im.mode.startswith("I;16") or pixels.max(initial=0) <= 65535 else pixels.max() / 255.0
+            return Image.fromarray(np.clip(np.round(pixels / scale), 0, 255).astype(np.uint8)).convert("RGB")
         return im.convert("RGB")
 
 
@@ -100,11 +129,12 @@ def require(path: Path, what: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- list files
-def read_list_file(path: str | os.PathLike, root: str | os.PathLike | None = None) -> ImageItems:
+def read_list_file(path: str | os.PathLike, root: str | os.PathLike | None = None, allow_outside_root: bool = False) -> ImageItems:
     """Read a ``<relative path> <label>[ x1 y1 x2 y2]`` list file (one item per line, labels 0-based).
 
     This is the format of the FECD reference split files for CUB (``train/<class dir>/<file>.jpg 12``).
-    Paths are relative to ``root`` (default: the list file's directory). Boxes are all-or-none.
+    Paths are relative to ``root`` (default: the list file's directory) and must stay inside it unless
+    ``allow_outside_root``. Boxes are all-or-none.
     """
     path = require(Path(path), "list file")
     paths, labels, boxes = [], [], []
@@ -130,7 +160,8 @@ def read_list_file(path: str | os.PathLike, root: str | os.PathLike | None = Non
         raise ValueError(f"{path}: either every line has a box or none does")
     if min(labels) < 0:
         raise ValueError(f"{path}: labels must be ≥ 0, got {min(labels)}")
-    return ImageItems(Path(root) if root is not None else path.parent, paths, np.array(labels), np.array(boxes) if boxes else None)
+    items = ImageItems(Path(root) if root is not None else path.parent, paths, np.array(labels), np.array(boxes) if boxes else None)
+    return items.check_inside_root(path, allow_outside_root)
 
 
 def _is_number(token: str) -> bool:

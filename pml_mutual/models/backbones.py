@@ -98,6 +98,31 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, embeddin
     raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
 
 
+def supported_image_sizes(name: str, sizes) -> list[int]:
+    """Which square input sizes ``name`` takes: a shape-only forward pass on the meta device (no weights,
+    no memory, no compute). BN-Inception's inception branches disagree in size for many crops (48, 80,
+    112, ...); ViT-B/16 takes 224 only."""
+    with torch.device("meta"):
+        model = build_backbone(name).eval()
+    ok = []
+    for size in sizes:
+        try:
+            model(torch.empty(2, 3, int(size), int(size), device="meta"))
+            ok.append(int(size))
+        except (RuntimeError, ValueError, AssertionError):
+            pass
+    return ok
+
+
+def check_image_size(name: str, size: int) -> None:
+    """A ValueError naming nearby sizes that work when backbone ``name`` cannot take ``size`` × ``size`` crops."""
+    if supported_image_sizes(name, [size]):
+        return
+    near = sorted(range(max(16, size - 64), size + 65, 8), key=lambda s: (abs(s - size), s))
+    works = sorted(supported_image_sizes(name, near)[:4]) or supported_image_sizes(name, [224])
+    raise ValueError(f"the {name} backbone cannot take {size}×{size} images; sizes that work near it: {works}")
+
+
 def backbone_factory(name: str, weights: str | os.PathLike | None = None, embedding_size: int = 512) -> Callable[[], nn.Module]:
     """A ``model_factory`` for :class:`~pml_mutual.OnlineLearner`: checks the weights once, then builds
     each network from a CPU copy of the pretrained state (the file is read only once). Without weights
