@@ -222,3 +222,15 @@ def test_the_cli_checks_image_size_and_files_before_training(tmp_path, capsys):
         run("cub200", ["--smoke", "--backbone", "bninception", "--image-size", "48", "--methods", "finetune",
                        "--runs", str(tmp_path / "runs")])
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_a_damaged_image_is_named(tmp_path, damage):
+    from pml_mutual.data.images import open_image
+
+    root = _cub(tmp_path, (2, 2))
+    path = next((root / "images").rglob("*.jpg"))
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"not a jpeg" * 10, "empty": b""}[damage])
+    with pytest.raises(OSError, match=f"cannot decode image {path}"):
+        open_image(path)

@@ -101,14 +101,17 @@ def open_image(path: Path):
         raise ImportError("reading images needs Pillow: pip install 'pml-mutual[vision]'") from e
     if not path.is_file():
         raise FileNotFoundError(f"image file missing: {path}")
-    with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit (or 32-bit integer) grey levels: Pillow's convert("RGB") clips them at 255 (a white
-            # image); scaled to 8 bits instead (65535 → 255)
-            pixels = np.asarray(im, dtype=np.float64)
-            scale = 257.0 if im.mode.startswith("I;16") or pixels.max(initial=0) <= 65535 else pixels.max() / 255.0
-            return Image.fromarray(np.clip(np.round(pixels / scale), 0, 255).astype(np.uint8)).convert("RGB")
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16-bit (or 32-bit integer) grey levels: Pillow's convert("RGB") clips them at 255 (a
+                # white image); scaled to 8 bits instead (65535 → 255)
+                pixels = np.asarray(im, dtype=np.float64)
+                scale = 257.0 if im.mode.startswith("I;16") or pixels.max(initial=0) <= 65535 else pixels.max() / 255.0
+                return Image.fromarray(np.clip(np.round(pixels / scale), 0, 255).astype(np.uint8)).convert("RGB")
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # truncated, corrupt or not an image: say which file
+        raise OSError(f"cannot decode image {path}: {e}") from e
 
 
 def crop_box(image, box: Sequence[float]):

@@ -27,9 +27,14 @@ def check_pair(embeddings: torch.Tensor, ref_emb: torch.Tensor | None, ref_name:
         )
 
 
+MAX_TEMPERATURE = 1000.0
+
+
 def check_temperature(temperature: float) -> float:
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature != temperature:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    """T in (0, 1000]. Beyond that σ(G / T) is uniform to float32 resolution: each row's KL is then
+    rounding noise (possibly negative) that the T² factor multiplies into large logged values."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be a finite number in (0, {MAX_TEMPERATURE:g}], got {temperature!r}")
     return float(temperature)
 
 

@@ -224,8 +224,9 @@ def test_bad_input_errors(loss_cls):
         loss(torch.zeros(0, 3), ref_emb=torch.zeros(0, 3))
     with pytest.raises(TypeError, match="floating"):
         loss(torch.ones(2, 2, dtype=torch.long), ref_emb=torch.ones(2, 2))
-    with pytest.raises(ValueError, match="temperature"):
-        loss_cls(temperature=0)
+    for bad in (0, -1.0, float("inf"), float("nan"), 3e3, True):
+        with pytest.raises(ValueError, match="temperature"):
+            loss_cls(temperature=bad)
 
 
 def test_unknown_option_values():
