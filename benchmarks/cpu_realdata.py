@@ -23,7 +23,8 @@ import torch
 
 from pml_mutual.data.cpu_benchmark import load_cpu_benchmark
 from pml_mutual.drift import DRIFT_MODES, SIMILARITIES
-from pml_mutual.experiment import final_row, mean_std, per_stage_row, run_methods
+from pml_mutual.evaluation import gap_closed
+from pml_mutual.experiment import final_row, mean_std, measure_fidelity, per_stage_row, run_methods
 from pml_mutual.models import SmallCNN
 from pml_mutual.online import METHODS, OnlineConfig
 
@@ -91,6 +92,20 @@ def print_tables(rows, setting, methods):
             print(f"{label:<10} " + " ".join(f"{fmt(stats[m][0][i], stats[m][1][i]):>15}" for m in cols))
 
 
+def print_fidelity(rows):
+    """Per stage i, the mean over earlier stages b (and seeds) of cos(virtual, real F_b) and the cross-model
+    Recall@1 (real F_b queries against the virtual gallery); "gap" = share of teacher → real closed."""
+    modes = [m for m in ("teacher", "none", "direct", "learned", "real") if m in rows[0]]
+    print("\nFidelity of the virtual features (the `ours` run's checkpoints): mean cos(virtual, real F_b) / "
+          "cross-model Recall@1 (%), mean over earlier stages b and seeds")
+    print(f"{'after':<7} " + " ".join(f"{m:>15}" for m in modes) + f" {'gap closed: direct':>20} {'learned':>9}")
+    for i in sorted({r["after_stage"] for r in rows}):
+        rs = [r for r in rows if r["after_stage"] == i]
+        cells = [f"{np.mean([r[m]['cosine'] for r in rs]):.3f} / {100 * np.mean([r[m]['recall@1'] for r in rs]):5.1f}" for m in modes]
+        gaps = [np.nanmean([gap_closed(r, m) for r in rs]) if m in rs[0] else float("nan") for m in ("direct", "learned")]
+        print(f"stage {i:<2} " + " ".join(f"{c:>15}" for c in cells) + f" {gaps[0]:>20.2f} {gaps[1]:>9.2f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=list(DATASETS), required=True)
@@ -112,6 +127,9 @@ def main(argv=None):
                    help="the weight S of Eq. 3 and 4")
     p.add_argument("--drift-mode", choices=DRIFT_MODES, default=OnlineConfig.drift_mode,
                    help="direct (the paper: F_b → F_{i-1}), chained (SDC: stage to stage) or none (zero drift)")
+    p.add_argument("--fidelity", action="store_true",
+                   help="after each seed, measure the virtual features of drift modes none/direct/learned against "
+                        "the real earlier models on the `ours` run's checkpoints (multi-task)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", type=Path, default=Path("runs/cpu_realdata"), help="checkpoint directory (resumable)")
     p.add_argument("--out", type=Path, default=None)
@@ -124,13 +142,19 @@ def main(argv=None):
     class_to_stage = stages[args.setting]
     names = ["initial"] + [m for m in args.methods if m != "initial"]
     tag = f"{args.dataset}_{args.setting}{'_quick' if args.quick else ''}{'_val' if args.validation else ''}"
-    rows = []
+    rows, fidelity = [], []
     t_all = time.perf_counter()
     for seed in seeds:
         configs = {m: make_config(args.dataset, m, seed, args.quick, args) for m in names}
         t0 = time.perf_counter()
-        results = run_methods(lambda: SmallCNN(widths=tuple(args.widths)), train, test, class_to_stage, configs, args.runs / tag / f"seed{seed}")
+        results, learners = run_methods(lambda: SmallCNN(widths=tuple(args.widths)), train, test, class_to_stage, configs,
+                                        args.runs / tag / f"seed{seed}", return_learners=True)
         elapsed = time.perf_counter() - t0
+        if args.fidelity and "ours" in learners:
+            t1 = time.perf_counter()
+            for row in measure_fidelity(learners["ours"]):
+                fidelity.append(dict(row, seed=seed))
+            print(f"seed {seed}: fidelity measured in {time.perf_counter() - t1:.1f}s", flush=True)
         for m in names:
             s = results[m]
             old, new, all_ = final_row(s)
@@ -143,6 +167,8 @@ def main(argv=None):
             })
         print(f"seed {seed}: {len(names)} methods in {elapsed:.0f}s", flush=True)
     print_tables(rows, args.setting, names)
+    if fidelity:
+        print_fidelity(fidelity)
     total = time.perf_counter() - t_all
     print(f"\ntotal time: {total:.0f}s ({len(seeds)} seed(s), {len(train)} training / {len(test)} "
           f"{'validation' if args.validation else 'test'} images)")
@@ -151,7 +177,10 @@ def main(argv=None):
         shared = {k: v for k, v in configs[names[-1]].to_dict().items() if k != "method"}  # every method's
         config.update(DATASETS[args.dataset], seeds=seeds, hyper_parameters=shared)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"results": rows, "config": config, "seconds": total}, indent=2, default=str))
+        doc = {"results": rows, "config": config, "seconds": total}
+        if fidelity:
+            doc["fidelity"] = fidelity
+        args.out.write_text(json.dumps(doc, indent=2, default=str))
 
 
 if __name__ == "__main__":

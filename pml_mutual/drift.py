@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from .checks import check_embeddings
 
 SIMILARITIES = ("cosine_relu", "cosine", "gaussian")
-DRIFT_MODES = ("direct", "chained", "none")
+DRIFT_MODES = ("direct", "chained", "none", "learned")
+# Ridge strengths tried when fitting a learned map, relative to the mean eigenvalue of the source's scatter
+RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def _check_same_dim(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> None:
@@ -159,6 +161,42 @@ def virtual_features(
     return F.normalize(virtual, dim=1) if normalize else virtual
 
 
+def fit_linear_map(source: torch.Tensor, target: torch.Tensor, ridges=RIDGES, holdout_every: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) with ``target ≈ source @ W + b``: ridge regression toward the identity, in float64.
+
+    W = (XᵀX + λI)⁻¹ (XᵀY + λI) on centred X (source) and Y (target); b = ȳ − x̄W. Shrinking toward I (not
+    0) means an unchanged model maps to exactly the identity and little data means little change. λ is
+    ``ridges`` × the mean eigenvalue of XᵀX, chosen by the squared error on every ``holdout_every``-th row
+    (held out), then refitted on all rows. Finite for any number of rows ≥ 1, fewer than D included.
+    The learned-drift map of LDC (Gomez-Villa et al., ECCV 2024), fitted in closed form.
+    """
+    check_embeddings(source, "source")
+    check_embeddings(target, "target")
+    if source.shape != target.shape:
+        raise ValueError(f"source and target must embed the same images in one space size: {tuple(source.shape)} vs {tuple(target.shape)}")
+    x, y = source.detach().double().cpu(), target.detach().double().cpu()
+    eye = torch.eye(x.shape[1], dtype=torch.float64)
+
+    def solve(xs, ys, ridge):
+        mx, my = xs.mean(0), ys.mean(0)
+        xc, yc = xs - mx, ys - my
+        scatter = xc.T @ xc
+        lam = ridge * max(float(torch.trace(scatter)) / x.shape[1], 1e-12)
+        w = torch.linalg.solve(scatter + lam * eye, xc.T @ yc + lam * eye)
+        return w, my - mx @ w
+
+    held = torch.arange(len(x)) % holdout_every == holdout_every - 1
+    best = ridges[0]
+    if int(held.sum()) >= 1 and int((~held).sum()) >= 2 and len(ridges) > 1:
+        errors = []
+        for ridge in ridges:
+            w, b = solve(x[~held], y[~held], ridge)
+            errors.append(float(((x[held] @ w + b - y[held]) ** 2).sum()))
+        best = ridges[min(range(len(ridges)), key=errors.__getitem__)]
+    w, b = solve(x, y, best)
+    return w.float(), b.float()
+
+
 class DriftCompensator:
     """Per-stage prototypes and their accumulated drift: what stage i needs of stages < i−1.
 
@@ -170,6 +208,10 @@ class DriftCompensator:
        ``update_drift(F_t(τ_b), F_b(τ_b), stage=t)`` — each old checkpoint is loaded once, one at a time.
        ``mode="chained"`` (SDC): ``update_drift(F_{b−1}(τ_b), F_b(τ_b))`` composes the step drift of
        the previous model onto every earlier stage — only the previous model (stage b's teacher) is needed.
+       ``mode="learned"`` (LDC-style, beyond the paper): for each earlier stage t, a linear map from the
+       latest model's space back to F_t's, fitted on the same data as "direct" (:func:`fit_linear_map`);
+       a virtual feature is the map applied to the teacher feature, and each prototype's drift is what
+       the forward map (F_t → latest) does to it.
        ``mode="none"``: nothing is measured, every drift stays zero and each virtual feature is the
        teacher feature itself — the ablation that keeps Eq. 6's one term per earlier stage (and so its
        total weight) but removes what Eq. 3–4 estimate.
@@ -205,6 +247,7 @@ class DriftCompensator:
         self.stage_prototypes: list[torch.Tensor] = []  # μ^b_b, in F_b's space
         self.prototype_drifts: list[torch.Tensor] = []  # Δμ^{b→latest}
         self._padded = None  # (device, prototypes, drifts, mask) of the earlier stages, built once per change
+        self.maps: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # learned: (W, b) latest → F_t, per stage t
 
     @property
     def num_stages(self) -> int:
@@ -227,6 +270,7 @@ class DriftCompensator:
         self.class_ids.append(class_ids.cpu())
         self.stage_prototypes.append(means)
         self.prototype_drifts.append(torch.zeros_like(means))
+        self.maps.append(None)
         self._padded = None
         return self.num_stages - 1
 
@@ -236,7 +280,7 @@ class DriftCompensator:
         n = self.num_stages + after_adding
         if n < 2 or self.mode == "none":
             return []
-        return list(range(n - 1)) if self.mode == "direct" else [n - 2]
+        return list(range(n - 1)) if self.mode in ("direct", "learned") else [n - 2]
 
     def drifted_prototypes(self, stage: int) -> torch.Tensor:
         """μ^{latest}_{stage,k} = μ^{stage}_{stage,k} + Δμ^{stage→latest}_{stage,k}."""
@@ -255,6 +299,14 @@ class DriftCompensator:
             raise ValueError('mode="none" measures no drift: update_drift must not be called')
         if not allowed:
             raise ValueError("update_drift needs at least two stages added (there is no earlier stage)")
+        if self.mode == "learned":
+            if stage not in allowed:
+                raise ValueError(f"learned mode: stage must be one of {allowed}, got {stage!r}")
+            self.maps[stage] = fit_linear_map(new_feats, old_feats)  # latest → F_stage: virtual features
+            forward_w, forward_b = fit_linear_map(old_feats, new_feats)  # F_stage → latest: its prototypes
+            protos = self.stage_prototypes[stage]
+            self.prototype_drifts[stage] = protos @ forward_w.to(protos) + forward_b.to(protos) - protos
+            return
         if self.mode == "direct":
             if stage not in allowed:
                 raise ValueError(f"direct mode: stage must be one of {allowed}, got {stage!r}")
@@ -289,6 +341,10 @@ class DriftCompensator:
             return feats.new_zeros(0, *feats.shape)
         if self.mode == "none":  # zero drift: f̂^t = f^{i−1}, without computing weights that multiply zeros
             return (F.normalize(feats, dim=1) if self.normalize else feats).expand(earlier, *feats.shape)
+        if self.mode == "learned":
+            weights, biases = self._stacked_maps(feats.device)
+            virtual = torch.baddbmm(biases[:, None, :], feats.expand(earlier, *feats.shape), weights)
+            return F.normalize(virtual, dim=2) if self.normalize else virtual
         if self.similarity == "cosine":  # the raw weights must be checked per stage (a sum ≈ 0 raises)
             return torch.stack([
                 virtual_features(feats, self.drifted_prototypes(t).to(feats.device), self.prototype_drifts[t].to(feats.device),
@@ -306,6 +362,17 @@ class DriftCompensator:
             weights = torch.softmax(logits.masked_fill(~mask[:, None, :].bool(), float("-inf")), dim=2)
         virtual = feats - weights @ drifts  # f + Δf, Δf = −Σ_k S Δμ_k / Σ_k S
         return F.normalize(virtual, dim=2) if self.normalize else virtual
+
+    def _stacked_maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._padded is None or self._padded[0] != device:
+            earlier = range(self.num_stages - 1)
+            missing = [t for t in earlier if self.maps[t] is None]
+            if missing:
+                raise ValueError(f"learned mode: no map fitted for stage(s) {missing}: call update_drift for each")
+            weights = torch.stack([self.maps[t][0] for t in earlier]).to(device)
+            biases = torch.stack([self.maps[t][1] for t in earlier]).to(device)
+            self._padded = (device, weights, biases)
+        return self._padded[1:]
 
     def _padded_stages(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._padded is None or self._padded[0] != device:
@@ -355,12 +422,13 @@ class DriftCompensator:
             "class_ids": [c.clone() for c in self.class_ids],
             "stage_prototypes": [p.detach().cpu().clone() for p in self.stage_prototypes],
             "prototype_drifts": [d.detach().cpu().clone() for d in self.prototype_drifts],
+            "maps": [None if m is None else [m[0].cpu().clone(), m[1].cpu().clone()] for m in self.maps],
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output, checked first (keys, settings, shapes, finiteness, disjoint
         classes): a bad state raises ValueError naming the entry and leaves this compensator unchanged."""
-        keys = ("mode", "similarity", "sigma", "eps", "normalize", "class_ids", "stage_prototypes", "prototype_drifts")
+        keys = ("mode", "similarity", "sigma", "eps", "normalize", "class_ids", "stage_prototypes", "prototype_drifts")  # + "maps"
         if not isinstance(state, dict):
             raise ValueError(f"state_dict must be a dict, got {type(state).__name__}")
         missing = [k for k in keys if k not in state]
@@ -392,7 +460,21 @@ class DriftCompensator:
             if seen & set(ids.tolist()):
                 raise ValueError(f"state_dict class_ids[{t}] repeats classes of an earlier stage")
             seen |= set(ids.tolist())
+        maps = state.get("maps", [None] * len(lists[0]))  # absent in states written before the learned mode
+        if not isinstance(maps, (list, tuple)) or len(maps) != len(lists[0]):
+            raise ValueError("state_dict maps must hold one entry (or None) per stage")
+        for t, m in enumerate(maps):
+            if m is None:
+                continue
+            if (not isinstance(m, (list, tuple)) or len(m) != 2 or not all(torch.is_tensor(v) for v in m)
+                    or tuple(m[0].shape) != (dim, dim) or tuple(m[1].shape) != (dim,)):
+                raise ValueError(f"state_dict maps[{t}] must be a ({dim}, {dim}) matrix and a ({dim},) bias")
+            if not (torch.isfinite(m[0]).all() and torch.isfinite(m[1]).all()):
+                raise ValueError(f"state_dict maps[{t}] contains NaN or inf")
+        if self.mode == "learned" and any(m is None for m in maps[: max(0, len(maps) - 1)]):
+            raise ValueError("state_dict of a learned-mode compensator lacks the map of an earlier stage")
         self._padded = None
+        self.maps = [None if m is None else (m[0].clone().float(), m[1].clone().float()) for m in maps]
         self.sigma, self.eps, self.normalize = float(state["sigma"]), float(state["eps"]), bool(state["normalize"])
         self.class_ids = [c.clone() for c in state["class_ids"]]
         self.stage_prototypes = [p.clone().float() for p in state["stage_prototypes"]]

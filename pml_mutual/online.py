@@ -85,6 +85,11 @@ class OnlineConfig:
     temperature: float = 4.0
     corr_direction: str = "forward"
     mutual_mode: str = "symmetric"
+    # How the virtual features of earlier stages are estimated: "direct" (the paper, Eq. 3-4: prototype
+    # drift measured with every earlier checkpoint), "chained" (SDC: from the previous model only),
+    # "learned" (beyond the paper, LDC-style: per earlier stage a ridge-fitted linear map from the latest
+    # model's space back to it, on the same images as "direct"; one D×D solve per earlier stage, O(stages·D²)
+    # state; see measure_fidelity for how close each estimate comes) or "none" (zero drift)
     drift_mode: str = "direct"
     drift_similarity: str = "cosine_relu"
     support_init: str = "fresh"  # "fresh": model_factory() (random, or pretrained trunk + new head); "teacher"
@@ -97,7 +102,7 @@ class OnlineConfig:
     seed: int = 0
     device: str | None = None
     eval_batch_size: int = 256
-    amp: bool = False  # autocast (fp16 + GradScaler on CUDA, bf16 on CPU) for training and evaluation
+    amp: bool = False  # autocast (bf16; fp16 + GradScaler on GPUs without bf16) for training and evaluation
     num_workers: int = 0  # DataLoader worker processes (image datasets decode JPEGs: use several)
     # Under torchrun: batch_size and m_per_class are per rank; "global" computes the losses on the batch of
     # all ranks (N ranks × B = one process with N·B), "local" on each rank's own batch.

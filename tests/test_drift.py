@@ -283,3 +283,59 @@ def test_load_state_dict_refuses_bad_state():
         with pytest.raises(ValueError, match=message):
             fresh.load_state_dict(state)
         assert fresh.num_stages == 0  # nothing half-loaded
+
+
+# ----------------------------------------------------------------- learned drift (LDC-style maps)
+from pml_mutual.drift import fit_linear_map  # noqa: E402
+
+
+@given(n=st.integers(20, 60), dim=st.integers(2, 8), seed=st.integers(0, 2**16))
+def test_a_learned_map_recovers_a_linear_drift(n, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    a = torch.eye(dim) + 0.3 * torch.randn(dim, dim, generator=g)
+    c = 0.1 * torch.randn(dim, generator=g)
+    w, b = fit_linear_map(x, x @ a + c)
+    # the smallest ridge (1e-6 of the mean eigenvalue) wins on exact data: W = A + O(λ/σ_min)
+    scale = torch.linalg.svdvals(x - x.mean(0)).min().item() ** 2
+    tol = 1e-3 + 2e-6 * (x - x.mean(0)).pow(2).sum().item() / dim / max(scale, 1e-12) * a.abs().max().item()
+    assert torch.allclose(w, a, atol=tol) and torch.allclose(b, c, atol=tol)
+
+
+@given(n=st.integers(1, 40), dim=st.integers(2, 12), seed=st.integers(0, 2**16))
+def test_a_learned_map_is_the_identity_when_nothing_changed_and_finite_when_rank_deficient(n, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    w, b = fit_linear_map(x, x)
+    assert torch.allclose(w, torch.eye(dim), atol=1e-5) and torch.allclose(b, torch.zeros(dim), atol=1e-5)
+    w, b = fit_linear_map(x, torch.randn(n, dim, generator=g))  # n < D included: ridge keeps it solvable
+    assert torch.isfinite(w).all() and torch.isfinite(b).all()
+
+
+def test_learned_mode_virtual_features_are_the_maps_and_the_loss_sums_them():
+    g = torch.Generator().manual_seed(0)
+    comp = DriftCompensator(mode="learned")
+    maps = [torch.eye(4) + 0.2 * torch.randn(4, 4, generator=g) for _ in range(2)]
+    models = [torch.eye(4), maps[0], maps[0] @ maps[1]]  # F_s(x) = x @ models[s]
+    for s in range(3):
+        x = torch.randn(40, 4, generator=g)
+        comp.add_stage(x @ models[s], torch.arange(10 * s, 10 * s + 4).repeat(10))
+        for t in comp.stages_to_measure():
+            comp.update_drift(x @ models[t], x @ models[s], stage=t)
+    assert comp.stages_to_measure() == [0, 1]
+    probe = torch.randn(6, 4, generator=g)
+    teacher = probe @ models[2]
+    virt = comp.virtual_features(teacher)
+    for t in range(2):  # F_t of the same images, from the teacher feature alone (re-normalised)
+        assert torch.allclose(virt[t], F.normalize(probe @ models[t], dim=1), atol=1e-3)
+    student = torch.randn(6, 4, requires_grad=True)
+    loss = GramCorrelationLoss()
+    want = loss(student, ref_emb=teacher) + sum(loss(student, ref_emb=v) for v in virt)
+    assert comp.correlation_loss(student, teacher).item() == pytest.approx(want.item(), rel=1e-5)
+    other = DriftCompensator(mode="learned")
+    other.load_state_dict(comp.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.virtual_features(teacher), virt))
+    state = comp.state_dict()
+    state["maps"][0] = [torch.full((4, 4), float("nan")), torch.zeros(4)]
+    with pytest.raises(ValueError, match=r"maps\[0\].*NaN"):
+        DriftCompensator(mode="learned").load_state_dict(state)

@@ -153,6 +153,27 @@ def torch_neighbours(emb: np.ndarray, k: int, device: torch.device, chunk_size: 
     return out.cpu().numpy()
 
 
+def torch_cross_neighbours(queries: np.ndarray, gallery: np.ndarray, k: int, device: torch.device,
+                           chunk_size: int | None = None) -> np.ndarray:
+    """Row i of ``queries`` against every row of ``gallery`` except row i (the same item embedded by
+    another model), L2-normalised on ``device``; same ordering and tie rule as :func:`torch_neighbours`."""
+    n = queries.shape[0]
+
+    def unit(a):
+        x = torch.from_numpy(a).to(device)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("embeddings contain NaN or inf values")
+        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    q, g = unit(queries), unit(gallery)
+    chunk = chunk_size or auto_chunk_rows(n, device)
+    out = torch.empty((n, k), dtype=torch.int64, device=device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        out[start:stop] = exact_topk(q[start:stop], g, torch.arange(start, stop, device=device), k)
+    return out.cpu().numpy()
+
+
 def make_index(dim: int, use_gpu: bool | None = None):
     """An exact inner-product FAISS index: on GPU when faiss has GPUs (and ``use_gpu`` is not False)."""
     global _GPU_RESOURCES

@@ -128,3 +128,31 @@ def recall_at_k(
     # first_hit[q] = rank of the first same-class neighbour (or a sentinel beyond every K).
     first_hit = np.where(same.any(1), same.argmax(1), np.iinfo(np.int64).max)
     return {k: float(np.mean(first_hit < k)) for k in ks}
+
+
+def cross_recall_at_k(
+    queries,
+    gallery,
+    labels,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    chunk_size: int | None = None,
+    device=None,
+) -> dict[int, float]:
+    """Recall@K of ``queries`` (N, D) against ``gallery`` (N, D) embedded by another model: item i is the
+    query of row i and the gallery entry of row i, and is excluded from its own neighbours by index, as
+    in :func:`recall_at_k` (same ties → lower index, lone queries are misses). With ``gallery is
+    queries`` it equals ``recall_at_k`` on the torch backend. Exact search in torch (CUDA when present)."""
+    ks = check_ks(ks)
+    chunk_size = knn.check_chunk_size(chunk_size)
+    q, lab = check_inputs(queries, labels)
+    g, _ = check_inputs(gallery, labels)
+    if q.shape != g.shape:
+        raise ValueError(f"queries and gallery must hold the same items: shapes {q.shape} and {g.shape}")
+    k = min(max(ks), q.shape[0] - 1)
+    if k <= 0:
+        return {kk: 0.0 for kk in ks}
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    nbrs = knn.torch_cross_neighbours(q, g, k, dev, chunk_size)
+    same = lab[nbrs] == lab[:, None]
+    first_hit = np.where(same.any(1), same.argmax(1), np.iinfo(np.int64).max)
+    return {kk: float(np.mean(first_hit < kk)) for kk in ks}

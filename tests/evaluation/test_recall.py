@@ -118,3 +118,27 @@ def test_heavy_ties_with_mixed_labels_follow_lower_index_rule(backend, n_dup, k,
     emb = np.concatenate([np.repeat(rng.standard_normal((1, 5)), n_dup, 0), rng.standard_normal((10, 5))])
     labels = rng.integers(0, 3, len(emb))
     assert recall_at_k(emb, labels, (1, k), chunk_size=16, backend=backend) == pytest.approx(brute_force_recall(emb, labels, (1, k)))
+
+
+@given(st.integers(3, 60), st.integers(1, 8), st.integers(0, 2**31 - 1))
+def test_cross_model_recall_matches_a_brute_force_reference(n, n_classes, seed):
+    """Queries of one model against a gallery of another: row i is excluded from its own neighbours by
+    index; equal to recall_at_k when both are the same embeddings."""
+    from pml_mutual.evaluation import cross_recall_at_k
+
+    rng = np.random.default_rng(seed)
+    q = rng.choice([-0.5, 0.5], size=(n, 4)).astype(np.float32)  # unit rows, exact scores, many ties
+    g = rng.choice([-0.5, 0.5], size=(n, 4)).astype(np.float32)
+    labels = rng.integers(0, n_classes, n)
+    ks = (1, 2, 4)
+    sim = q.astype(np.float64) @ g.astype(np.float64).T
+    want = {}
+    for k in ks:
+        hits = 0
+        for i in range(n):
+            others = np.delete(np.arange(n), i)
+            order = others[np.argsort(-sim[i, others], kind="stable")][:k]
+            hits += bool((labels[order] == labels[i]).any())
+        want[k] = hits / n
+    assert cross_recall_at_k(q, g, labels, ks, chunk_size=7) == want
+    assert cross_recall_at_k(q, q, labels, ks) == recall_at_k(q, labels, ks, backend="torch")

@@ -1,0 +1,34 @@
+"""Experiments over finished runs: the fidelity of the virtual features against the real earlier models."""
+import math
+
+import numpy as np
+import pytest
+
+from pml_mutual import OnlineConfig
+from pml_mutual.data import load_digits_splits, stage_assignment
+from pml_mutual.evaluation import gap_closed
+from pml_mutual.experiment import measure_fidelity, run_methods
+from pml_mutual.models import EmbeddingMLP
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    train, test = load_digits_splits()
+    configs = {m: OnlineConfig(method=m, epochs=1, iterations_per_epoch=20, batch_size=16, m_per_class=8, lr=1e-3,
+                               weight_decay=0.0, device="cpu", drift_mode="learned") for m in ("initial", "ours")}
+    _, learners = run_methods(EmbeddingMLP, train, test, stage_assignment(range(10), 4, 2), configs,
+                              tmp_path_factory.mktemp("runs"), return_learners=True)
+    return learners["ours"]
+
+
+def test_fidelity_rows_bracket_every_mode_between_the_teacher_and_the_real_model(finished):
+    rows = measure_fidelity(finished, modes=("none", "direct", "learned"))
+    assert [(r["after_stage"], r["stage"]) for r in rows] == [(i, b) for i in (1, 2, 3) for b in range(i)]
+    for r in rows:
+        assert r["real"]["cosine"] == pytest.approx(1.0, abs=1e-5)  # the ceiling is the model itself
+        assert r["none"] == r["teacher"]  # zero drift distils from the teacher feature itself
+        for mode in ("direct", "learned"):
+            assert -1.0 <= r[mode]["cosine"] <= 1.0 and 0.0 <= r[mode]["recall@1"] <= 1.0
+    # what the learned maps are for: closer to the real features than the teacher feature is
+    assert np.mean([gap_closed(r, "learned") for r in rows]) > 0.5
+    assert all(math.isfinite(gap_closed(r, "direct")) for r in rows)
