@@ -24,7 +24,7 @@ import torch
 from pml_mutual.data.cpu_benchmark import load_cpu_benchmark
 from pml_mutual.drift import DRIFT_MODES, SIMILARITIES
 from pml_mutual.evaluation import gap_closed
-from pml_mutual.experiment import final_row, mean_std, measure_fidelity, per_stage_row, run_methods
+from pml_mutual.experiment import final_row, mean_std, measure_fidelity, measure_gallery_update, per_stage_row, run_methods
 from pml_mutual.models import SmallCNN
 from pml_mutual.online import METHODS, OnlineConfig
 
@@ -98,12 +98,28 @@ def print_fidelity(rows):
     modes = [m for m in ("teacher", "none", "direct", "learned", "real") if m in rows[0]]
     print("\nFidelity of the virtual features (the `ours` run's checkpoints): mean cos(virtual, real F_b) / "
           "cross-model Recall@1 (%), mean over earlier stages b and seeds")
-    print(f"{'after':<7} " + " ".join(f"{m:>15}" for m in modes) + f" {'gap closed: direct':>20} {'learned':>9}")
+    print(f"{'after':<7} " + " ".join(f"{'teacher (none)' if m == 'teacher' else m:>15}" for m in modes) + f" {'gap closed: direct':>20} {'learned':>9}")
     for i in sorted({r["after_stage"] for r in rows}):
         rs = [r for r in rows if r["after_stage"] == i]
         cells = [f"{np.mean([r[m]['cosine'] for r in rs]):.3f} / {100 * np.mean([r[m]['recall@1'] for r in rs]):5.1f}" for m in modes]
         gaps = [np.nanmean([gap_closed(r, m) for r in rs]) if m in rs[0] else float("nan") for m in ("direct", "learned")]
         print(f"stage {i:<2} " + " ".join(f"{c:>15}" for c in cells) + f" {gaps[0]:>20.2f} {gaps[1]:>9.2f}")
+
+
+def print_gallery(rows):
+    """Final stage: all-class Recall@1 of F_final's queries against the gallery (a)–(d), mean ± std over seeds,
+    the share of the (a) → (d) gap each update recovers and its time against re-embedding."""
+    last = max(r["after_stage"] for r in rows)
+    print("\nGallery without re-embedding, after the last stage: Recall@1 (%) of the final model's queries against "
+          "(a) the stored gallery, (b) moved by translation, (c) moved by the learned maps, (d) re-embedded")
+    print(f"{'method':<14} {'(a) stored':>15} {'(b) translation':>15} {'(c) learned':>15} {'(d) re-embedded':>15} "
+          f"{'gap (b)':>8} {'gap (c)':>8} {'time (c)/(d)':>13}")
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == m and r["after_stage"] == last]
+        cells = [fmt(*[v[0] for v in mean_std([[100 * r[k]] for r in rs])]) for k in ("stored", "translation", "learned", "reembedded")]
+        gap = lambda k: np.mean([(r[k] - r["stored"]) / max(r["reembedded"] - r["stored"], 1e-12) for r in rs])  # noqa: E731
+        ratio = np.mean([r["learned_seconds"] / max(r["reembed_seconds"], 1e-12) for r in rs])
+        print(f"{m:<14} " + " ".join(f"{c:>15}" for c in cells) + f" {gap('translation'):>8.2f} {gap('learned'):>8.2f} {ratio:>13.4f}")
 
 
 def main(argv=None):
@@ -130,6 +146,9 @@ def main(argv=None):
     p.add_argument("--fidelity", action="store_true",
                    help="after each seed, measure the virtual features of drift modes none/direct/learned against "
                         "the real earlier models on the `ours` run's checkpoints (multi-task)")
+    p.add_argument("--gallery", action="store_true",
+                   help="after each seed, Recall@1 of a gallery that is not re-embedded (stored / moved by translation / "
+                        "moved by learned maps / re-embedded) on the checkpoints of every method (multi-task)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", type=Path, default=Path("runs/cpu_realdata"), help="checkpoint directory (resumable)")
     p.add_argument("--out", type=Path, default=None)
@@ -142,7 +161,7 @@ def main(argv=None):
     class_to_stage = stages[args.setting]
     names = ["initial"] + [m for m in args.methods if m != "initial"]
     tag = f"{args.dataset}_{args.setting}{'_quick' if args.quick else ''}{'_val' if args.validation else ''}"
-    rows, fidelity = [], []
+    rows, fidelity, gallery = [], [], []
     t_all = time.perf_counter()
     for seed in seeds:
         configs = {m: make_config(args.dataset, m, seed, args.quick, args) for m in names}
@@ -155,6 +174,10 @@ def main(argv=None):
             for row in measure_fidelity(learners["ours"]):
                 fidelity.append(dict(row, seed=seed))
             print(f"seed {seed}: fidelity measured in {time.perf_counter() - t1:.1f}s", flush=True)
+        if args.gallery:
+            for m, lrn in learners.items():
+                if m != "initial" and len(lrn.train_stages) > 1:
+                    gallery.extend(dict(row, method=m, seed=seed) for row in measure_gallery_update(lrn))
         for m in names:
             s = results[m]
             old, new, all_ = final_row(s)
@@ -169,6 +192,8 @@ def main(argv=None):
     print_tables(rows, args.setting, names)
     if fidelity:
         print_fidelity(fidelity)
+    if gallery:
+        print_gallery(gallery)
     total = time.perf_counter() - t_all
     print(f"\ntotal time: {total:.0f}s ({len(seeds)} seed(s), {len(train)} training / {len(test)} "
           f"{'validation' if args.validation else 'test'} images)")
@@ -180,6 +205,8 @@ def main(argv=None):
         doc = {"results": rows, "config": config, "seconds": total}
         if fidelity:
             doc["fidelity"] = fidelity
+        if gallery:
+            doc["gallery"] = gallery
         args.out.write_text(json.dumps(doc, indent=2, default=str))
 
 

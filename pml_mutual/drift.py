@@ -144,6 +144,25 @@ def feature_drift(
 
 
 @torch.no_grad()
+def translate_forward(
+    feats: torch.Tensor,
+    prototypes: torch.Tensor,
+    prototype_drift: torch.Tensor,
+    similarity: str = "cosine_relu",
+    normalize: bool = True,
+    **weight_kwargs,
+) -> torch.Tensor:
+    """Eq. 4 run forward: f + Σ_k S(f, μ_k) Δμ_k / Σ_k S(f, μ_k), moving features of an earlier model
+    (``feats``, in the space of its ``prototypes`` μ) by their prototypes' drift Δμ toward a later model's
+    space — SDC's update of stored embeddings, with no image and no model. Float32, (N, D)."""
+    check_embeddings(feats, "feats")
+    _check_same_dim(prototypes, feats, "prototypes", "feats")
+    weights = similarity_weights(feats, prototypes, similarity, dim=1, **weight_kwargs)
+    moved = feats.float() + weights @ prototype_drift.float()
+    return F.normalize(moved, dim=1) if normalize else moved
+
+
+@torch.no_grad()
 def virtual_features(
     teacher_feats: torch.Tensor,
     prototypes: torch.Tensor,
@@ -248,6 +267,7 @@ class DriftCompensator:
         self.prototype_drifts: list[torch.Tensor] = []  # Δμ^{b→latest}
         self._padded = None  # (device, prototypes, drifts, mask) of the earlier stages, built once per change
         self.maps: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # learned: (W, b) latest → F_t, per stage t
+        self.forward_maps: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # learned: F_t → latest
 
     @property
     def num_stages(self) -> int:
@@ -271,6 +291,7 @@ class DriftCompensator:
         self.stage_prototypes.append(means)
         self.prototype_drifts.append(torch.zeros_like(means))
         self.maps.append(None)
+        self.forward_maps.append(None)
         self._padded = None
         return self.num_stages - 1
 
@@ -304,6 +325,7 @@ class DriftCompensator:
                 raise ValueError(f"learned mode: stage must be one of {allowed}, got {stage!r}")
             self.maps[stage] = fit_linear_map(new_feats, old_feats)  # latest → F_stage: virtual features
             forward_w, forward_b = fit_linear_map(old_feats, new_feats)  # F_stage → latest: its prototypes
+            self.forward_maps[stage] = (forward_w, forward_b)
             protos = self.stage_prototypes[stage]
             self.prototype_drifts[stage] = protos @ forward_w.to(protos) + forward_b.to(protos) - protos
             return
@@ -392,6 +414,31 @@ class DriftCompensator:
             self._padded = (device, protos.to(device), drifts.to(device), mask.to(device))
         return self._padded[1:]
 
+    @torch.no_grad()
+    def update_gallery(self, embeddings: torch.Tensor, stage: int, method: str = "translation") -> torch.Tensor:
+        """Move embeddings that stage ``stage``'s model F_stage computed into the latest model's space,
+        without the images or F_stage: ``"translation"`` (Eq. 4 forward with stage ``stage``'s prototypes
+        and their drift, any mode that measures drift) or ``"learned"`` (the forward map F_stage → latest;
+        learned mode). The latest stage's own embeddings are returned as they are. O(N·K·D) or O(N·D²),
+        on the embeddings' device; float32, re-normalised when the compensator normalises."""
+        check_embeddings(embeddings, "embeddings")
+        if not 0 <= stage < self.num_stages:
+            raise ValueError(f"stage must be one of the {self.num_stages} stages added, got {stage!r}")
+        feats = embeddings.detach().float()
+        if stage == self.num_stages - 1:
+            return feats
+        if method == "learned":
+            if self.forward_maps[stage] is None:
+                raise ValueError(f"no learned map of stage {stage}: gallery updates by map need drift mode 'learned'")
+            w, b = (v.to(feats.device) for v in self.forward_maps[stage])
+            moved = feats @ w + b
+            return F.normalize(moved, dim=1) if self.normalize else moved
+        if method != "translation":
+            raise ValueError(f"method must be 'translation' or 'learned', got {method!r}")
+        return translate_forward(feats, self.stage_prototypes[stage].to(feats.device),
+                                 self.prototype_drifts[stage].to(feats.device), self.similarity,
+                                 normalize=self.normalize, **self._weight_kwargs())
+
     def teacher_features(self, teacher_emb: torch.Tensor) -> list[torch.Tensor]:
         """The real teacher features followed by the virtual features of every earlier stage."""
         teacher_emb = teacher_emb.detach()
@@ -423,6 +470,7 @@ class DriftCompensator:
             "stage_prototypes": [p.detach().cpu().clone() for p in self.stage_prototypes],
             "prototype_drifts": [d.detach().cpu().clone() for d in self.prototype_drifts],
             "maps": [None if m is None else [m[0].cpu().clone(), m[1].cpu().clone()] for m in self.maps],
+            "forward_maps": [None if m is None else [m[0].cpu().clone(), m[1].cpu().clone()] for m in self.forward_maps],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -460,21 +508,28 @@ class DriftCompensator:
             if seen & set(ids.tolist()):
                 raise ValueError(f"state_dict class_ids[{t}] repeats classes of an earlier stage")
             seen |= set(ids.tolist())
-        maps = state.get("maps", [None] * len(lists[0]))  # absent in states written before the learned mode
-        if not isinstance(maps, (list, tuple)) or len(maps) != len(lists[0]):
-            raise ValueError("state_dict maps must hold one entry (or None) per stage")
-        for t, m in enumerate(maps):
-            if m is None:
-                continue
-            if (not isinstance(m, (list, tuple)) or len(m) != 2 or not all(torch.is_tensor(v) for v in m)
-                    or tuple(m[0].shape) != (dim, dim) or tuple(m[1].shape) != (dim,)):
-                raise ValueError(f"state_dict maps[{t}] must be a ({dim}, {dim}) matrix and a ({dim},) bias")
-            if not (torch.isfinite(m[0]).all() and torch.isfinite(m[1]).all()):
-                raise ValueError(f"state_dict maps[{t}] contains NaN or inf")
+        all_maps = {}
+        for key in ("maps", "forward_maps"):
+            maps = state.get(key, [None] * len(lists[0]))  # absent in states written before the learned mode
+            if not isinstance(maps, (list, tuple)) or len(maps) != len(lists[0]):
+                raise ValueError(f"state_dict {key} must hold one entry (or None) per stage")
+            for t, m in enumerate(maps):
+                if m is None:
+                    continue
+                if (not isinstance(m, (list, tuple)) or len(m) != 2 or not all(torch.is_tensor(v) for v in m)
+                        or tuple(m[0].shape) != (dim, dim) or tuple(m[1].shape) != (dim,)):
+                    raise ValueError(f"state_dict {key}[{t}] must be a ({dim}, {dim}) matrix and a ({dim},) bias")
+                if not (torch.isfinite(m[0]).all() and torch.isfinite(m[1]).all()):
+                    raise ValueError(f"state_dict {key}[{t}] contains NaN or inf")
+            all_maps[key] = maps
+        maps = all_maps["maps"]
         if self.mode == "learned" and any(m is None for m in maps[: max(0, len(maps) - 1)]):
             raise ValueError("state_dict of a learned-mode compensator lacks the map of an earlier stage")
         self._padded = None
-        self.maps = [None if m is None else (m[0].clone().float(), m[1].clone().float()) for m in maps]
+        self.maps, self.forward_maps = (
+            [None if m is None else (m[0].clone().float(), m[1].clone().float()) for m in all_maps[key]]
+            for key in ("maps", "forward_maps")
+        )
         self.sigma, self.eps, self.normalize = float(state["sigma"]), float(state["eps"]), bool(state["normalize"])
         self.class_ids = [c.clone() for c in state["class_ids"]]
         self.stage_prototypes = [p.clone().float() for p in state["stage_prototypes"]]

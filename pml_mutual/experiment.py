@@ -67,32 +67,23 @@ def mean_std(values: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]
     return v.mean(0), (v.std(0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1:]))
 
 
-def measure_fidelity(learner: OnlineLearner, modes: Sequence[str] = ("none", "direct", "learned"),
-                     batch_size: int = 256) -> list[dict]:
-    """How close each drift mode's virtual features come to the real earlier models, on a finished run.
+def _stagewise_features(learner: OnlineLearner, modes: Sequence[str], batch_size: int):
+    """After each stage i ≥ 1 of a finished run: (i, {mode: compensator brought up to F_i}, F_i's features
+    of the held-out test images of the classes seen so far, [F_b's features of them for b < i], their
+    labels, the stage each image's class was added in, seconds F_i took to embed them). One model is
+    loaded at a time; every mode sees the same models."""
+    import time
 
-    For every stage i ≥ 1 of ``learner``'s run (its checkpoints), a :class:`~pml_mutual.DriftCompensator`
-    per mode is brought up to F_i exactly as training would (prototypes and drift or maps from each
-    stage's prototype images), and the virtual features it estimates from F_i's features of the held-out
-    test images of the classes seen so far are compared with the real F_b features of the same images
-    (:func:`pml_mutual.evaluation.fidelity_rows`). One model is loaded at a time; every mode sees the
-    same models, so the modes differ only in their estimate. Returns one row per (i, b) with
-    ``after_stage`` = i.
-    """
     from torch.utils.data import Subset
 
     from .drift import DriftCompensator
-    from .evaluation import extract_embeddings, fidelity_rows
-
-    device, amp = learner.device, learner.config.amp
+    from .evaluation import extract_embeddings
 
     def embed(stage, dataset):
         model = learner.load_stage_model(stage)
-        emb, labels = extract_embeddings(model, dataset, batch_size=batch_size, device=device, amp=amp)
-        return emb, labels
+        return extract_embeddings(model, dataset, batch_size=batch_size, device=learner.device, amp=learner.config.amp)
 
     comps = {m: DriftCompensator(mode=m, similarity=learner.config.drift_similarity) for m in modes}
-    rows = []
     for i in range(len(learner.train_stages)):
         new, labels = embed(i, learner.prototype_stages[i])
         old = [embed(t, learner.prototype_stages[i])[0] for t in range(i)]
@@ -104,9 +95,60 @@ def measure_fidelity(learner: OnlineLearner, modes: Sequence[str] = ("none", "di
             continue
         seen = np.flatnonzero([learner.class_to_stage[int(c)] <= i for c in learner.test_labels])
         held_out = Subset(learner.test_dataset, seen.tolist())
-        teacher, test_labels = embed(i, held_out)
+        t0 = time.perf_counter()
+        latest, test_labels = embed(i, held_out)
+        seconds = time.perf_counter() - t0
         real = [embed(b, held_out)[0] for b in range(i)]
-        virtual = {m: c.virtual_feature_stack(teacher) for m, c in comps.items()}
-        for row in fidelity_rows(teacher, virtual, real, test_labels.numpy()):
-            rows.append(dict(row, after_stage=i))
+        added = np.array([learner.class_to_stage[int(c)] for c in test_labels])
+        yield i, comps, latest, real, test_labels.numpy(), added, seconds
+
+
+def measure_fidelity(learner: OnlineLearner, modes: Sequence[str] = ("direct", "learned"),
+                     batch_size: int = 256) -> list[dict]:
+    """How close each drift mode's virtual features come to the real earlier models, on a finished run.
+
+    For every stage i ≥ 1 of ``learner``'s run (its checkpoints), a :class:`~pml_mutual.DriftCompensator`
+    per mode is brought up to F_i exactly as training would (prototypes and drift or maps from each
+    stage's prototype images), and the virtual features it estimates from F_i's features of the held-out
+    test images of the classes seen so far are compared with the real F_b features of the same images
+    (:func:`pml_mutual.evaluation.fidelity_rows`; its "teacher" entry is what ``mode="none"`` distils
+    from). Returns one row per (i, b) with ``after_stage`` = i.
+    """
+    from .evaluation import fidelity_rows
+
+    rows = []
+    for i, comps, latest, real, labels, _, _ in _stagewise_features(learner, modes, batch_size):
+        virtual = {m: c.virtual_feature_stack(latest) for m, c in comps.items()}
+        rows.extend(dict(row, after_stage=i) for row in fidelity_rows(latest, virtual, real, labels))
+    return rows
+
+
+def measure_gallery_update(learner: OnlineLearner, batch_size: int = 256) -> list[dict]:
+    """A retrieval gallery that is not re-embedded, on a finished run: after each stage i ≥ 1, the held-out
+    test images of the classes seen so far are the gallery, each stored as the model of the stage its class
+    arrived in embedded it; queries are F_i's features. Recall@1 (cross-model, self excluded by index) of
+    the gallery (a) as stored, (b) moved by translation (Eq. 4 forward, drift measured as "direct"),
+    (c) moved by the learned forward maps, (d) re-embedded by F_i (what the paper evaluates); with the
+    seconds the updates and the re-embedding took."""
+    import time
+
+    from .evaluation import cross_recall_at_k
+
+    rows = []
+    for i, comps, latest, real, labels, added, embed_seconds in _stagewise_features(learner, ("direct", "learned"), batch_size):
+        stored = latest.clone()
+        for b in range(i):
+            stored[added == b] = real[b][added == b]
+        row = {"after_stage": i, "reembed_seconds": embed_seconds,
+               "stored": cross_recall_at_k(latest, stored, labels, (1,))[1],
+               "reembedded": cross_recall_at_k(latest, latest, labels, (1,))[1]}
+        for name, mode, method in (("translation", "direct", "translation"), ("learned", "learned", "learned")):
+            t0 = time.perf_counter()
+            moved = stored.clone()
+            for b in range(i):
+                if (added == b).any():
+                    moved[added == b] = comps[mode].update_gallery(stored[added == b], b, method)
+            row[f"{name}_seconds"] = time.perf_counter() - t0
+            row[name] = cross_recall_at_k(latest, moved, labels, (1,))[1]
+        rows.append(row)
     return rows

@@ -31,6 +31,7 @@ from .data.transforms import ProtocolTransform
 from .experiment import final_row, mean_std, per_stage_row, run_methods
 from .identity import file_sha256
 from .models.backbones import BACKBONES, BATCH, INPUT_SPACE, backbone_factory, check_image_size
+from .drift import DRIFT_MODES
 from .online import METHODS, OnlineConfig
 from .published import ONE_TASK, TABLES, published
 
@@ -97,6 +98,8 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--lambda-corr", type=float, default=10.0)
     p.add_argument("--lambda-mutual", type=float, default=8.0)
     p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--drift-mode", choices=DRIFT_MODES, default="direct",
+                   help="virtual features: direct (the paper), chained, learned (ridge-fitted maps, beyond the paper) or none")
     p.add_argument("--corr-direction", choices=["forward", "reverse"], default="forward",
                    help="'reverse' = the KL direction of the authors' code")
     p.add_argument("--image-size", type=int, default=None, help="crop size (default 224, smoke 32)")
@@ -154,7 +157,7 @@ def resolve(args: argparse.Namespace, dataset: str) -> argparse.Namespace:
 def data_and_model_flags(args) -> dict:
     """The command-line settings that change the data or the model (the weights file by its SHA-256)."""
     flags = {k: getattr(args, k, None) for k in ("backbone", "setting", "split_seed", "image_size", "cub_split", "crop",
-                                                 "no_pretrained", "smoke")}
+                                                 "no_pretrained", "smoke", "drift_mode")}
     for k in ("data_root", "train_list", "test_list"):
         v = getattr(args, k, None)
         flags[k] = str(Path(v).resolve()) if v is not None and not args.smoke else None
@@ -170,6 +173,7 @@ def make_configs(args, seed: int, m_per_class: int, batch: int) -> dict[str, Onl
             m_per_class=m_per_class, lr=args.lr, weight_decay=args.weight_decay, lambda_corr=args.lambda_corr,
             lambda_mutual=args.lambda_mutual, temperature=args.temperature, corr_direction=args.corr_direction,
             freeze_batchnorm=True, seed=seed, device=args.device, amp=args.amp, num_workers=args.num_workers,
+            drift_mode=args.drift_mode,
             eval_batch_size=4 * batch,
         )
         for m in names

@@ -53,11 +53,15 @@ def test_cpu_realdata_quick_fashion_mnist(tmp_path, setting):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/share/fonts/truetype/dejavu").is_dir(), reason="needs the fonts (scripts/install_data.sh)")
 def test_cpu_realdata_quick_glyphs(tmp_path):
-    out = run("cpu_realdata.py", "--dataset", "glyphs", "--setting", "multi-task", "--quick",
-              "--methods", "fecd", "ours_no_drift", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json"))
+    out = run("cpu_realdata.py", "--dataset", "glyphs", "--setting", "multi-task", "--quick", "--drift-mode", "learned",
+              "--methods", "ours_no_drift", "ours", "--fidelity", "--gallery",
+              "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json"))
     assert "Table 3 layout" in out and "no drift estimate" in out
+    assert "Fidelity of the virtual features" in out and "Gallery without re-embedding" in out
     doc = json.loads((tmp_path / "r.json").read_text())
-    assert {r["method"] for r in doc["results"]} == {"initial", "fecd", "ours_no_drift"}
+    assert {r["method"] for r in doc["results"]} == {"initial", "ours_no_drift", "ours"}
+    assert len(doc["fidelity"]) == 1 + 2 + 3 + 4  # (after stage i, earlier stage b) pairs of 5 stages
+    assert {r["method"] for r in doc["gallery"]} == {"ours_no_drift", "ours"}
     assert len(doc["results"][0]["recall@1"]["per_stage"]) == 5
     assert doc["config"]["hyper_parameters"]["lambda_corr"] > 0
 

@@ -339,3 +339,41 @@ def test_learned_mode_virtual_features_are_the_maps_and_the_loss_sums_them():
     state["maps"][0] = [torch.full((4, 4), float("nan")), torch.zeros(4)]
     with pytest.raises(ValueError, match=r"maps\[0\].*NaN"):
         DriftCompensator(mode="learned").load_state_dict(state)
+
+
+# ----------------------------------------------------------------- gallery update (stored embeddings, no images)
+def test_gallery_update_by_translation_is_exact_for_a_translated_model():
+    comp = DriftCompensator(mode="direct", normalize=False)
+    models = [torch.zeros(4), torch.tensor([0.1, 0.0, -0.2, 0.05])]
+    models.append(models[1] + torch.tensor([0.0, 0.3, 0.1, 0.0]))
+    for i in range(3):
+        x, y = clustered(3, 6, 4, seed=i)
+        comp.add_stage(x + models[i], y + 10 * i)
+        for t in comp.stages_to_measure():
+            comp.update_drift(x + models[t], x + models[i], stage=t)
+    probe, _ = clustered(3, 2, 4, seed=9)
+    for t in range(3):
+        moved = comp.update_gallery(probe + models[t], stage=t)
+        assert torch.allclose(moved, probe + models[2], atol=1e-5)
+    with pytest.raises(ValueError, match="learned"):
+        comp.update_gallery(probe, stage=0, method="learned")
+
+
+def test_gallery_update_by_the_learned_map_is_exact_for_a_linear_drift():
+    g = torch.Generator().manual_seed(1)
+    comp = DriftCompensator(mode="learned")
+    models = [torch.eye(4)]
+    for _ in range(2):
+        models.append(models[-1] @ (torch.eye(4) + 0.2 * torch.randn(4, 4, generator=g)))
+    for s in range(3):
+        x = torch.randn(40, 4, generator=g)
+        comp.add_stage(x @ models[s], torch.arange(10 * s, 10 * s + 4).repeat(10))
+        for t in comp.stages_to_measure():
+            comp.update_drift(x @ models[t], x @ models[s], stage=t)
+    probe = torch.randn(7, 4, generator=g)
+    for t in range(2):
+        moved = comp.update_gallery(probe @ models[t], stage=t, method="learned")
+        assert torch.allclose(moved, F.normalize(probe @ models[2], dim=1), atol=1e-3)
+    restored = DriftCompensator(mode="learned")
+    restored.load_state_dict(comp.state_dict())
+    assert torch.equal(restored.update_gallery(probe, 0, "learned"), comp.update_gallery(probe, 0, "learned"))

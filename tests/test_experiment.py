@@ -32,3 +32,16 @@ def test_fidelity_rows_bracket_every_mode_between_the_teacher_and_the_real_model
     # what the learned maps are for: closer to the real features than the teacher feature is
     assert np.mean([gap_closed(r, "learned") for r in rows]) > 0.5
     assert all(math.isfinite(gap_closed(r, "direct")) for r in rows)
+
+
+def test_a_gallery_left_as_stored_moved_or_re_embedded(finished):
+    from pml_mutual.experiment import measure_gallery_update
+
+    rows = measure_gallery_update(finished)
+    assert [r["after_stage"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for k in ("stored", "translation", "learned", "reembedded"):
+            assert 0.0 <= r[k] <= 1.0
+        assert r["reembed_seconds"] > 0 and r["learned_seconds"] >= 0
+    # the learned forward maps bring an old gallery closer to the new model's space than leaving it
+    assert np.mean([r["learned"] - r["stored"] for r in rows]) > 0.1
