@@ -196,23 +196,36 @@ def fit_linear_map(source: torch.Tensor, target: torch.Tensor, ridges=RIDGES, ho
     x, y = source.detach().double().cpu(), target.detach().double().cpu()
     eye = torch.eye(x.shape[1], dtype=torch.float64)
 
-    def solve(xs, ys, ridge):
+    def moments(xs, ys):  # the only O(n·D²) work: once per part of the rows, not once per ridge
         mx, my = xs.mean(0), ys.mean(0)
-        xc, yc = xs - mx, ys - my
-        scatter = xc.T @ xc
+        xc = xs - mx
+        return len(xs), mx, my, xc.T @ xc, xc.T @ (ys - my)
+
+    def combined(a, b):  # moments of the union of two parts (the parallel-variance formula)
+        n = a[0] + b[0]
+        dx, dy = b[1] - a[1], b[2] - a[2]
+        f = a[0] * b[0] / n
+        return (n, a[1] + dx * b[0] / n, a[2] + dy * b[0] / n,
+                a[3] + b[3] + f * torch.outer(dx, dx), a[4] + b[4] + f * torch.outer(dx, dy))
+
+    def solve(stats, ridge):
+        _, mx, my, scatter, cross = stats
         lam = ridge * max(float(torch.trace(scatter)) / x.shape[1], 1e-12)
-        w = torch.linalg.solve(scatter + lam * eye, xc.T @ yc + lam * eye)
+        w = torch.linalg.solve(scatter + lam * eye, cross + lam * eye)
         return w, my - mx @ w
 
     held = torch.arange(len(x)) % holdout_every == holdout_every - 1
-    best = ridges[0]
+    best, everything = ridges[0], None
     if int(held.sum()) >= 1 and int((~held).sum()) >= 2 and len(ridges) > 1:
+        fit_part = moments(x[~held], y[~held])
+        everything = combined(fit_part, moments(x[held], y[held]))
+        x_held, y_held = x[held], y[held]
         errors = []
         for ridge in ridges:
-            w, b = solve(x[~held], y[~held], ridge)
-            errors.append(float(((x[held] @ w + b - y[held]) ** 2).sum()))
+            w, b = solve(fit_part, ridge)
+            errors.append(float(((x_held @ w + b - y_held) ** 2).sum()))
         best = ridges[min(range(len(ridges)), key=errors.__getitem__)]
-    w, b = solve(x, y, best)
+    w, b = solve(everything if everything is not None else moments(x, y), best)
     return w.float(), b.float()
 
 
