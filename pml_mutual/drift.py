@@ -144,25 +144,6 @@ def feature_drift(
 
 
 @torch.no_grad()
-def translate_forward(
-    feats: torch.Tensor,
-    prototypes: torch.Tensor,
-    prototype_drift: torch.Tensor,
-    similarity: str = "cosine_relu",
-    normalize: bool = True,
-    **weight_kwargs,
-) -> torch.Tensor:
-    """Eq. 4 run forward: f + Σ_k S(f, μ_k) Δμ_k / Σ_k S(f, μ_k), moving features of an earlier model
-    (``feats``, in the space of its ``prototypes`` μ) by their prototypes' drift Δμ toward a later model's
-    space — SDC's update of stored embeddings, with no image and no model. Float32, (N, D)."""
-    check_embeddings(feats, "feats")
-    _check_same_dim(prototypes, feats, "prototypes", "feats")
-    weights = similarity_weights(feats, prototypes, similarity, dim=1, **weight_kwargs)
-    moved = feats.float() + weights @ prototype_drift.float()
-    return F.normalize(moved, dim=1) if normalize else moved
-
-
-@torch.no_grad()
 def virtual_features(
     teacher_feats: torch.Tensor,
     prototypes: torch.Tensor,
@@ -178,6 +159,21 @@ def virtual_features(
     """
     virtual = teacher_feats.float() + feature_drift(teacher_feats, prototypes, prototype_drift, similarity, **weight_kwargs)
     return F.normalize(virtual, dim=1) if normalize else virtual
+
+
+def translate_forward(
+    feats: torch.Tensor,
+    prototypes: torch.Tensor,
+    prototype_drift: torch.Tensor,
+    similarity: str = "cosine_relu",
+    normalize: bool = True,
+    **weight_kwargs,
+) -> torch.Tensor:
+    """Eq. 4 run forward: f + Σ_k S(f, μ_k) Δμ_k / Σ_k S(f, μ_k), moving features of an earlier model
+    (``feats``, in the space of its ``prototypes`` μ) by their prototypes' drift Δμ toward a later model's
+    space — SDC's update of stored embeddings, with no image and no model. It is :func:`virtual_features`
+    with the drift reversed. Float32, (N, D)."""
+    return virtual_features(feats, prototypes, -prototype_drift.float(), similarity, normalize, **weight_kwargs)
 
 
 def fit_linear_map(source: torch.Tensor, target: torch.Tensor, ridges=RIDGES, holdout_every: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +274,9 @@ class DriftCompensator:
         self.class_ids: list[torch.Tensor] = []
         self.stage_prototypes: list[torch.Tensor] = []  # μ^b_b, in F_b's space
         self.prototype_drifts: list[torch.Tensor] = []  # Δμ^{b→latest}
-        self._padded = None  # (device, prototypes, drifts, mask) of the earlier stages, built once per change
+        # (device, ...): the earlier stages on the features' device — padded prototypes, drifts and mask,
+        # or the stacked learned maps — rebuilt after any change
+        self._device_cache = None
         self.maps: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # learned: (W, b) latest → F_t, per stage t
         self.forward_maps: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # learned: F_t → latest
 
@@ -305,7 +303,7 @@ class DriftCompensator:
         self.prototype_drifts.append(torch.zeros_like(means))
         self.maps.append(None)
         self.forward_maps.append(None)
-        self._padded = None
+        self._device_cache = None
         return self.num_stages - 1
 
     def stages_to_measure(self, after_adding: int = 0) -> list[int]:
@@ -328,7 +326,7 @@ class DriftCompensator:
         (chained mode, ``stage`` omitted or equal to the previous stage).
         """
         allowed = self.stages_to_measure()
-        self._padded = None
+        self._device_cache = None
         if self.mode == "none":
             raise ValueError('mode="none" measures no drift: update_drift must not be called')
         if not allowed:
@@ -399,18 +397,18 @@ class DriftCompensator:
         return F.normalize(virtual, dim=2) if self.normalize else virtual
 
     def _stacked_maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._padded is None or self._padded[0] != device:
+        if self._device_cache is None or self._device_cache[0] != device:
             earlier = range(self.num_stages - 1)
             missing = [t for t in earlier if self.maps[t] is None]
             if missing:
                 raise ValueError(f"learned mode: no map fitted for stage(s) {missing}: call update_drift for each")
             weights = torch.stack([self.maps[t][0] for t in earlier]).to(device)
             biases = torch.stack([self.maps[t][1] for t in earlier]).to(device)
-            self._padded = (device, weights, biases)
-        return self._padded[1:]
+            self._device_cache = (device, weights, biases)
+        return self._device_cache[1:]
 
     def _padded_stages(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._padded is None or self._padded[0] != device:
+        if self._device_cache is None or self._device_cache[0] != device:
             earlier = range(self.num_stages - 1)
             k_max = max(self.stage_prototypes[t].shape[0] for t in earlier)
             dim = self.stage_prototypes[0].shape[1]
@@ -424,8 +422,8 @@ class DriftCompensator:
                 mask[t, :k] = 1
             # padding rows get a unit prototype so normalising them divides by no zero; their weight is masked
             protos[mask == 0] = 1.0
-            self._padded = (device, protos.to(device), drifts.to(device), mask.to(device))
-        return self._padded[1:]
+            self._device_cache = (device, protos.to(device), drifts.to(device), mask.to(device))
+        return self._device_cache[1:]
 
     @torch.no_grad()
     def update_gallery(self, embeddings: torch.Tensor, stage: int, method: str = "translation") -> torch.Tensor:
@@ -538,7 +536,7 @@ class DriftCompensator:
         maps = all_maps["maps"]
         if self.mode == "learned" and any(m is None for m in maps[: max(0, len(maps) - 1)]):
             raise ValueError("state_dict of a learned-mode compensator lacks the map of an earlier stage")
-        self._padded = None
+        self._device_cache = None
         self.maps, self.forward_maps = (
             [None if m is None else (m[0].clone().float(), m[1].clone().float()) for m in all_maps[key]]
             for key in ("maps", "forward_maps")

@@ -62,10 +62,9 @@ def write_cub_fixture(root: str | os.PathLike, counts: Sequence[int], seed: int 
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             pool.starmap(_write_class, [(c, files, size, (seed, c)) for c, files in jobs])
     else:
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed)  # one stream through every class, as this writer always drew
         for c, files in jobs:
-            for path in files:
-                _save(class_image(c, rng, size), path)
+            _write_class(c, files, size, rng)
     for name, lines in (("images.txt", images), ("image_class_labels.txt", labels),
                         ("train_test_split.txt", split), ("classes.txt", classes)):
         (root / name).write_text("\n".join(lines) + "\n")
@@ -73,7 +72,7 @@ def write_cub_fixture(root: str | os.PathLike, counts: Sequence[int], seed: int 
 
 
 def _write_class(label: int, files: Sequence[Path], size: tuple[int, int], seed) -> None:
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # a Generator passes through unchanged
     for path in files:
         _save(class_image(label, rng, size), path)
 

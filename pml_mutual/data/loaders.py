@@ -152,7 +152,7 @@ class LoaderPool:
     def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int = 0, pin_memory: bool = False):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self._train: tuple | None = None  # (base, loader, batch sampler)
+        self._train: tuple | None = None  # (base, loader, batch sampler, collate_fn)
         self._embed: dict[int, tuple[Dataset, EmbeddingLoader]] = {}
 
     def train(self, dataset: Dataset, collate_fn=None):

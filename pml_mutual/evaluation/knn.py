@@ -136,42 +136,40 @@ def normalized_rows(emb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(emb / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def torch_neighbours(emb: np.ndarray, k: int, device: torch.device, chunk_size: int | None = None,
-                     normalize: bool = False) -> np.ndarray:
-    """``normalize``: check finiteness and scale rows to unit norm on ``device`` (as :func:`normalized_rows`)."""
-    n = emb.shape[0]
+def _on_device(emb: np.ndarray, device: torch.device, normalize: bool) -> torch.Tensor:
+    """``emb`` on ``device``; ``normalize``: finiteness checked and rows scaled to unit norm there (as
+    :func:`normalized_rows` does on the host)."""
     x = torch.from_numpy(emb).to(device)
     if normalize:
         if not bool(torch.isfinite(x).all()):  # one read per evaluation
             raise ValueError("embeddings contain NaN or inf values")
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return x
+
+
+def _chunked_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int | None) -> np.ndarray:
+    """:func:`exact_topk` of every query row i against ``gallery`` without its row i, in chunks."""
+    n, device = queries.shape[0], queries.device
     chunk = chunk_size or auto_chunk_rows(n, device)
     out = torch.empty((n, k), dtype=torch.int64, device=device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        out[start:stop] = exact_topk(x[start:stop], x, torch.arange(start, stop, device=device), k)
+        out[start:stop] = exact_topk(queries[start:stop], gallery, torch.arange(start, stop, device=device), k)
     return out.cpu().numpy()
+
+
+def torch_neighbours(emb: np.ndarray, k: int, device: torch.device, chunk_size: int | None = None,
+                     normalize: bool = False) -> np.ndarray:
+    """The torch kernel of a set against itself; ``normalize`` as in :func:`_on_device`."""
+    x = _on_device(emb, device, normalize)
+    return _chunked_topk(x, x, k, chunk_size)
 
 
 def torch_cross_neighbours(queries: np.ndarray, gallery: np.ndarray, k: int, device: torch.device,
                            chunk_size: int | None = None) -> np.ndarray:
     """Row i of ``queries`` against every row of ``gallery`` except row i (the same item embedded by
     another model), L2-normalised on ``device``; same ordering and tie rule as :func:`torch_neighbours`."""
-    n = queries.shape[0]
-
-    def unit(a):
-        x = torch.from_numpy(a).to(device)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("embeddings contain NaN or inf values")
-        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-    q, g = unit(queries), unit(gallery)
-    chunk = chunk_size or auto_chunk_rows(n, device)
-    out = torch.empty((n, k), dtype=torch.int64, device=device)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        out[start:stop] = exact_topk(q[start:stop], g, torch.arange(start, stop, device=device), k)
-    return out.cpu().numpy()
+    return _chunked_topk(_on_device(queries, device, True), _on_device(gallery, device, True), k, chunk_size)
 
 
 def make_index(dim: int, use_gpu: bool | None = None):

@@ -72,13 +72,15 @@ def nearest_neighbours(
     use_gpu: bool | None = None,
     backend: str = "auto",
     device=None,
+    normalize: bool = False,
 ) -> np.ndarray:
     """Indices (N, min(k, N−1)) of each row's nearest other rows, self excluded by index, ties → lower index.
 
     ``backend``: ``"auto"`` (FAISS GPU, else torch on CUDA, else FAISS CPU), ``"faiss"`` or ``"torch"``
     (``device`` picks the torch device; default CUDA when present). Queries go in chunks
     (``chunk_size`` rows; None sizes them from free memory), so memory is O(chunk·N + N·k): never an
-    N×N matrix, also when every row ties.
+    N×N matrix, also when every row ties. ``normalize``: refuse NaN/inf and scale rows to unit norm
+    first, where the search runs (on the torch device, not on the host first).
     """
     k = int(k)
     if k < 1:
@@ -92,8 +94,18 @@ def nearest_neighbours(
         return np.zeros((n, 0), dtype=np.int64)
     backend, torch_device = knn.resolve_backend(backend, use_gpu, device)
     if backend == "torch":
-        return knn.torch_neighbours(emb, k, torch_device, chunk_size)
-    return knn.faiss_neighbours(emb, k, chunk_size, use_gpu)
+        return knn.torch_neighbours(emb, k, torch_device, chunk_size, normalize=normalize)
+    return knn.faiss_neighbours(knn.normalized_rows(emb) if normalize else emb, k, chunk_size, use_gpu)
+
+
+def _recalls(nbrs: np.ndarray, lab: np.ndarray, ks: tuple[int, ...]) -> dict[int, float]:
+    """Recall@K from each query's ranked neighbours: a hit when a same-class item is among the first K."""
+    if nbrs.shape[1] == 0:  # a single item has no neighbour to find
+        return {k: 0.0 for k in ks}
+    same = lab[nbrs] == lab[:, None]
+    # first_hit[q] = rank of the first same-class neighbour (or a sentinel beyond every K).
+    first_hit = np.where(same.any(1), same.argmax(1), np.iinfo(np.int64).max)
+    return {k: float(np.mean(first_hit < k)) for k in ks}
 
 
 def recall_at_k(
@@ -114,20 +126,8 @@ def recall_at_k(
     ks = check_ks(ks)
     chunk_size = knn.check_chunk_size(chunk_size)
     emb, lab = check_inputs(embeddings, labels)
-    k = min(max(ks), emb.shape[0] - 1)
-    backend, torch_device = knn.resolve_backend(backend, use_gpu, device)
-    if k <= 0:
-        nbrs = np.zeros((emb.shape[0], 0), dtype=np.int64)
-    elif backend == "torch":  # finiteness and L2 normalisation on the search device, not on the host first
-        nbrs = knn.torch_neighbours(emb, k, torch_device, chunk_size, normalize=True)
-    else:
-        nbrs = knn.faiss_neighbours(knn.normalized_rows(emb), k, chunk_size, use_gpu)
-    if nbrs.shape[1] == 0:  # a single item has no neighbour to find
-        return {k: 0.0 for k in ks}
-    same = lab[nbrs] == lab[:, None]
-    # first_hit[q] = rank of the first same-class neighbour (or a sentinel beyond every K).
-    first_hit = np.where(same.any(1), same.argmax(1), np.iinfo(np.int64).max)
-    return {k: float(np.mean(first_hit < k)) for k in ks}
+    nbrs = nearest_neighbours(emb, max(ks), chunk_size, use_gpu, backend, device, normalize=True)
+    return _recalls(nbrs, lab, ks)
 
 
 def cross_recall_at_k(
@@ -152,7 +152,4 @@ def cross_recall_at_k(
     if k <= 0:
         return {kk: 0.0 for kk in ks}
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    nbrs = knn.torch_cross_neighbours(q, g, k, dev, chunk_size)
-    same = lab[nbrs] == lab[:, None]
-    first_hit = np.where(same.any(1), same.argmax(1), np.iinfo(np.int64).max)
-    return {kk: float(np.mean(first_hit < kk)) for kk in ks}
+    return _recalls(knn.torch_cross_neighbours(q, g, k, dev, chunk_size), lab, ks)
