@@ -165,7 +165,7 @@ def main(argv=None):
                   f"memory {max(extra(a), 1.0) / max(extra(b), 1.0):.3f}")
     for n in sizes:
         pairs = (("ours@1", "faiss@1"), ("ours@1248", "faiss@1248"), ("pml@1", "faiss@1"), ("ours@1", "pml@1"),
-                 ("torch@1248", "raw_torch@1248"))
+                 ("torch@1248", "raw_torch@1248"), ("ours@1248", "raw_torch@1248"))
         for ours, raw in pairs:
             if (ours, n) in by and (raw, n) in by:
                 a, b = by[(ours, n)], by[(raw, n)]
