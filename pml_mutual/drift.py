@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from .checks import check_embeddings
 
 SIMILARITIES = ("cosine_relu", "cosine", "gaussian")
-DRIFT_MODES = ("direct", "chained", "none", "learned")
+DRIFT_MODES = ("direct", "chained", "none", "learned", "learned_chained")
+# modes whose virtual features are linear maps of the teacher feature (the others translate it)
+LEARNED_MODES = ("learned", "learned_chained")
 # Ridge strengths tried when fitting a learned map, relative to the mean eigenvalue of the source's scatter
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -240,6 +242,10 @@ class DriftCompensator:
        latest model's space back to F_t's, fitted on the same data as "direct" (:func:`fit_linear_map`);
        a virtual feature is the map applied to the teacher feature, and each prototype's drift is what
        the forward map (F_t → latest) does to it.
+       ``mode="learned_chained"``: the learned maps for the chained setting — only the previous model is
+       needed: the step maps F_b ⇄ F_{b−1} are fitted on stage b's images and composed with the maps
+       already held (latest → F_t = (latest → F_{b−1}) ∘ (F_{b−1} → F_t), and forward alike); the
+       intermediate features are not re-normalised, so errors of the steps compound.
        ``mode="none"``: nothing is measured, every drift stays zero and each virtual feature is the
        teacher feature itself — the ablation that keeps Eq. 6's one term per earlier stage (and so its
        total weight) but removes what Eq. 3–4 estimate.
@@ -314,6 +320,11 @@ class DriftCompensator:
             return []
         return list(range(n - 1)) if self.mode in ("direct", "learned") else [n - 2]
 
+    def _set_learned_maps(self, stage: int, back: tuple, forward: tuple) -> None:
+        self.maps[stage], self.forward_maps[stage] = back, forward
+        protos = self.stage_prototypes[stage]
+        self.prototype_drifts[stage] = protos @ forward[0].to(protos) + forward[1].to(protos) - protos
+
     def drifted_prototypes(self, stage: int) -> torch.Tensor:
         """μ^{latest}_{stage,k} = μ^{stage}_{stage,k} + Δμ^{stage→latest}_{stage,k}."""
         return self.stage_prototypes[stage] + self.prototype_drifts[stage]
@@ -334,11 +345,17 @@ class DriftCompensator:
         if self.mode == "learned":
             if stage not in allowed:
                 raise ValueError(f"learned mode: stage must be one of {allowed}, got {stage!r}")
-            self.maps[stage] = fit_linear_map(new_feats, old_feats)  # latest → F_stage: virtual features
-            forward_w, forward_b = fit_linear_map(old_feats, new_feats)  # F_stage → latest: its prototypes
-            self.forward_maps[stage] = (forward_w, forward_b)
-            protos = self.stage_prototypes[stage]
-            self.prototype_drifts[stage] = protos @ forward_w.to(protos) + forward_b.to(protos) - protos
+            # latest → F_stage gives the virtual features, F_stage → latest moves its prototypes
+            self._set_learned_maps(stage, fit_linear_map(new_feats, old_feats), fit_linear_map(old_feats, new_feats))
+            return
+        if self.mode == "learned_chained":
+            if stage not in (None, allowed[0]):
+                raise ValueError(f"learned_chained mode measures only the previous stage ({allowed[0]}), got stage={stage!r}")
+            (bw, bb), (fw, fb) = fit_linear_map(new_feats, old_feats), fit_linear_map(old_feats, new_feats)
+            for t in range(self.num_stages - 2):  # x ↦ (x W₁ + b₁) W₂ + b₂ = x (W₁W₂) + (b₁W₂ + b₂)
+                (w, b), (w_fwd, b_fwd) = self.maps[t], self.forward_maps[t]
+                self._set_learned_maps(t, (bw @ w, bb @ w + b), (w_fwd @ fw, b_fwd @ fw + fb))
+            self._set_learned_maps(allowed[0], (bw, bb), (fw, fb))
             return
         if self.mode == "direct":
             if stage not in allowed:
@@ -374,7 +391,7 @@ class DriftCompensator:
             return feats.new_zeros(0, *feats.shape)
         if self.mode == "none":  # zero drift: f̂^t = f^{i−1}, without computing weights that multiply zeros
             return (F.normalize(feats, dim=1) if self.normalize else feats).expand(earlier, *feats.shape)
-        if self.mode == "learned":
+        if self.mode in LEARNED_MODES:
             weights, biases = self._stacked_maps(feats.device)
             virtual = torch.baddbmm(biases[:, None, :], feats.expand(earlier, *feats.shape), weights)
             return F.normalize(virtual, dim=2) if self.normalize else virtual
@@ -440,7 +457,7 @@ class DriftCompensator:
             return feats
         if method == "learned":
             if self.forward_maps[stage] is None:
-                raise ValueError(f"no learned map of stage {stage}: gallery updates by map need drift mode 'learned'")
+                raise ValueError(f"no learned map of stage {stage}: gallery updates by map need a learned drift mode {LEARNED_MODES}")
             w, b = (v.to(feats.device) for v in self.forward_maps[stage])
             moved = feats @ w + b
             return F.normalize(moved, dim=1) if self.normalize else moved
@@ -534,7 +551,7 @@ class DriftCompensator:
                     raise ValueError(f"state_dict {key}[{t}] contains NaN or inf")
             all_maps[key] = maps
         maps = all_maps["maps"]
-        if self.mode == "learned" and any(m is None for m in maps[: max(0, len(maps) - 1)]):
+        if self.mode in LEARNED_MODES and any(m is None for m in maps[: max(0, len(maps) - 1)]):
             raise ValueError("state_dict of a learned-mode compensator lacks the map of an earlier stage")
         self._device_cache = None
         self.maps, self.forward_maps = (

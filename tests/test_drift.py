@@ -172,7 +172,7 @@ def test_mode_none_keeps_one_term_per_stage_without_drift():
     assert comp.correlation_loss(student, teacher).item() == pytest.approx(3 * one.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["direct", "chained", "none"])
+@pytest.mark.parametrize("mode", ["direct", "chained", "none", "learned_chained"])
 def test_state_dict_round_trip(mode, tmp_path):
     comp, _ = three_stages(mode, [torch.tensor([0.1, 0.0, -0.2, 0.05]), torch.tensor([0.0, 0.3, 0.1, 0.0])])
     path = tmp_path / "drift.pt"
@@ -339,6 +339,34 @@ def test_learned_mode_virtual_features_are_the_maps_and_the_loss_sums_them():
     state["maps"][0] = [torch.full((4, 4), float("nan")), torch.zeros(4)]
     with pytest.raises(ValueError, match=r"maps\[0\].*NaN"):
         DriftCompensator(mode="learned").load_state_dict(state)
+
+
+@given(stages=st.integers(2, 5), dim=st.integers(2, 6), seed=st.integers(0, 2**16))
+def test_learned_chained_composes_step_maps_into_the_direct_maps(stages, dim, seed):
+    """With linear models F_s(x) = x A_s, the maps composed stage to stage (previous model only) are the
+    maps fitted against every earlier model: same virtual features, same gallery updates."""
+    g = torch.Generator().manual_seed(seed)
+    models = [torch.eye(dim)]
+    for _ in range(stages - 1):
+        models.append(models[-1] @ (torch.eye(dim) + 0.1 * torch.randn(dim, dim, generator=g)))
+    comps = {m: DriftCompensator(mode=m) for m in ("learned", "learned_chained")}
+    for s in range(stages):
+        x = torch.randn(60, dim, generator=g)
+        for comp in comps.values():
+            comp.add_stage(x @ models[s], torch.arange(10 * s, 10 * s + 4).repeat(15))
+            for t in comp.stages_to_measure():
+                comp.update_drift(x @ models[t], x @ models[s], stage=t)
+    assert comps["learned_chained"].stages_to_measure() == [stages - 2]
+    assert comps["learned"].stages_to_measure() == list(range(stages - 1))
+    probe = torch.randn(7, dim, generator=g)
+    direct, chained = (c.virtual_feature_stack(probe @ models[-1]) for c in comps.values())
+    assert torch.allclose(chained, direct, atol=1e-3)
+    for t in range(stages - 1):
+        want = comps["learned"].update_gallery(probe @ models[t], t, "learned")
+        assert torch.allclose(comps["learned_chained"].update_gallery(probe @ models[t], t, "learned"), want, atol=1e-3)
+        assert torch.allclose(comps["learned_chained"].prototype_drifts[t], comps["learned"].prototype_drifts[t], atol=1e-3)
+    with pytest.raises(ValueError, match="previous stage"):
+        comps["learned_chained"].update_drift(probe, probe, stage=0 if stages > 2 else 5)
 
 
 # ----------------------------------------------------------------- gallery update (stored embeddings, no images)
