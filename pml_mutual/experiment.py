@@ -67,22 +67,29 @@ def mean_std(values: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]
     return v.mean(0), (v.std(0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1:]))
 
 
+def _embedder(learner: OnlineLearner, batch_size: int):
+    from .evaluation import extract_embeddings
+
+    def embed(stage, dataset):  # one model loaded at a time
+        model = learner.load_stage_model(stage)
+        return extract_embeddings(model, dataset, batch_size=batch_size, device=learner.device, amp=learner.config.amp)
+    return embed
+
+
+def _seen_test_items(learner: OnlineLearner, stage: int):
+    from torch.utils.data import Subset
+
+    seen = np.flatnonzero([learner.class_to_stage[int(c)] <= stage for c in learner.test_labels])
+    return seen, Subset(learner.test_dataset, seen.tolist())
+
+
 def _stagewise_features(learner: OnlineLearner, modes: Sequence[str], batch_size: int):
     """After each stage i ≥ 1 of a finished run: (i, {mode: compensator brought up to F_i}, F_i's features
     of the held-out test images of the classes seen so far, [F_b's features of them for b < i], their
-    labels, the stage each image's class was added in, seconds F_i took to embed them). One model is
-    loaded at a time; every mode sees the same models."""
-    import time
-
-    from torch.utils.data import Subset
-
+    labels). One model is loaded at a time; every mode sees the same models."""
     from .drift import DriftCompensator
-    from .evaluation import extract_embeddings
 
-    def embed(stage, dataset):
-        model = learner.load_stage_model(stage)
-        return extract_embeddings(model, dataset, batch_size=batch_size, device=learner.device, amp=learner.config.amp)
-
+    embed = _embedder(learner, batch_size)
     comps = {m: DriftCompensator(mode=m, similarity=learner.config.drift_similarity) for m in modes}
     for i in range(len(learner.train_stages)):
         new, labels = embed(i, learner.prototype_stages[i])
@@ -93,14 +100,10 @@ def _stagewise_features(learner: OnlineLearner, modes: Sequence[str], batch_size
                 comp.update_drift(old[t], new, stage=t)
         if i == 0:
             continue
-        seen = np.flatnonzero([learner.class_to_stage[int(c)] <= i for c in learner.test_labels])
-        held_out = Subset(learner.test_dataset, seen.tolist())
-        t0 = time.perf_counter()
+        _, held_out = _seen_test_items(learner, i)
         latest, test_labels = embed(i, held_out)
-        seconds = time.perf_counter() - t0
         real = [embed(b, held_out)[0] for b in range(i)]
-        added = np.array([learner.class_to_stage[int(c)] for c in test_labels])
-        yield i, comps, latest, real, test_labels.numpy(), added, seconds
+        yield i, comps, latest, real, test_labels.numpy()
 
 
 def measure_fidelity(learner: OnlineLearner, modes: Sequence[str] = ("direct", "learned"),
@@ -117,38 +120,39 @@ def measure_fidelity(learner: OnlineLearner, modes: Sequence[str] = ("direct", "
     from .evaluation import fidelity_rows
 
     rows = []
-    for i, comps, latest, real, labels, _, _ in _stagewise_features(learner, modes, batch_size):
+    for i, comps, latest, real, labels in _stagewise_features(learner, modes, batch_size):
         virtual = {m: c.virtual_feature_stack(latest) for m, c in comps.items()}
         rows.extend(dict(row, after_stage=i) for row in fidelity_rows(latest, virtual, real, labels))
     return rows
 
 
 def measure_gallery_update(learner: OnlineLearner, batch_size: int = 256) -> list[dict]:
-    """A retrieval gallery that is not re-embedded, on a finished run: after each stage i ≥ 1, the held-out
-    test images of the classes seen so far are the gallery, each stored as the model of the stage its class
-    arrived in embedded it; queries are F_i's features. Recall@1 (cross-model, self excluded by index) of
-    the gallery (a) as stored, (b) moved by translation (Eq. 4 forward, drift measured as "direct"),
-    (c) moved by the learned forward maps, (d) re-embedded by F_i (what the paper evaluates); with the
-    seconds the updates and the re-embedding took."""
+    """The gallery report of ``OnlineConfig(gallery_report=True)`` (:class:`~pml_mutual.gallery.StoredGallery`),
+    computed afterwards from a finished run's checkpoints (one model loaded at a time): after each stage
+    i ≥ 1, the all-class Recall@1 of F_i's queries against the held-out gallery (a) as stored, each item
+    embedded by the model of its class's stage, (b) moved by translation, (c) moved by the learned forward
+    maps, (d) re-embedded by F_i; with the seconds the updates and the re-embedding took, and the whole
+    report (old / new / all) under ``"report"``."""
     import time
 
-    from .evaluation import cross_recall_at_k
+    from .gallery import GALLERIES, StoredGallery
 
-    rows = []
-    for i, comps, latest, real, labels, added, embed_seconds in _stagewise_features(learner, ("direct", "learned"), batch_size):
-        stored = latest.clone()
-        for b in range(i):
-            stored[added == b] = real[b][added == b]
-        row = {"after_stage": i, "reembed_seconds": embed_seconds,
-               "stored": cross_recall_at_k(latest, stored, labels, (1,))[1],
-               "reembedded": cross_recall_at_k(latest, latest, labels, (1,))[1]}
-        for name, mode, method in (("translation", "direct", "translation"), ("learned", "learned", "learned")):
-            t0 = time.perf_counter()
-            moved = stored.clone()
-            for b in range(i):
-                if (added == b).any():
-                    moved[added == b] = comps[mode].update_gallery(stored[added == b], b, method)
-            row[f"{name}_seconds"] = time.perf_counter() - t0
-            row[name] = cross_recall_at_k(latest, moved, labels, (1,))[1]
-        rows.append(row)
+    embed = _embedder(learner, batch_size)
+    gallery, rows = StoredGallery(learner.config.drift_similarity), []
+    for i in range(len(learner.train_stages)):
+        new, labels = embed(i, learner.prototype_stages[i])
+        gallery.add_stage(new, labels)
+        for t in gallery.stages_to_measure():
+            gallery.update_drift(embed(t, learner.prototype_stages[i])[0], new, stage=t)
+        seen, held_out = _seen_test_items(learner, i)
+        t0 = time.perf_counter()
+        latest, test_labels = embed(i, held_out)
+        seconds = time.perf_counter() - t0
+        is_new = np.array([learner.class_to_stage[int(c)] == i for c in test_labels])
+        gallery.store(latest[torch.from_numpy(is_new)], seen[is_new])
+        if i == 0:
+            continue
+        report = gallery.report(latest, seen, test_labels, learner.class_to_stage, i, ks=(1,), reembed_seconds=seconds)
+        rows.append({"after_stage": i, **{name: report[name]["all"][1] for name in GALLERIES},
+                     **{f"{k}_seconds": v for k, v in report["seconds"].items()}, "report": report})
     return rows

@@ -33,6 +33,7 @@ from .data.stages import check_stages, dataset_labels, split_by_stage
 from .drift import DRIFT_MODES, SIMILARITIES, DriftCompensator
 from .evaluation import extract_embeddings, stage_recalls, summarize_run, to_markdown
 from .evaluation.results import stage_result_from_json, stage_result_to_json
+from .gallery import StoredGallery
 from .losses import GramCorrelationLoss, MutualGramLoss
 from .run_dir import RunDirectory, save_json
 from .trainers import IncrementalTrainer
@@ -89,7 +90,8 @@ class OnlineConfig:
     # drift measured with every earlier checkpoint), "chained" (SDC: from the previous model only),
     # "learned" (beyond the paper, LDC-style: per earlier stage a ridge-fitted linear map from the latest
     # model's space back to it, on the same images as "direct"; one D×D solve per earlier stage, O(stages·D²)
-    # state; see measure_fidelity for how close each estimate comes) or "none" (zero drift)
+    # state; see measure_fidelity for how close each estimate comes), "learned_chained" (the same maps from
+    # the previous model only, composed stage to stage) or "none" (zero drift)
     drift_mode: str = "direct"
     drift_similarity: str = "cosine_relu"
     support_init: str = "fresh"  # "fresh": model_factory() (random, or pretrained trunk + new head); "teacher"
@@ -107,6 +109,11 @@ class OnlineConfig:
     # Under torchrun: batch_size and m_per_class are per rank; "global" computes the losses on the batch of
     # all ranks (N ranks × B = one process with N·B), "local" on each rank's own batch.
     gram_scope: str = "global"
+    # After every stage, also Recall@1 of a test gallery that is not re-embedded (pml_mutual.gallery): as
+    # stored (each item embedded by the model of its class's stage), moved by translation, moved by the
+    # learned maps, re-embedded. Costs direct-mode drift measurement (every earlier checkpoint embeds the
+    # stage's images once) for every method, and the test set's embeddings once in the checkpoints.
+    gallery_report: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -237,6 +244,7 @@ class OnlineLearner:
                     base.items.check_files_exist(f"the {name} dataset")
         self.compensator = DriftCompensator(mode=self.config.drift_mode if self.method.drift else "none",
                                             similarity=self.config.drift_similarity)
+        self.gallery = StoredGallery(self.config.drift_similarity) if self.config.gallery_report else None
         self.stage_results: list[dict] = []
         self.stage_logs: list[dict] = []
         self._student: torch.nn.Module | None = None
@@ -414,24 +422,33 @@ class OnlineLearner:
             return [k for k in inherited if k in models]
         return []
 
+    def _drift_users(self) -> list:
+        """What measures drift after a stage: the training compensator (methods with virtual features) and
+        the gallery report; both take the same calls, and each old model's features are extracted once."""
+        return ([self.compensator] if self.method.virtual else []) + ([self.gallery] if self.gallery is not None else [])
+
     def _measure_drift(self, stage: int) -> None:
         """Offline, after stage ``stage``: its prototypes, and the drift of earlier stages up to F_stage (Eq. 3)."""
-        if not self.method.virtual:
+        users = self._drift_users()
+        if not users:
             return
         self.phase = "drift"
         loader = self._embedding_loader(self.prototype_stages[stage])  # its workers serve every model below
-        earlier = self.compensator.stages_to_measure(after_adding=1)
+        earlier = sorted(set().union(*(u.stages_to_measure(after_adding=1) for u in users)))
         first = self.load_stage_model(earlier[0]) if earlier else None
         # the new model and the first old one embed each decoded batch together: one decoding pass fewer
         (new_feats, *old), labels = self._extract([self._student] + ([first] if first is not None else []), loader)
         del first
-        self.compensator.add_stage(new_feats, labels)
+        for user in users:
+            user.add_stage(new_feats, labels)
         for i, t in enumerate(earlier):
             if i > 0:
                 old_model = self.load_stage_model(t)  # one old model at a time
                 old, _ = self._extract([old_model], loader)
                 del old_model
-            self.compensator.update_drift(old[0], new_feats, stage=t)
+            for user in users:
+                if t in user.stages_to_measure():
+                    user.update_drift(old[0], new_feats, stage=t)
 
     def _embedding_loader(self, dataset: Dataset) -> EmbeddingView:
         return self.loaders.embed(dataset)
@@ -453,10 +470,18 @@ class OnlineLearner:
 
     def _evaluate(self, stage: int) -> dict:
         seen = np.flatnonzero([self.class_to_stage[int(c)] <= stage for c in self.test_labels])
+        t0 = time.perf_counter()
         emb, labels = self._extract(self._student, self._embedding_loader(self.test_dataset), seen)
+        embed_seconds = time.perf_counter() - t0
+        if self.gallery is not None:  # every rank keeps the stored gallery; rank 0 reports
+            new = np.array([self.class_to_stage[int(c)] == stage for c in labels])
+            self.gallery.store(emb[torch.from_numpy(new)], seen[new])
         results = None
         if distributed.is_main():  # one search, its result sent to every rank
             results = stage_recalls(emb, labels, self.class_to_stage, stage, self.config.ks)
+            if self.gallery is not None:
+                results["gallery"] = self.gallery.report(emb, seen, labels, self.class_to_stage, stage, ks=(1,),
+                                                         reembed_seconds=embed_seconds, device=self.device)
         return distributed.broadcast_object(results)
 
     # ----------------------------------------------------------------- models and checkpoints
@@ -496,14 +521,18 @@ class OnlineLearner:
             ident["world_size"] = distributed.world_size()
         return ident
 
-    @staticmethod
-    def _not_identity() -> tuple[str, ...]:
-        # settings that do not change what is trained; gram_scope matters only with several ranks
+    def _not_identity(self) -> tuple[str, ...]:
+        # settings that do not change what is trained; gram_scope matters only with several ranks; a run
+        # with the gallery report keeps files a run without it lacks (run directories of earlier versions,
+        # which had no such setting, stay resumable)
         skip = ("device", "eval_batch_size", "num_workers")
-        return skip + (("gram_scope",) if distributed.world_size() == 1 else ())
+        skip += ("gram_scope",) if distributed.world_size() == 1 else ()
+        return skip + (() if self.config.gallery_report else ("gallery_report",))
 
     def _save_stage(self, stage: int, results: dict, epoch_losses: list[dict], seconds: float) -> None:
         files = {"model.pt": self._student.state_dict(), "drift.pt": self.compensator.state_dict()}
+        if self.gallery is not None:
+            files["gallery.pt"] = self.gallery.stage_state(stage)
         written, self._written = self._written, {}
         log = {"stage": stage, "epoch_losses": epoch_losses, "seconds": seconds, "phase_seconds": dict(self.phase_seconds)}
         # stage.json is written last, with each file's SHA-256: its presence marks the stage complete
@@ -525,6 +554,8 @@ class OnlineLearner:
         stage = len(done)
         if stage > 0:
             self.compensator.load_state_dict(self.directory.load_stage_file(stage - 1, "drift.pt"))
+            if self.gallery is not None:
+                self.gallery.load_stage_states([self.directory.load_stage_file(b, "gallery.pt") for b in range(stage)])
             if not self.quiet:
                 print(f"[{self.config.method}] resuming {self.run_dir} at stage {stage}", flush=True)
         return stage

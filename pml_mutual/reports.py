@@ -3,6 +3,8 @@
 * :func:`plot_accuracy_matrix`: heatmap of R[i][j] = Recall@1 on stage j's classes after stage i.
 * :func:`plot_stage_curves`: Recall@1 of each stage's classes as later stages arrive.
 * :func:`plot_methods`: several methods side by side: their final-model curves and their all-class Recall@1.
+* :func:`plot_gallery`: the gallery report (``OnlineConfig(gallery_report=True)``): all-class Recall@1 of
+  the latest model's queries against the gallery as stored, moved, and re-embedded, after each stage.
 
 Each takes results documents (see :mod:`pml_mutual.evaluation.results`) and writes a PNG.
 """
@@ -94,6 +96,36 @@ def plot_methods(summaries: Mapping[str, dict], path: str | os.PathLike) -> Path
     n_stages = max(len(s["stages"]) for s in summaries.values())
     for ax in (left, right):
         ax.set_xticks(range(n_stages))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+GALLERY_LINES = (("stored", "(a) stored", "o"), ("translation", "(b) translation", "^"),
+                 ("learned", "(c) learned map", "s"), ("reembedded", "(d) re-embedded", "D"))
+
+
+def plot_gallery(summaries: Mapping[str, dict] | dict, path: str | os.PathLike) -> Path:
+    """One panel per method (or one results document): all-class Recall@1 after each stage of the latest
+    model's queries against the test gallery (a) as stored, (b) moved by translation, (c) moved by the
+    learned map, (d) re-embedded."""
+    if "stages" in summaries:  # one results document
+        summaries = {summaries.get("method") or "run": summaries}
+    missing = [m for m, s in summaries.items() if not any("gallery" in st for st in s["stages"])]
+    if missing:
+        raise ValueError(f"no gallery report in the results of {missing}: run with OnlineConfig(gallery_report=True)")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(summaries), figsize=(4.5 * len(summaries) + 0.5, 4), squeeze=False)
+    for ax, (method, summary) in zip(axes[0], summaries.items()):
+        stages = [s for s in summary["stages"] if "gallery" in s]
+        for name, label, marker in GALLERY_LINES:
+            ax.plot([s["stage"] for s in stages], [100 * s["gallery"][name]["all"]["1"] for s in stages],
+                    marker=marker, label=label)
+        ax.set_xlabel("after training stage")
+        ax.set_ylabel("Recall@1 (%), all seen classes")
+        ax.set_xticks([s["stage"] for s in stages])
+        ax.set_title(f"gallery without re-embedding: {method}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -29,6 +29,7 @@ from .data.images import ImageItems, ImageListDataset
 from .data.stages import scale_stage_ends, stages_from_ends
 from .data.transforms import ProtocolTransform
 from .experiment import final_row, mean_std, per_stage_row, run_methods
+from .gallery import GALLERIES
 from .identity import file_sha256
 from .models.backbones import BACKBONES, BATCH, INPUT_SPACE, backbone_factory, check_image_size
 from .drift import DRIFT_MODES
@@ -99,7 +100,11 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--lambda-mutual", type=float, default=8.0)
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--drift-mode", choices=DRIFT_MODES, default="direct",
-                   help="virtual features: direct (the paper), chained, learned (ridge-fitted maps, beyond the paper) or none")
+                   help="virtual features: direct (the paper), chained, learned (ridge-fitted maps, beyond the paper), "
+                        "learned_chained (the maps from the previous model only) or none")
+    p.add_argument("--gallery-report", action="store_true",
+                   help="after every stage, also Recall@1 of a test gallery that is not re-embedded (stored / moved by "
+                        "translation / moved by the learned maps / re-embedded); its own run directory")
     p.add_argument("--corr-direction", choices=["forward", "reverse"], default="forward",
                    help="'reverse' = the KL direction of the authors' code")
     p.add_argument("--image-size", type=int, default=None, help="crop size (default 224, smoke 32)")
@@ -173,7 +178,7 @@ def make_configs(args, seed: int, m_per_class: int, batch: int) -> dict[str, Onl
             m_per_class=m_per_class, lr=args.lr, weight_decay=args.weight_decay, lambda_corr=args.lambda_corr,
             lambda_mutual=args.lambda_mutual, temperature=args.temperature, corr_direction=args.corr_direction,
             freeze_batchnorm=True, seed=seed, device=args.device, amp=args.amp, num_workers=args.num_workers,
-            drift_mode=args.drift_mode,
+            drift_mode=args.drift_mode, gallery_report=args.gallery_report,
             eval_batch_size=4 * batch,
         )
         for m in names
@@ -242,7 +247,8 @@ def _run(dataset: str, args, device: torch.device) -> list[dict]:
         flag_hash = hashlib.sha256(json.dumps(flags, sort_keys=True).encode()).hexdigest()[:10]
         for seed in args.seeds:
             # every flag that changes the data or the model is in the tag (and in each run's identity)
-            tag = f"{args.backbone}_{args.setting}{'_smoke' if args.smoke else ''}_{flag_hash}/seed{seed}"
+            tag = (f"{args.backbone}_{args.setting}{'_smoke' if args.smoke else ''}_{flag_hash}"
+                   f"{'_gallery' if args.gallery_report else ''}/seed{seed}")
             t0 = time.perf_counter()
             results = run_methods(
                 factory, train, test, class_to_stage, make_configs(args, seed, m_per_class, batch),
@@ -261,6 +267,8 @@ def _run(dataset: str, args, device: torch.device) -> list[dict]:
     if not distributed.is_main():
         return rows
     print(format_table(rows, dataset, args.backbone, args.setting))
+    if any("gallery" in r for r in rows):
+        print(format_gallery(rows))
     print(f"\ntotal time: {total:.0f}s")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -280,7 +288,23 @@ def result_row(dataset: str, args, method: str, seed: int, summary: dict) -> dic
         "published": published(dataset, args.backbone, args.setting, method),
         "measured_columns": measured,
         "seconds": sum(log["seconds"] for log in summary["stage_logs"]),
+        **({"gallery": final_gallery_row(summary)} if "gallery" in summary["stages"][-1] else {}),
     }
+
+
+def final_gallery_row(summary: dict) -> dict:
+    """The last stage's gallery report: all-class Recall@1 (%) of each gallery, and the update seconds."""
+    g = summary["stages"][-1]["gallery"]
+    return {**{name: 100 * g[name]["all"]["1"] for name in GALLERIES}, "seconds": g["seconds"]}
+
+
+def format_gallery(rows: list[dict]) -> str:
+    lines = ["\nGallery without re-embedding, after the last stage: all-class Recall@1 (%), mean over seeds",
+             f"{'method':<14} " + " ".join(f"{n:>12}" for n in GALLERIES)]
+    for m in dict.fromkeys(r["method"] for r in rows if "gallery" in r):
+        values = [r["gallery"] for r in rows if r["method"] == m and "gallery" in r]
+        lines.append(f"{m:<14} " + " ".join(f"{np.mean([v[n] for v in values]):>12.2f}" for n in GALLERIES))
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict], dataset: str, backbone: str, setting: str) -> str:

@@ -32,3 +32,20 @@ def test_plots_are_written_with_the_expected_size(tmp_path):
     assert png_size(both) == (1100, 400)
     for p in (heat, curves, both):
         assert p.stat().st_size > 5000  # drawn, not blank
+
+
+def test_the_gallery_report_is_drawn_per_method_and_its_absence_is_named(tmp_path):
+    def with_gallery(method, drop):
+        s = fake_summary(method, drop)
+        for i, st in enumerate(s["stages"]):
+            rec = {"old": None, "new": {"1": 0.9}, "all": {"1": 0.9 - drop * i}, "per_stage": []}
+            st["gallery"] = {name: rec for name in ("stored", "translation", "learned", "reembedded")}
+        return s
+
+    one = reports.plot_gallery(with_gallery("ours", 0.1), tmp_path / "one.png")
+    two = reports.plot_gallery({"ours": with_gallery("ours", 0.1), "finetune": with_gallery("finetune", 0.2)},
+                               tmp_path / "two.png")
+    assert png_size(one) == (500, 400) and png_size(two) == (950, 400)
+    assert two.stat().st_size > 5000
+    with pytest.raises(ValueError, match=r"no gallery report in the results of \['plain'\]"):
+        reports.plot_gallery({"plain": fake_summary("plain", 0.1)}, tmp_path / "none.png")

@@ -12,14 +12,16 @@ from pml_mutual.reproduce import format_table, run
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("dataset, setting, methods", [
-    ("cub200", "multi-task", ["finetune", "ours"]),  # 5 stages: virtual features of 3 earlier stages
-    ("cars196", "one-task", ["fecd", "ours"]),
-    ("deepfashion2", "one-task", ["joint", "ours"]),
+@pytest.mark.parametrize("dataset, setting, methods, extra", [
+    # 5 stages: virtual features of 3 earlier stages, from maps composed stage to stage; the gallery report
+    ("cub200", "multi-task", ["finetune", "ours"], ["--drift-mode", "learned_chained", "--gallery-report"]),
+    ("cars196", "one-task", ["fecd", "ours"], []),
+    ("deepfashion2", "one-task", ["joint", "ours"], []),
 ])
-def test_benchmark_script_smoke(tmp_path, monkeypatch, dataset, setting, methods):
+def test_benchmark_script_smoke(tmp_path, monkeypatch, capsys, dataset, setting, methods, extra):
     out = tmp_path / "r.json"
-    argv = [str(BENCHMARKS / f"{dataset}.py"), "--smoke", "--setting", setting, "--methods", *methods, "--out", str(out)]
+    argv = [str(BENCHMARKS / f"{dataset}.py"), "--smoke", "--setting", setting, "--methods", *methods, "--out", str(out),
+            *extra]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(argv[0], run_name="__main__")
     doc = json.loads(out.read_text())
@@ -32,6 +34,10 @@ def test_benchmark_script_smoke(tmp_path, monkeypatch, dataset, setting, methods
         expected = PUBLISHED[(dataset, "bninception", setting)].get(r["method"])
         assert r["published"] == expected
     assert rows[-1]["published"] is not None  # "ours" is in every table
+    if "--gallery-report" in extra:
+        assert "Gallery without re-embedding" in capsys.readouterr().out
+        for r in rows:
+            assert all(0.0 <= r["gallery"][n] <= 100.0 for n in ("stored", "translation", "learned", "reembedded"))
 
 
 def test_table_formatting_shows_published_and_delta():

@@ -3,7 +3,7 @@ from .metrics import accuracy_matrix, average_forgetting, backward_transfer
 from .fidelity import fidelity_rows, gap_closed
 from .recall import cross_recall_at_k, nearest_neighbours, recall_at_k
 from .results import load_json, save_json, summarize_run, to_markdown
-from .stages import extract_embeddings, stage_recalls
+from .stages import cross_stage_recalls, extract_embeddings, stage_recalls
 
 __all__ = [
     "knn",
@@ -14,6 +14,7 @@ __all__ = [
     "nearest_neighbours",
     "extract_embeddings",
     "stage_recalls",
+    "cross_stage_recalls",
     "accuracy_matrix",
     "average_forgetting",
     "backward_transfer",

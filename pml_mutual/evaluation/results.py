@@ -9,7 +9,11 @@ Schema ``pml-mutual/results/v1``::
         {"stage": i,
          "old": {"1": r, "2": r, ...} | null,  # Recall@K on earlier stages' classes (null at stage 0)
          "new": {...}, "all": {...},           # this stage's classes; every class seen so far
-         "per_stage": [{...}, ...]}            # Recall@K on stage j's classes, j = 0..i
+         "per_stage": [{...}, ...],            # Recall@K on stage j's classes, j = 0..i
+         "gallery": {                          # only with OnlineConfig(gallery_report=True)
+           "stored" | "translation" | "learned" | "reembedded":
+               {"old", "new", "all", "per_stage"},   # the latest model's queries against that gallery
+           "seconds": {"translation", "learned", "reembed"}}}
       ],
       "accuracy_matrix": [[R00, null, ...], [R10, R11, ...], ...],   # Recall@1, row = after stage i
       "average_forgetting": float, "backward_transfer": float, "final_all_recall@1": float
@@ -37,26 +41,23 @@ def _keys_to_int(rec):
     return None if rec is None else {int(k): float(v) for k, v in rec.items()}
 
 
+def _convert(res: dict, keys) -> dict:
+    out = {"stage": res["stage"], "old": keys(res["old"]), "new": keys(res["new"]), "all": keys(res["all"]),
+           "per_stage": [keys(r) for r in res["per_stage"]]}
+    if "gallery" in res:
+        gallery = res["gallery"]
+        out["gallery"] = {name: (dict(v) if name == "seconds" else _convert(v, keys)) for name, v in gallery.items()}
+    return out
+
+
 def stage_result_to_json(res: dict) -> dict:
-    """One stage's :func:`stage_recalls` output with string K keys (JSON-ready)."""
-    return {
-        "stage": res["stage"],
-        "old": _keys_to_str(res["old"]),
-        "new": _keys_to_str(res["new"]),
-        "all": _keys_to_str(res["all"]),
-        "per_stage": [_keys_to_str(r) for r in res["per_stage"]],
-    }
+    """One stage's :func:`stage_recalls` output (and its gallery report, if any) with string K keys."""
+    return _convert(res, _keys_to_str)
 
 
 def stage_result_from_json(doc: dict) -> dict:
     """Inverse of :func:`stage_result_to_json` (integer K keys)."""
-    return {
-        "stage": doc["stage"],
-        "old": _keys_to_int(doc["old"]),
-        "new": _keys_to_int(doc["new"]),
-        "all": _keys_to_int(doc["all"]),
-        "per_stage": [_keys_to_int(r) for r in doc["per_stage"]],
-    }
+    return _convert(doc, _keys_to_int)
 
 
 def summarize_run(stage_results: Sequence[dict], method: str = "", ks: Sequence[int] = (1, 2, 4, 8)) -> dict:
@@ -125,4 +126,30 @@ def to_markdown(summary: dict, k: int = 1) -> str:
         f"average forgetting: {100 * summary['average_forgetting']:.2f} · "
         f"backward transfer: {100 * summary['backward_transfer']:.2f}",
     ]
+    if any("gallery" in s for s in summary["stages"]):
+        lines += ["", *gallery_markdown(summary, k)]
     return "\n".join(lines)
+
+
+GALLERY_COLUMNS = (("stored", "(a) stored"), ("translation", "(b) translation"), ("learned", "(c) learned map"),
+                   ("reembedded", "(d) re-embedded"))
+
+
+def gallery_markdown(summary: dict, k: int = 1) -> list[str]:
+    """The gallery report's table: all-class Recall@k of the latest model's queries against the gallery
+    (a) as stored, (b)/(c) moved, (d) re-embedded, after each stage; the gap to (d) that (c) recovers;
+    the seconds of the learned update against those of re-embedding."""
+    lines = [f"Gallery without re-embedding: Recall@{k} (%), all classes, latest model's queries", "",
+             "| after stage | " + " | ".join(title for _, title in GALLERY_COLUMNS) + " | (c) recovers | (c) s / (d) s |",
+             "|---" * (len(GALLERY_COLUMNS) + 3) + "|"]
+    for s in summary["stages"]:
+        g = s.get("gallery")
+        if g is None:
+            continue
+        cells = [_pct(g[name]["all"], k) for name, _ in GALLERY_COLUMNS]
+        gap = g["reembedded"]["all"][str(k)] - g["stored"]["all"][str(k)]
+        recovered = "–" if abs(gap) < 1e-12 else f"{100 * (g['learned']['all'][str(k)] - g['stored']['all'][str(k)]) / gap:.0f} %"
+        sec = g["seconds"]
+        ratio = f"{sec['learned']:.3g} / {sec['reembed']:.3g}" if "reembed" in sec else f"{sec['learned']:.3g} / –"
+        lines.append(f"| {s['stage']} | " + " | ".join(cells) + f" | {recovered} | {ratio} |")
+    return lines

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .recall import _to_numpy, check_ks, recall_at_k
+from .recall import _to_numpy, check_ks, cross_recall_at_k, recall_at_k
 
 
 @torch.no_grad()
@@ -68,6 +68,13 @@ def _recall_on(emb, lab, mask, ks, backend):
     return recall_at_k(emb[mask], lab[mask], ks, backend=backend)
 
 
+def _item_stages(lab: np.ndarray, class_to_stage: Mapping[int, int]) -> np.ndarray:
+    unknown = set(np.unique(lab).tolist()) - set(class_to_stage)
+    if unknown:
+        raise ValueError(f"labels {sorted(unknown)[:10]} have no stage in class_to_stage")
+    return np.array([class_to_stage[int(c)] for c in lab], dtype=np.int64)
+
+
 def stage_recalls(
     embeddings,
     labels,
@@ -85,14 +92,41 @@ def stage_recalls(
     ks = check_ks(ks)
     emb = _to_numpy(embeddings, "embeddings")
     lab = _to_numpy(labels, "labels")
-    unknown = set(np.unique(lab).tolist()) - set(class_to_stage)
-    if unknown:
-        raise ValueError(f"labels {sorted(unknown)[:10]} have no stage in class_to_stage")
-    item_stage = np.array([class_to_stage[int(c)] for c in lab], dtype=np.int64)
+    item_stage = _item_stages(lab, class_to_stage)
     return {
         "stage": int(stage),
         "old": _recall_on(emb, lab, item_stage < stage, ks, backend),
         "new": _recall_on(emb, lab, item_stage == stage, ks, backend),
         "all": _recall_on(emb, lab, item_stage <= stage, ks, backend),
         "per_stage": [_recall_on(emb, lab, item_stage == j, ks, backend) for j in range(stage + 1)],
+    }
+
+
+def cross_stage_recalls(
+    queries,
+    gallery,
+    labels,
+    class_to_stage: Mapping[int, int],
+    stage: int,
+    ks: Sequence[int] = (1, 2, 4, 8),
+) -> dict:
+    """:func:`stage_recalls` across two embeddings of the same items: row i of ``queries`` (e.g. the latest
+    model's) searches ``gallery`` (e.g. a stored gallery embedded by older models), its own row excluded
+    (:func:`~pml_mutual.evaluation.cross_recall_at_k`); old / new / all classes and each stage's, each
+    subset its own query and gallery set. ``gallery is queries`` gives :func:`stage_recalls`' numbers."""
+    ks = check_ks(ks)
+    q = _to_numpy(queries, "queries")
+    g = _to_numpy(gallery, "gallery")
+    lab = _to_numpy(labels, "labels")
+    item_stage = _item_stages(lab, class_to_stage)
+
+    def on(mask):
+        return cross_recall_at_k(q[mask], g[mask], lab[mask], ks) if mask.any() else None
+
+    return {
+        "stage": int(stage),
+        "old": on(item_stage < stage),
+        "new": on(item_stage == stage),
+        "all": on(item_stage <= stage),
+        "per_stage": [on(item_stage == j) for j in range(stage + 1)],
     }
