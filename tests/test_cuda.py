@@ -102,3 +102,23 @@ def test_torch_knn_on_cuda_equals_faiss_on_cpu():
     labels = rng.integers(0, 40, len(emb))
     assert np.array_equal(nearest_neighbours(emb, 8, backend="torch", device="cuda"), nearest_neighbours(emb, 8, backend="faiss"))
     assert recall_at_k(emb, labels, backend="auto") == recall_at_k(emb, labels, backend="faiss")
+
+
+def test_gallery_report_and_chained_learned_maps_on_cuda(tmp_path):
+    """The stage loop's gallery report with the updates on the GPU, and learned_chained virtual features in
+    training on CUDA: the report's re-embedded gallery is the run's own evaluation, the updates finite."""
+    from pml_mutual import OnlineConfig, OnlineLearner
+    from pml_mutual.data import load_digits_splits, stage_assignment
+    from pml_mutual.gallery import GALLERIES
+    from pml_mutual.models import EmbeddingMLP
+
+    train, test = load_digits_splits()
+    cfg = OnlineConfig(method="ours", epochs=1, iterations_per_epoch=15, batch_size=16, m_per_class=8, lr=1e-3,
+                       weight_decay=0.0, device="cuda", drift_mode="learned_chained", gallery_report=True)
+    summary = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, stage_assignment(range(10), 4, 2),
+                                                  config=cfg, run_dir=tmp_path, quiet=True).run()
+    for s in summary["stages"]:
+        g = s["gallery"]
+        assert g["reembedded"]["all"]["1"] == pytest.approx(s["all"]["1"], abs=1 / 300)
+        assert all(0 <= g[n]["all"]["1"] <= 1 for n in GALLERIES)
+    assert np.isfinite(summary["stages"][-1]["all"]["1"])
