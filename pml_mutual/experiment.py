@@ -79,7 +79,7 @@ def _embedder(learner: OnlineLearner, batch_size: int):
 def _seen_test_items(learner: OnlineLearner, stage: int):
     from torch.utils.data import Subset
 
-    seen = np.flatnonzero([learner.class_to_stage[int(c)] <= stage for c in learner.test_labels])
+    seen = learner.seen_test_positions(stage)
     return seen, Subset(learner.test_dataset, seen.tolist())
 
 

@@ -22,6 +22,7 @@ import torch
 from .checks import check_embeddings
 from .drift import DriftCompensator
 from .evaluation import cross_stage_recalls
+from .evaluation.results import map_recalls
 
 # gallery name → (the compensator's drift mode, the update_gallery method that moves it)
 UPDATES = {"translation": ("direct", "translation"), "learned": ("learned", "learned")}
@@ -116,15 +117,22 @@ class StoredGallery:
         ks: Sequence[int] = (1,),
         reembed_seconds: float | None = None,
         device=None,
+        reembedded: dict | None = None,
     ) -> dict:
         """Recall@K of ``latest`` (the latest model's features of the test items at ``positions``, every
         one stored) as queries against each gallery: ``{"stored" | "translation" | "learned" |
-        "reembedded": cross_stage_recalls(...), "seconds": {update: s, "reembed": s}}``."""
+        "reembedded": cross_stage_recalls(...), "seconds": {update: s, "reembed": s}}``. ``reembedded``:
+        the :func:`~pml_mutual.evaluation.stage_recalls` of ``latest`` when the caller has it already (the
+        same numbers; its K of ``ks`` are taken), instead of a second search."""
         galleries, seconds = self.galleries(positions, device=device)
-        galleries["reembedded"] = latest
         if reembed_seconds is not None:
             seconds["reembed"] = float(reembed_seconds)
-        report = {name: cross_stage_recalls(latest, galleries[name], labels, class_to_stage, stage, ks) for name in GALLERIES}
+        report = {name: cross_stage_recalls(latest, galleries[name], labels, class_to_stage, stage, ks)
+                  for name in GALLERIES if name != "reembedded"}
+        if reembedded is not None and set(ks) <= set(reembedded["all"]):
+            report["reembedded"] = map_recalls(reembedded, lambda rec: None if rec is None else {k: rec[k] for k in ks})
+        else:
+            report["reembedded"] = cross_stage_recalls(latest, latest, labels, class_to_stage, stage, ks)
         report["seconds"] = seconds
         return report
 

@@ -468,8 +468,12 @@ class OnlineLearner:
         emb = gather(emb) if torch.is_tensor(emb) else [gather(e) for e in emb]
         return emb, gather(labels)
 
+    def seen_test_positions(self, stage: int) -> np.ndarray:
+        """Positions in the test set of the items whose classes arrived in stages ≤ ``stage``."""
+        return np.flatnonzero([self.class_to_stage[int(c)] <= stage for c in self.test_labels])
+
     def _evaluate(self, stage: int) -> dict:
-        seen = np.flatnonzero([self.class_to_stage[int(c)] <= stage for c in self.test_labels])
+        seen = self.seen_test_positions(stage)
         t0 = time.perf_counter()
         emb, labels = self._extract(self._student, self._embedding_loader(self.test_dataset), seen)
         embed_seconds = time.perf_counter() - t0
@@ -480,8 +484,10 @@ class OnlineLearner:
         if distributed.is_main():  # one search, its result sent to every rank
             results = stage_recalls(emb, labels, self.class_to_stage, stage, self.config.ks)
             if self.gallery is not None:
+                # (d), the re-embedded gallery, is this evaluation itself: not searched a second time
                 results["gallery"] = self.gallery.report(emb, seen, labels, self.class_to_stage, stage, ks=(1,),
-                                                         reembed_seconds=embed_seconds, device=self.device)
+                                                         reembed_seconds=embed_seconds, device=self.device,
+                                                         reembedded=results)
         return distributed.broadcast_object(results)
 
     # ----------------------------------------------------------------- models and checkpoints

@@ -57,6 +57,11 @@ def test_the_learned_update_is_exact_for_linear_models_and_needs_no_image(stages
     assert set(report) == set(GALLERIES) | {"seconds"}
     assert report["reembedded"] == stage_recalls(latest, y, c2s, stages - 1, (1,), backend="torch")
     assert report["learned"]["all"][1] == pytest.approx(report["reembedded"]["all"][1], abs=1 / len(x) + 1e-9)
+    # the caller's own evaluation stands in for (d) when it has the K asked for; otherwise (d) is searched
+    for given_ks in ((1, 2), (2,)):
+        given = stage_recalls(latest, y, c2s, stages - 1, given_ks, backend="torch")
+        again = gallery.report(latest, positions, y, c2s, stages - 1, ks=(1,), reembedded=given)
+        assert again["reembedded"] == report["reembedded"]
 
 
 def test_store_and_galleries_refuse_what_does_not_fit():

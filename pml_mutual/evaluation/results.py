@@ -41,23 +41,25 @@ def _keys_to_int(rec):
     return None if rec is None else {int(k): float(v) for k, v in rec.items()}
 
 
-def _convert(res: dict, keys) -> dict:
-    out = {"stage": res["stage"], "old": keys(res["old"]), "new": keys(res["new"]), "all": keys(res["all"]),
-           "per_stage": [keys(r) for r in res["per_stage"]]}
+def map_recalls(res: dict, fn) -> dict:
+    """A stage result (:func:`stage_recalls`' layout, with its gallery report if any) with ``fn`` applied
+    to every Recall@K record (``None`` included)."""
+    out = {"stage": res["stage"], "old": fn(res["old"]), "new": fn(res["new"]), "all": fn(res["all"]),
+           "per_stage": [fn(r) for r in res["per_stage"]]}
     if "gallery" in res:
         gallery = res["gallery"]
-        out["gallery"] = {name: (dict(v) if name == "seconds" else _convert(v, keys)) for name, v in gallery.items()}
+        out["gallery"] = {name: (dict(v) if name == "seconds" else map_recalls(v, fn)) for name, v in gallery.items()}
     return out
 
 
 def stage_result_to_json(res: dict) -> dict:
     """One stage's :func:`stage_recalls` output (and its gallery report, if any) with string K keys."""
-    return _convert(res, _keys_to_str)
+    return map_recalls(res, _keys_to_str)
 
 
 def stage_result_from_json(doc: dict) -> dict:
     """Inverse of :func:`stage_result_to_json` (integer K keys)."""
-    return _convert(doc, _keys_to_int)
+    return map_recalls(doc, _keys_to_int)
 
 
 def summarize_run(stage_results: Sequence[dict], method: str = "", ks: Sequence[int] = (1, 2, 4, 8)) -> dict:
