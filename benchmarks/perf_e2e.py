@@ -9,8 +9,9 @@ Writes a CUB-format directory of JPEGs (``--classes`` × ``--images-per-class`` 
 1. one `--method` stage end to end through ``OnlineLearner``: stage 0 keeps a given random F_0 (no
    training), stage 1 (the other half of the classes) trains ``--iterations`` steps, measures drift,
    evaluates, checkpoints. Its wall time is the ``e2e`` figure.
-2. the pure costs of the same stage: a training step of the same model on one batch already on the
-   device (median of repeats, ``perf_step``'s trainer), and a pure forward pass of the same model over
+2. the pure costs of the same stage: a training step of the stage's own trainer (same networks,
+   losses, miner, optimisers, frozen BatchNorm) on one batch already on the device, timed after the
+   run (median of repeats), and a pure forward pass of the same model over
    as many images as the stage embeds (drift: the stage's training images by F_1 and F_0; evaluation:
    every test image) from a tensor already on the device.
 3. the loader alone: images/s of the training DataLoader (decoding + augmentation, same workers)
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from perf_step import build, make_trainer, sync, timed  # noqa: E402
+from perf_step import build, timed  # noqa: E402
 
 from pml_mutual import OnlineConfig, OnlineLearner  # noqa: E402
 from pml_mutual.data import ImageListDataset, ProtocolTransform, load_cub, stages_from_ends  # noqa: E402
@@ -81,18 +82,20 @@ def main(argv=None):
     p.add_argument("--num-workers", type=int, default=14)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on for cuda")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats of the pure step (default 20; --quick: 3)")
     p.add_argument("--quick", action="store_true", help="CPU-sized: 8 classes × 12 images of 96×72, crop 32, 4 steps")
     p.add_argument("--profile", type=Path, help="write a cProfile summary of the end-to-end stage to this file")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_e2e.json")
     args = p.parse_args(argv)
     if args.quick:
         args.classes, args.images_per_class, args.image_width, args.image_height = 8, 12, 96, 72
-        args.crop, args.classes_per_batch, args.m, args.repeats = 32, 2, 2, 3
+        args.crop, args.classes_per_batch, args.m = 32, 2, 2
+        args.repeats = args.repeats or 3
         args.iterations = args.iterations or 4
         args.num_workers = min(args.num_workers, 2)
         args.model = "bninception" if args.model == "resnet50" else args.model
     args.iterations = args.iterations or 100
+    args.repeats = args.repeats or 20
     device = torch.device(args.device)
     amp = args.amp if args.amp is not None else device.type == "cuda"
     batch = args.classes_per_batch * args.m
@@ -124,6 +127,8 @@ def main(argv=None):
     learner = OnlineLearner.from_class_assignment(
         factory, train, test, class_to_stage, config=config, run_dir=Path(tmp.name) / "run",
         prototype_dataset=protos, initial_state_dict=initial, quiet=True)
+    trainers = {}
+    learner.trainer_hook = lambda stage, trainer: trainers.__setitem__(stage, trainer)
     if args.profile:
         import cProfile
         import pstats
@@ -141,11 +146,13 @@ def main(argv=None):
     phases = dict(stage1["phase_seconds"], save=learner.phase_seconds["save"])
     del learner
 
-    # 2. pure step and pure extraction of the same model, data already on the device
-    method = "ours" if args.method.startswith("ours") else ("finetune" if args.method == "finetune" else "fecd")
+    # 2. pure step (the stage's own trainer, after the run: its weights no longer matter) and pure
+    # extraction of the same model, data already on the device
     x = torch.randn(batch, 3, args.crop, args.crop, device=device)
     y = torch.arange(args.classes_per_batch, device=device).repeat_interleave(args.m)
-    trainer = make_trainer(method, args.model, (x, y), device, amp=amp)
+    trainer = trainers.pop(1)
+    trainer.get_batch = lambda: (x, y)
+    trainer.set_to_train()
     step = timed(trainer.forward_and_backward, device, max(1, args.repeats // 5), args.repeats)[0]
     del trainer
     model, _ = build(args.model, device, args.crop)

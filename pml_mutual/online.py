@@ -178,7 +178,13 @@ class OnlineLearner:
             or the model, the weights file's SHA-256): a run_dir holding other tags is refused.
         fresh: a run_dir holding a run of another identity is moved aside (``<run_dir>.old-N``) instead
             of refused.
+
+    Hook: ``trainer_hook(stage, trainer)``, if set (an attribute, default None), is called with each
+    stage's :class:`IncrementalTrainer` once it is built, before it trains (e.g. to time the stage's
+    own training step after the run, as ``benchmarks/perf_e2e.py`` does).
     """
+
+    trainer_hook: Callable[[int, IncrementalTrainer], None] | None = None
 
     def __init__(
         self,
@@ -388,6 +394,8 @@ class OnlineLearner:
             loader_pool=self.loaders,
             context=f"[{cfg.method}] stage {stage}, ",
         )
+        if self.trainer_hook is not None:
+            self.trainer_hook(stage, trainer)
         if start_epoch <= epochs:
             trainer.train(start_epoch, epochs)
         # the last epoch's checkpoint goes on writing during drift and evaluation; save_stage waits for it

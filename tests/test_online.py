@@ -91,6 +91,24 @@ def test_student_starts_from_teacher_and_teacher_never_changes(digits, tmp_path,
         assert rec["loss_funcs"] == {"metric_loss", "support_metric_loss", "correlation_loss", "mutual_loss"}
 
 
+def test_trainer_hook_sees_each_training_stage_trainer_before_it_trains(digits, tmp_path):
+    train, test = digits
+    seen = []
+    learner = OnlineLearner.from_class_assignment(
+        EmbeddingMLP, train, test, stage_assignment(range(10), 5), config=tiny("ours", weight_decay=1e-4),
+        run_dir=tmp_path, quiet=True)
+    learner.trainer_hook = lambda stage, trainer: seen.append(
+        (stage, trainer, copy.deepcopy(trainer.models["trunk"].state_dict())))
+    learner.run()
+    assert [s for s, _, _ in seen] == [0, 1]
+    stage, trainer, before = seen[1]
+    assert set(trainer.loss_funcs) == {"metric_loss", "support_metric_loss", "correlation_loss", "mutual_loss"}
+    assert all(g["weight_decay"] == 1e-4 for o in trainer.optimizers.values() for g in o.param_groups)
+    final = torch.load(tmp_path / "stage_001" / "model.pt", weights_only=True)
+    assert same(before, torch.load(tmp_path / "stage_000" / "model.pt", weights_only=True))  # called before training
+    assert same(trainer.models["trunk"].state_dict(), final)  # the trainer that trained the saved model
+
+
 def test_finetune_loss_is_the_metric_loss(digits, tmp_path, recorded_trainers):
     train, test = digits
     OnlineLearner.from_class_assignment(
