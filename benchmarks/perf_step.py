@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning import losses, miners
-
 from pml_mutual import DriftCompensator, GramCorrelationLoss, IncrementalTrainer, MutualGramLoss
+from pml_mutual.losses import BatchHardTripletLoss
+from pml_mutual.online import adam
 from pml_mutual.models import BACKBONES, EmbeddingMLP, SmallCNN, build_backbone
 
 
@@ -57,7 +57,8 @@ def build(model_name, device, image_size=224):
 def make_trainer(method, model_name, batch, device, compensator=None, amp=False):
     student, _ = build(model_name, device, batch[0].shape[-1])
     models = {"trunk": student}
-    loss_funcs = {"metric_loss": losses.TripletMarginLoss(margin=0.1)}
+    # the stage's defaults (OnlineLearner): batch-hard triplets mined on the device, fused Adam
+    loss_funcs = {"metric_loss": BatchHardTripletLoss(margin=0.1)}
     weights = {"metric_loss": 1.0}
     if method != "finetune":
         teacher, _ = build(model_name, device, batch[0].shape[-1])
@@ -68,15 +69,26 @@ def make_trainer(method, model_name, batch, device, compensator=None, amp=False)
         models["support_trunk"], _ = build(model_name, device, batch[0].shape[-1])
         loss_funcs["mutual_loss"] = MutualGramLoss()
         weights.update(support_metric_loss=1.0, mutual_loss=8.0)
-    optimizers = {f"{k}_optimizer": torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items() if k != "teacher_trunk"}
+    optimizers = {f"{k}_optimizer": adam(m.parameters(), lr=1e-5, weight_decay=5e-4) for k, m in models.items() if k != "teacher_trunk"}
     trainer = IncrementalTrainer(
         models=models, optimizers=optimizers, batch_size=len(batch[1]), loss_funcs=loss_funcs, dataset=None,
-        mining_funcs={"tuple_miner": miners.BatchHardMiner()}, iterations_per_epoch=1, data_device=device,
+        mining_funcs={}, iterations_per_epoch=1, data_device=device,
         loss_weights=weights, freeze_trunk_batchnorm=True, drift_compensator=compensator, quiet=True, amp=amp,
     )
     trainer.get_batch = lambda: batch  # the same batch every step: data loading is not what is measured
     trainer.set_to_train()
     return trainer
+
+
+def stage5_compensator(dim: int, device) -> DriftCompensator:
+    """ours at stage 5: 5 stages in the compensator → 4 sets of virtual features per batch."""
+    comp = DriftCompensator()
+    for s in range(5):
+        feats = F.normalize(torch.randn(200, dim, device=device), dim=1)
+        comp.add_stage(feats, torch.arange(10 * s, 10 * s + 10, device=device).repeat(20))
+        for t in comp.stages_to_measure():
+            comp.update_drift(feats, F.normalize(feats + 0.1, dim=1), stage=t)
+    return comp
 
 
 def sync_audit(trainer, steps: int = 3) -> dict[str, int]:
@@ -139,14 +151,8 @@ def main(argv=None):
     b = (fb - fwd) / fwd
     limit = (1 + 2 * (1 + b)) / (1 + b)
 
-    # ours at stage 5: 5 stages in the compensator → 4 sets of virtual features per batch.
-    comp = DriftCompensator()
     dim = model(x).shape[1]
-    for s in range(5):
-        feats = F.normalize(torch.randn(200, dim, device=device), dim=1)
-        comp.add_stage(feats, torch.arange(10 * s, 10 * s + 10, device=device).repeat(20))
-        for t in comp.stages_to_measure():
-            comp.update_drift(feats, F.normalize(feats + 0.1, dim=1), stage=t)
+    comp = stage5_compensator(dim, device)
     results, audit = {}, {}
     for name, c in (("finetune", None), ("fecd", None), ("ours", None), ("ours_stage5", comp)):
         trainer = make_trainer(name, args.model, batch, device, c, amp)

@@ -34,7 +34,7 @@ from .drift import DRIFT_MODES, SIMILARITIES, DriftCompensator
 from .evaluation import extract_embeddings, stage_recalls, summarize_run, to_markdown
 from .evaluation.results import stage_result_from_json, stage_result_to_json
 from .gallery import StoredGallery
-from .losses import GramCorrelationLoss, MutualGramLoss
+from .losses import BatchHardTripletLoss, GramCorrelationLoss, MutualGramLoss
 from .run_dir import RunDirectory, save_json
 from .trainers import IncrementalTrainer
 
@@ -157,6 +157,15 @@ def seed_everything(*keys: int) -> None:
     torch.manual_seed(seed)
 
 
+def adam(params, lr: float, weight_decay: float) -> torch.optim.Adam:
+    """The paper's Adam, with torch's fused kernel where it has one (CPU and CUDA): one pass over each
+    parameter instead of a dozen small ops per tensor. On the CPU a BN-Inception update takes ~8 ms
+    instead of ~36 ms, which was half of a small-image training step."""
+    params = list(params)
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
 class OnlineLearner:
     """Runs every stage of an online (class-incremental) metric-learning experiment.
 
@@ -168,7 +177,9 @@ class OnlineLearner:
         test_dataset: test items of all classes; after stage i the classes of stages ≤ i are evaluated.
         config: :class:`OnlineConfig`.
         run_dir: where checkpoints and results go; an existing run there with the same config resumes.
-        metric_loss, miner: any PML loss / miner (default: TripletMarginLoss + BatchHardMiner).
+        metric_loss, miner: any PML loss / miner. Default: :class:`~pml_mutual.losses.BatchHardTripletLoss`
+            (PML's TripletMarginLoss on BatchHardMiner's triplets without host syncs) and no miner; a
+            ``metric_loss`` given without a miner gets PML's ``BatchHardMiner``.
         prototype_stages: the training stages with the deterministic test transform, for prototypes
             and drift (default: ``train_stages``).
         initial_state_dict: weights of an already trained F_0 (skips training stage 0), so several
@@ -213,8 +224,16 @@ class OnlineLearner:
         self.directory = RunDirectory(run_dir)  # refuses "", "." and the like before anything else
         self.identity_tags = dict(identity_tags or {})
         self.fresh = fresh
-        self.metric_loss = metric_loss or pml_losses.TripletMarginLoss(margin=self.config.triplet_margin)
-        self.miner = miner if miner is not None else pml_miners.BatchHardMiner()
+        if metric_loss is None and miner is None:
+            # PML's TripletMarginLoss on BatchHardMiner's triplets, computed densely: no host sync per step
+            metric_loss = BatchHardTripletLoss(margin=self.config.triplet_margin)
+        elif metric_loss is None:
+            metric_loss = pml_losses.TripletMarginLoss(margin=self.config.triplet_margin)
+        self_mining = isinstance(metric_loss, BatchHardTripletLoss)
+        if self_mining and miner is not None:
+            raise ValueError("BatchHardTripletLoss mines its own triplets: pass miner=None with it")
+        self.metric_loss = metric_loss
+        self.miner = miner if miner is not None or self_mining else pml_miners.BatchHardMiner()
         self.initial_state_dict = initial_state_dict
         bad = nonfinite_tensors(initial_state_dict) if initial_state_dict is not None else []
         if bad:
@@ -338,7 +357,7 @@ class OnlineLearner:
         del teacher  # held by ``models`` only if the method distils from it
         trained = [k for k in models if k != "teacher_trunk"]
         optimizers = {
-            f"{k}_optimizer": torch.optim.Adam(models[k].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            f"{k}_optimizer": adam(models[k].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             for k in trained
         }
         dataset = ConcatDataset(self.train_stages[: stage + 1]) if stage > 0 and method.joint else self.train_stages[stage]

@@ -91,6 +91,33 @@ def test_distillation_losses_and_virtual_features_never_sync_the_host():
     assert torch.isfinite(total).item()
 
 
+def test_a_whole_default_ours_training_step_never_syncs_the_host():
+    """The stage's step with the default metric loss (BatchHardTripletLoss, no PML miner), three networks,
+    AMP and virtual features of 4 stages: forward, losses, backward and both fused Adam updates under
+    torch's sync detector set to raise."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from perf_step import make_trainer, stage5_compensator
+
+    x = torch.randn(16, 1, 32, 32, device="cuda")
+    y = torch.arange(4, device="cuda").repeat_interleave(4)
+    from pml_mutual.models import SmallCNN
+
+    dim = SmallCNN()(x[:2].cpu()).shape[1]
+    trainer = make_trainer("ours", "small_cnn", (x, y), torch.device("cuda"), stage5_compensator(dim, "cuda"), amp=True)
+    trainer.forward_and_backward()  # first step: optimiser state, cuDNN plans
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            trainer.forward_and_backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(trainer.losses["total_loss"]).item()
+
+
 def test_torch_knn_on_cuda_equals_faiss_on_cpu():
     from pml_mutual.evaluation import nearest_neighbours, recall_at_k
 

@@ -26,7 +26,11 @@ def test_fidelity_rows_bracket_every_mode_between_the_teacher_and_the_real_model
     assert [(r["after_stage"], r["stage"]) for r in rows] == [(i, b) for i in (1, 2, 3) for b in range(i)]
     for r in rows:
         assert r["real"]["cosine"] == pytest.approx(1.0, abs=1e-5)  # the ceiling is the model itself
-        assert r["none"] == r["teacher"]  # zero drift distils from the teacher feature itself
+        # zero drift distils from the teacher feature itself (re-normalised: float32 rounding, ~1e-7 per value)
+        assert r["none"]["cosine"] == pytest.approx(r["teacher"]["cosine"], rel=1e-6)
+        # a nearest neighbour may flip only on a tie within that rounding: at most a query of the smallest
+        # stage (2 classes × ~90 test images)
+        assert r["none"]["recall@1"] == pytest.approx(r["teacher"]["recall@1"], abs=1 / 170)
         for mode in ("direct", "learned"):
             assert -1.0 <= r[mode]["cosine"] <= 1.0 and 0.0 <= r[mode]["recall@1"] <= 1.0
     # what the learned maps are for: closer to the real features than the teacher feature is

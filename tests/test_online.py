@@ -109,6 +109,24 @@ def test_trainer_hook_sees_each_training_stage_trainer_before_it_trains(digits, 
     assert same(trainer.models["trunk"].state_dict(), final)  # the trainer that trained the saved model
 
 
+def test_default_metric_loss_mines_on_the_device_and_a_given_loss_keeps_pml_batch_hard_miner(digits, tmp_path):
+    from pytorch_metric_learning import losses, miners
+
+    from pml_mutual.losses import BatchHardTripletLoss
+
+    train, test = digits
+    c2s = stage_assignment(range(10), 5)
+    make = lambda **kw: OnlineLearner.from_class_assignment(  # noqa: E731
+        EmbeddingMLP, train, test, c2s, config=tiny("ours", triplet_margin=0.3), run_dir=tmp_path, quiet=True, **kw)
+    default = make()
+    assert isinstance(default.metric_loss, BatchHardTripletLoss) and default.miner is None
+    assert default.metric_loss.margin == 0.3
+    given = make(metric_loss=losses.TripletMarginLoss(margin=0.2))
+    assert isinstance(given.miner, miners.BatchHardMiner)
+    with pytest.raises(ValueError, match="mines its own triplets"):
+        make(metric_loss=BatchHardTripletLoss(), miner=miners.BatchHardMiner())
+
+
 def test_finetune_loss_is_the_metric_loss(digits, tmp_path, recorded_trainers):
     train, test = digits
     OnlineLearner.from_class_assignment(

@@ -1,8 +1,10 @@
+from .batch_hard_triplet_loss import BatchHardTripletLoss
 from .batch_diffusion import OBDSD_DEFAULTS, BatchDiffusionSelfDistillationLoss, batch_diffusion_target
 from .gram_correlation_loss import GramCorrelationLoss
 from .mutual_gram_loss import MutualGramLoss
 
 __all__ = [
+    "BatchHardTripletLoss",
     "GramCorrelationLoss",
     "MutualGramLoss",
     "BatchDiffusionSelfDistillationLoss",

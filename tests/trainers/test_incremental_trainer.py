@@ -157,3 +157,27 @@ def test_a_trained_trainer_and_its_loader_workers_go_with_the_last_reference(new
         assert [r() is None for r in alive] == [True] * len(alive)
     finally:
         gc.enable()
+
+
+def test_the_stage_default_step_reads_nothing_back_but_the_cpu_only_value_checks():
+    """A whole `ours` step as the stage builds it (BatchHardTripletLoss without a miner, fused Adam,
+    virtual features of 4 earlier stages): the only host reads are checks.py's finiteness checks, which
+    run on the CPU only; PML's miner + reducer pair, in the same step, reads sizes back."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from helpers.host_reads import host_reads
+    from perf_step import make_trainer as make_step_trainer
+    from perf_step import stage5_compensator
+
+    x, y = torch.randn(16, 64), torch.arange(4).repeat_interleave(4)
+    trainer = make_step_trainer("ours", "mlp", (x, y), torch.device("cpu"), stage5_compensator(64, "cpu"))  # EmbeddingMLP: 64-d
+    trainer.forward_and_backward()
+    reads = host_reads(trainer.forward_and_backward)
+    assert reads and {where for _, where in reads} == {"checks.py"}
+    for name in ("metric_loss", "support_metric_loss"):
+        trainer.loss_funcs[name] = losses.TripletMarginLoss(margin=0.1)
+    trainer.mining_funcs["tuple_miner"] = miners.BatchHardMiner()
+    assert {where for _, where in host_reads(trainer.forward_and_backward)} - {"checks.py"}

@@ -1,0 +1,3 @@
+from .device_avg_non_zero_reducer import DeviceAvgNonZeroReducer
+
+__all__ = ["DeviceAvgNonZeroReducer"]
