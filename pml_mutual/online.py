@@ -272,7 +272,8 @@ class OnlineLearner:
         self.gallery = StoredGallery(self.config.drift_similarity) if self.config.gallery_report else None
         self.stage_results: list[dict] = []
         self.stage_logs: list[dict] = []
-        self._student: torch.nn.Module | None = None
+        self._student: torch.nn.Module | None = None  # F_i of the stage being run, until the next one starts
+        self._teacher: torch.nn.Module | None = None  # F_{i-1} as training held it, until drift measurement
         self.loaders = LoaderPool(self.config.batch_size, self.config.eval_batch_size, self.config.num_workers,
                                   pin_memory=self.device.type == "cuda")
         self._written: dict[str, str] = {}  # files of the current stage already on disk → SHA-256
@@ -327,10 +328,17 @@ class OnlineLearner:
     def _train_stage(self, stage: int) -> list[dict]:
         cfg, method = self.config, self.method
         self.phase = "train"
-        self._student = None  # the previous stage's model comes back from its checkpoint as the teacher
+        # F_{i-1}: the previous stage's deployed model, still in memory when that stage ran in this process
+        # (its checkpoint was written from it: the same bits), else loaded from the checkpoint (a resume)
+        previous, self._student, self._teacher = self._student, None, None
+        teacher = None
+        if stage > 0:
+            teacher = previous if previous is not None else self.load_stage_model(stage - 1)
+        del previous
+        # seeded once F_{i-1} is at hand: loading it builds a network, whose random initialisation draws
+        # from the generator, and reusing it does not; the networks built below must not depend on which
         seed_everything(cfg.seed, stage, 0)
         trains = (stage == 0 and self.initial_state_dict is None) or (stage > 0 and method.train)
-        teacher = self.load_stage_model(stage - 1) if stage > 0 else None
         student = self.new_model()
         if stage == 0 and self.initial_state_dict is not None:
             student.load_state_dict(self.initial_state_dict)
@@ -419,6 +427,7 @@ class OnlineLearner:
             trainer.train(start_epoch, epochs)
         # the last epoch's checkpoint goes on writing during drift and evaluation; save_stage waits for it
         self._student = student
+        self._teacher = models.get("teacher_trunk")  # drift measurement embeds with it instead of reloading it
         support = models.get("support_trunk")
         if support is not None:  # written now so that drift measurement holds two networks, not three
             self._written["support.pt"] = self.directory.save_stage_file(stage, "support.pt", support.state_dict())
@@ -456,26 +465,34 @@ class OnlineLearner:
 
     def _measure_drift(self, stage: int) -> None:
         """Offline, after stage ``stage``: its prototypes, and the drift of earlier stages up to F_stage (Eq. 3)."""
+        kept, self._teacher = self._teacher, None  # F_{stage-1}, if training distilled from it
         users = self._drift_users()
         if not users:
             return
         self.phase = "drift"
         loader = self._embedding_loader(self.prototype_stages[stage])  # its workers serve every model below
         earlier = sorted(set().union(*(u.stages_to_measure(after_adding=1) for u in users)))
-        first = self.load_stage_model(earlier[0]) if earlier else None
-        # the new model and the first old one embed each decoded batch together: one decoding pass fewer
-        (new_feats, *old), labels = self._extract([self._student] + ([first] if first is not None else []), loader)
-        del first
+        if stage - 1 not in earlier:
+            kept = None
+        # the new model and one old model embed each decoded batch together (one decoding pass fewer):
+        # F_{stage-1} if it is still held, else the oldest; the others after it, one at a time
+        first = stage - 1 if kept is not None else (earlier[0] if earlier else None)
+        first_model = kept if kept is not None else (self.load_stage_model(first) if first is not None else None)
+        del kept
+        (new_feats, *first_feats), labels = self._extract([self._student] + ([first_model] if first_model is not None else []), loader)
+        del first_model
         for user in users:
             user.add_stage(new_feats, labels)
-        for i, t in enumerate(earlier):
-            if i > 0:
-                old_model = self.load_stage_model(t)  # one old model at a time
-                old, _ = self._extract([old_model], loader)
+        for t in earlier:
+            if t == first:
+                old = first_feats[0]
+            else:
+                old_model = self.load_stage_model(t)
+                (old,), _ = self._extract([old_model], loader)
                 del old_model
             for user in users:
                 if t in user.stages_to_measure():
-                    user.update_drift(old[0], new_feats, stage=t)
+                    user.update_drift(old, new_feats, stage=t)
 
     def _embedding_loader(self, dataset: Dataset) -> EmbeddingView:
         return self.loaders.embed(dataset)

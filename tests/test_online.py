@@ -180,6 +180,28 @@ def test_at_most_three_models_training_and_two_measuring_drift(digits, tmp_path)
     assert peaks["drift"] == 2  # the new model + one old checkpoint, whatever the number of stages
 
 
+def test_the_previous_model_is_reused_from_memory_and_loaded_only_after_a_resume(digits, tmp_path):
+    """F_{i-1} comes from memory as the teacher and, in drift measurement, embeds once more before it is
+    freed; only older stages are read back from disk (one at a time), and after a resume F_{i-1} too. The
+    stage's numbers do not depend on which."""
+    train, test = digits
+    c2s = stage_assignment(range(10), 4, 3)  # stages 0, 1, 2
+
+    def run(**kw):
+        learner = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=tiny("ours"),
+                                                      run_dir=tmp_path, quiet=True, **kw)
+        loads, load = [], learner.load_stage_model
+        learner.load_stage_model = lambda t: loads.append((learner.phase, t)) or load(t)
+        return loads, learner.run()
+
+    loads, summary = run()
+    assert loads == [("drift", 0)]  # stage 2's drift: F_0 (F_1 is the teacher it still holds)
+    (tmp_path / "stage_002" / "stage.json").unlink()  # stage 2 runs again, as after a crash
+    loads, resumed = run()
+    assert loads == [("train", 1), ("drift", 0)]
+    assert resumed["stages"] == summary["stages"]
+
+
 @pytest.mark.parametrize("config", [tiny("ours_no_drift"), tiny("ours", drift_mode="none")], ids=["method", "mode"])
 def test_without_drift_estimate_no_old_checkpoint_is_loaded_and_drift_stays_zero(digits, tmp_path, config):
     train, test = digits
