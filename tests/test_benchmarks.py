@@ -112,3 +112,13 @@ def test_perf_e2e_quick(tmp_path):
     assert sum(res["phases_s"].values()) == pytest.approx(res["e2e_s"], rel=1e-6)
     assert res["compute_s"] == pytest.approx(res["iterations"] * res["step_s"] + res["extraction_s"], rel=1e-9)
     assert res["e2e_over_compute"] == pytest.approx(res["e2e_s"] / res["compute_s"], rel=1e-9)
+
+
+def test_perf_decode_quick(tmp_path):
+    out = run("perf_decode.py", "--quick", "--out", str(tmp_path / "d.json"))
+    assert out.count("ratio: resized/original") == 2
+    res = json.loads((tmp_path / "d.json").read_text())
+    rates = res["images_per_s"]
+    assert set(rates) == {"train_original", "train_resized", "test_original", "test_resized"}
+    for t in ("train", "test"):
+        assert res["ratio_resized_over_original"][t] == pytest.approx(rates[f"{t}_resized"] / rates[f"{t}_original"])

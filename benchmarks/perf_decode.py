@@ -1,0 +1,77 @@
+"""What a pre-resized copy of the dataset gains the loader: images/s of decoding + transform.
+
+    python benchmarks/perf_decode.py [--workers 14] [--classes 20 --images-per-class 40]
+    python benchmarks/perf_decode.py --quick                                   # seconds (tested)
+
+Writes a CUB-format directory of JPEGs at CUB's size (500×375, ``--image-width/height``), its copy by
+``pml_mutual.data.resize.write_resized_cub`` (shorter side 256, the protocol's first Resize), then, in the
+same run, the training DataLoader's images/s over both with the train transform (Resize 256 →
+RandomResizedCrop 224 → flip) and with the test transform (Resize 256 → CenterCrop 224: drift and
+evaluation), ``--workers`` workers. Printed: each rate and ``ratio: resized/original``. On a GPU machine
+drift and evaluation were bound by this decoding (README, "Performance"); compare the rates with the
+model's images/s there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from perf_e2e import loader_images_per_second  # noqa: E402
+
+from pml_mutual.data import ImageListDataset, ProtocolTransform, load_cub  # noqa: E402
+from pml_mutual.data.fixtures import write_cub_fixture  # noqa: E402
+from pml_mutual.data.resize import write_resized_cub  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classes", type=int, default=20)
+    p.add_argument("--images-per-class", type=int, default=40)
+    p.add_argument("--image-width", type=int, default=500)
+    p.add_argument("--image-height", type=int, default=375)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--quick", action="store_true", help="4 classes × 8 images, batch 8, 2 workers")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_decode.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.classes, args.images_per_class, args.batch, args.workers = 4, 8, 8, min(args.workers, 2)
+    tmp = tempfile.TemporaryDirectory(prefix="pml_mutual_decode_")
+    original = write_cub_fixture(Path(tmp.name) / "CUB_200_2011", [args.images_per_class] * args.classes,
+                                 size=(args.image_width, args.image_height), workers=args.workers)
+    t0 = time.perf_counter()
+    resized = write_resized_cub(original, Path(tmp.name) / "CUB_200_2011_256", short_side=round(args.crop * 256 / 224),
+                                workers=args.workers)
+    copy_seconds = time.perf_counter() - t0
+    n_batches = args.classes * args.images_per_class // args.batch
+    rates = {}
+    for name, root in (("original", original), ("resized", resized)):
+        items = load_cub(root, split="official")[0]
+        for transform in ("train", "test"):
+            dataset = ImageListDataset(items, ProtocolTransform(transform == "train", "imagenet", args.crop))
+            rates[f"{transform}_{name}"] = loader_images_per_second(dataset, args.batch, args.workers, n_batches, False)
+    result = {"images": f"{args.image_width}x{args.image_height}", "workers": args.workers, "batch": args.batch,
+              "copy_seconds": copy_seconds, "images_per_s": rates,
+              "ratio_resized_over_original": {t: rates[f"{t}_resized"] / rates[f"{t}_original"] for t in ("train", "test")}}
+    for t in ("train", "test"):
+        print(f"loader {t} transform: original {rates[f'{t}_original']:.0f} images/s, resized {rates[f'{t}_resized']:.0f} "
+              f"images/s ({args.workers} workers)")
+    print(f"copy written in {copy_seconds:.1f}s ({args.classes * args.images_per_class} images)")
+    for t, r in result["ratio_resized_over_original"].items():
+        print(f"ratio: resized/original {t} {r:.2f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main()
