@@ -68,6 +68,18 @@ def _recall_on(emb, lab, mask, ks, backend):
     return recall_at_k(emb[mask], lab[mask], ks, backend=backend)
 
 
+def _by_stage(item_stage: np.ndarray, stage: int, recall_on) -> dict:
+    """The per-stage layout of a stage's results: ``recall_on(mask)`` on old / new / all seen classes and
+    on each stage's classes."""
+    return {
+        "stage": int(stage),
+        "old": recall_on(item_stage < stage),
+        "new": recall_on(item_stage == stage),
+        "all": recall_on(item_stage <= stage),
+        "per_stage": [recall_on(item_stage == j) for j in range(stage + 1)],
+    }
+
+
 def _item_stages(lab: np.ndarray, class_to_stage: Mapping[int, int]) -> np.ndarray:
     unknown = set(np.unique(lab).tolist()) - set(class_to_stage)
     if unknown:
@@ -92,14 +104,7 @@ def stage_recalls(
     ks = check_ks(ks)
     emb = _to_numpy(embeddings, "embeddings")
     lab = _to_numpy(labels, "labels")
-    item_stage = _item_stages(lab, class_to_stage)
-    return {
-        "stage": int(stage),
-        "old": _recall_on(emb, lab, item_stage < stage, ks, backend),
-        "new": _recall_on(emb, lab, item_stage == stage, ks, backend),
-        "all": _recall_on(emb, lab, item_stage <= stage, ks, backend),
-        "per_stage": [_recall_on(emb, lab, item_stage == j, ks, backend) for j in range(stage + 1)],
-    }
+    return _by_stage(_item_stages(lab, class_to_stage), stage, lambda mask: _recall_on(emb, lab, mask, ks, backend))
 
 
 def cross_stage_recalls(
@@ -118,15 +123,8 @@ def cross_stage_recalls(
     q = _to_numpy(queries, "queries")
     g = _to_numpy(gallery, "gallery")
     lab = _to_numpy(labels, "labels")
-    item_stage = _item_stages(lab, class_to_stage)
 
     def on(mask):
         return cross_recall_at_k(q[mask], g[mask], lab[mask], ks) if mask.any() else None
 
-    return {
-        "stage": int(stage),
-        "old": on(item_stage < stage),
-        "new": on(item_stage == stage),
-        "all": on(item_stage <= stage),
-        "per_stage": [on(item_stage == j) for j in range(stage + 1)],
-    }
+    return _by_stage(_item_stages(lab, class_to_stage), stage, on)
