@@ -22,11 +22,11 @@ import torch
 from .checks import check_embeddings
 from .drift import DriftCompensator
 from .evaluation import cross_stage_recalls
-from .evaluation.results import map_recalls
+from .evaluation.results import GALLERY_COLUMNS, map_recalls
 
 # gallery name → (the compensator's drift mode, the update_gallery method that moves it)
 UPDATES = {"translation": ("direct", "translation"), "learned": ("learned", "learned")}
-GALLERIES = ("stored", "translation", "learned", "reembedded")
+GALLERIES = tuple(name for name, _ in GALLERY_COLUMNS)  # stored, translation, learned, reembedded
 
 
 class StoredGallery:

@@ -16,6 +16,8 @@ from typing import Mapping
 
 import numpy as np
 
+from .evaluation.results import GALLERY_COLUMNS
+
 
 def _pyplot():
     try:
@@ -102,8 +104,7 @@ def plot_methods(summaries: Mapping[str, dict], path: str | os.PathLike) -> Path
     return _save(fig, path)
 
 
-GALLERY_LINES = (("stored", "(a) stored", "o"), ("translation", "(b) translation", "^"),
-                 ("learned", "(c) learned map", "s"), ("reembedded", "(d) re-embedded", "D"))
+GALLERY_MARKERS = {"stored": "o", "translation": "^", "learned": "s", "reembedded": "D"}
 
 
 def plot_gallery(summaries: Mapping[str, dict] | dict, path: str | os.PathLike) -> Path:
@@ -119,9 +120,9 @@ def plot_gallery(summaries: Mapping[str, dict] | dict, path: str | os.PathLike) 
     fig, axes = plt.subplots(1, len(summaries), figsize=(4.5 * len(summaries) + 0.5, 4), squeeze=False)
     for ax, (method, summary) in zip(axes[0], summaries.items()):
         stages = [s for s in summary["stages"] if "gallery" in s]
-        for name, label, marker in GALLERY_LINES:
+        for name, label in GALLERY_COLUMNS:
             ax.plot([s["stage"] for s in stages], [100 * s["gallery"][name]["all"]["1"] for s in stages],
-                    marker=marker, label=label)
+                    marker=GALLERY_MARKERS[name], label=label)
         ax.set_xlabel("after training stage")
         ax.set_ylabel("Recall@1 (%), all seen classes")
         ax.set_xticks([s["stage"] for s in stages])
