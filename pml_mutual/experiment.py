@@ -83,6 +83,23 @@ def _seen_test_items(learner: OnlineLearner, stage: int):
     return seen, Subset(learner.test_dataset, seen.tolist())
 
 
+def _replay_drift(learner: OnlineLearner, users: Sequence, embed):
+    """The stage loop's drift measurement again, on a finished run's checkpoints: after each stage i, every
+    user (a :class:`~pml_mutual.DriftCompensator` or :class:`~pml_mutual.gallery.StoredGallery`) gets
+    ``add_stage`` and the ``update_drift`` calls it asks for; each earlier model that any of them needs
+    embeds stage i's images once, one model loaded at a time. Yields i once its users are up to F_i."""
+    for i in range(len(learner.train_stages)):
+        new, labels = embed(i, learner.prototype_stages[i])
+        for user in users:
+            user.add_stage(new, labels)
+        for t in sorted(set().union(*(user.stages_to_measure() for user in users))):
+            old = embed(t, learner.prototype_stages[i])[0]
+            for user in users:
+                if t in user.stages_to_measure():
+                    user.update_drift(old, new, stage=t)
+        yield i
+
+
 def _stagewise_features(learner: OnlineLearner, modes: Sequence[str], batch_size: int):
     """After each stage i ≥ 1 of a finished run: (i, {mode: compensator brought up to F_i}, F_i's features
     of the held-out test images of the classes seen so far, [F_b's features of them for b < i], their
@@ -91,13 +108,7 @@ def _stagewise_features(learner: OnlineLearner, modes: Sequence[str], batch_size
 
     embed = _embedder(learner, batch_size)
     comps = {m: DriftCompensator(mode=m, similarity=learner.config.drift_similarity) for m in modes}
-    for i in range(len(learner.train_stages)):
-        new, labels = embed(i, learner.prototype_stages[i])
-        old = [embed(t, learner.prototype_stages[i])[0] for t in range(i)]
-        for comp in comps.values():
-            comp.add_stage(new, labels)
-            for t in comp.stages_to_measure():
-                comp.update_drift(old[t], new, stage=t)
+    for i in _replay_drift(learner, list(comps.values()), embed):
         if i == 0:
             continue
         _, held_out = _seen_test_items(learner, i)
@@ -139,11 +150,7 @@ def measure_gallery_update(learner: OnlineLearner, batch_size: int = 256) -> lis
 
     embed = _embedder(learner, batch_size)
     gallery, rows = StoredGallery(learner.config.drift_similarity), []
-    for i in range(len(learner.train_stages)):
-        new, labels = embed(i, learner.prototype_stages[i])
-        gallery.add_stage(new, labels)
-        for t in gallery.stages_to_measure():
-            gallery.update_drift(embed(t, learner.prototype_stages[i])[0], new, stage=t)
+    for i in _replay_drift(learner, [gallery], embed):
         seen, held_out = _seen_test_items(learner, i)
         t0 = time.perf_counter()
         latest, test_labels = embed(i, held_out)
