@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from pml_mutual import DriftCompensator, GramCorrelationLoss, IncrementalTrainer, MutualGramLoss
-from pml_mutual.losses import BatchHardTripletLoss
+from pml_mutual.losses import BatchHardTripletLoss, gram_distillation_losses
 from pml_mutual.online import adam
 from pml_mutual.models import BACKBONES, EmbeddingMLP, SmallCNN, build_backbone
 
@@ -167,11 +167,11 @@ def main(argv=None):
     p_emb, s_emb, o_emb = emb().requires_grad_(), emb().requires_grad_(), emb()
     corr, mutual = GramCorrelationLoss(), MutualGramLoss()
     def loss_part(compensator):
-        total = 8 * mutual(p_emb, ref_emb=s_emb)
-        # the trainer's path: Eq. 6 as one batched computation over the real and virtual teachers
-        corr_term = corr(p_emb, ref_emb=o_emb) if compensator is None else compensator.correlation_loss(p_emb, o_emb, loss_fn=corr)
-        total = total + 10 * corr_term
-        total.backward()
+        # the trainer's path: the virtual features (Eq. 4), then L_mutual and L_corr over the real and virtual
+        # teachers (Eq. 6) as one stacked computation
+        teachers = [o_emb] if compensator is None else [o_emb, compensator.virtual_feature_stack(o_emb)]
+        out = gram_distillation_losses(p_emb, s_emb, teachers, correlation_loss=corr, mutual_loss=mutual)
+        (8 * out["mutual_loss"] + 10 * out["correlation_loss"]).backward()
     share_one = timed(lambda: loss_part(None), device, args.warmup, args.repeats)[0] / results["ours"][0]
     share_five = timed(lambda: loss_part(comp), device, args.warmup, args.repeats)[0] / results["ours_stage5"][0]
 

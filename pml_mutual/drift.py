@@ -478,13 +478,12 @@ class DriftCompensator:
         """Eq. 6: Σ_t L_corr^{t→i} over the real teacher and the virtual features of earlier stages.
 
         ``loss_fn`` defaults to the compensator's own (a ``GramCorrelationLoss`` unless given); one
-        that has ``sum_over_teachers`` gets all teachers as one (T, B, D) tensor.
+        that has ``sum_over_teachers`` gets the real teacher and the (T − 1, B, D) stack of virtual features.
         """
         loss_fn = self.loss_fn if loss_fn is None else loss_fn
         teacher_emb = teacher_emb.detach()
         if hasattr(loss_fn, "sum_over_teachers"):
-            virtual = self.virtual_feature_stack(teacher_emb)
-            return loss_fn.sum_over_teachers(student_emb, torch.cat([teacher_emb.float()[None], virtual]))
+            return loss_fn.sum_over_teachers(student_emb, [teacher_emb, self.virtual_feature_stack(teacher_emb)])
         return sum(loss_fn(student_emb, ref_emb=t) for t in self.teacher_features(teacher_emb))
 
     def state_dict(self) -> dict:

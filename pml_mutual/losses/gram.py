@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.reducers import MeanReducer
+from pytorch_metric_learning.reducers import MeanReducer, MultipleReducers
 
 from ..checks import check_embeddings
 
@@ -89,3 +89,15 @@ class PairedGramLoss(BaseMetricLossFunction):
 
     def get_default_reducer(self):
         return MeanReducer()
+
+    def has_default_math(self) -> bool:
+        """Cosine Gram (L2-normalised, power 1) and every sub-loss reduced by ``MeanReducer`` (summed
+        over sub-losses, as PML's ``MultipleReducers`` does): what the stacked computation of
+        :func:`~pml_mutual.losses.gram_distillation.gram_distillation_losses` reproduces."""
+        distance, reducer = self.distance, self.reducer
+        if type(reducer) is MultipleReducers:
+            reducers = [reducer.reducers[k] if k in reducer.reducers else reducer.default_reducer for k in self.sub_loss_names()]
+        else:
+            reducers = [reducer]
+        return all(type(r) is MeanReducer for r in reducers) and (
+            type(distance) is CosineSimilarity and (distance.p, distance.power) == (2, 1))

@@ -1,14 +1,10 @@
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
-import torch.nn.functional as F
-from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.reducers import MeanReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from .gram import PairedGramLoss, check_choice, check_pair, rowwise_kl
+from .gram import PairedGramLoss, check_choice, rowwise_kl
+from .gram_distillation import gram_distillation_losses
 
 
 class GramCorrelationLoss(PairedGramLoss):
@@ -49,39 +45,16 @@ class GramCorrelationLoss(PairedGramLoss):
             }
         }
 
+    def fusable(self) -> bool:
+        """Whether :func:`~pml_mutual.losses.gram_distillation.gram_distillation_losses` may compute this
+        loss in its stacked form (a subclass that changes the loss is called instead)."""
+        return type(self).compute_loss is GramCorrelationLoss.compute_loss and self.has_default_math()
+
     def sum_over_teachers(self, embeddings: torch.Tensor, teachers) -> torch.Tensor:
         """Σ_t loss(embeddings, ref_emb=t): Eq. 6 over the real and the virtual teachers.
 
-        ``teachers``: a sequence of (B, D) tensors or one (T, B, D) tensor. With the default cosine
-        distance and ``MeanReducer`` (the usual case) the student's Gram and softmax are computed once
-        and all teachers' Grams in one batched matmul; otherwise it is the plain sum of calls. Both
-        give the same value.
+        ``teachers``: (B, D) tensors, a (T, B, D) stack, or a sequence mixing both. When ``fusable()``
+        all teachers are one batched computation (see :func:`~pml_mutual.losses.gram_distillation_losses`);
+        otherwise it is the plain sum of calls. Both give the same value.
         """
-        if torch.is_tensor(teachers) and teachers.ndim == 3:
-            stacked = teachers
-            teachers = list(teachers.unbind(0))
-        else:
-            teachers = list(teachers)
-            stacked = None
-        if not teachers:
-            raise ValueError("sum_over_teachers needs at least one teacher")
-        fused = (
-            type(self.reducer) is MeanReducer
-            and type(self.distance) is CosineSimilarity
-            and len({tuple(t.shape) for t in teachers}) == 1
-        )
-        if not fused:
-            return sum(self(embeddings, ref_emb=t) for t in teachers)
-        for t in teachers:
-            check_pair(embeddings, t, self.ref_name)
-        log_student = self.log_probs(embeddings.float())
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            stacked = torch.stack([t.detach().float() for t in teachers]) if stacked is None else stacked.detach().float()
-            stacked = F.normalize(stacked, dim=2)
-            log_teachers = F.log_softmax(stacked @ stacked.transpose(1, 2) / self.temperature, dim=2)
-            log_student = log_student.expand_as(log_teachers)
-            if self.direction == "forward":
-                kl = F.kl_div(log_student, log_teachers, reduction="none", log_target=True).sum(2)
-            else:
-                kl = F.kl_div(log_teachers, log_student, reduction="none", log_target=True).sum(2)
-        return kl.mean(1).sum() * self.temperature**2
+        return gram_distillation_losses(embeddings, teachers=teachers, correlation_loss=self)["correlation_loss"]

@@ -37,5 +37,10 @@ class MutualGramLoss(PairedGramLoss):
             "kl_s_p": {"losses": scale * rowwise_kl(target_s, log_p), "indices": indices, "reduction_type": "element"},
         }
 
+    def fusable(self) -> bool:
+        """Whether :func:`~pml_mutual.losses.gram_distillation.gram_distillation_losses` may compute this
+        loss in its stacked form: symmetric mode, default math, not changed by a subclass."""
+        return type(self).compute_loss is MutualGramLoss.compute_loss and self.mode == "symmetric" and self.has_default_math()
+
     def _sub_loss_names(self):
         return ["kl_p_s", "kl_s_p"]

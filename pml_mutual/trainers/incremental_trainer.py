@@ -11,6 +11,7 @@ from pytorch_metric_learning.utils.key_checker import KeyChecker
 from .. import distributed
 from ..data.loaders import train_loader
 from ..evaluation.stages import autocast_dtype
+from ..losses.gram_distillation import gram_distillation_losses
 
 LOGGER = logging.getLogger("pml_mutual")
 
@@ -30,7 +31,10 @@ class IncrementalTrainer(MetricLossOnly):
     ``support_metric_loss``), λ2 (``correlation_loss``) and λ3 (``mutual_loss``).
 
     With a ``drift_compensator`` holding earlier stages, the correlation loss is summed over the
-    real teacher features and the virtual features of every earlier stage (Eq. 6).
+    real teacher features and the virtual features of every earlier stage (Eq. 6). L_mutual and L_corr
+    over all teachers are computed together by :func:`~pml_mutual.losses.gram_distillation_losses`: one
+    stacked computation for the default losses (a fixed number of kernel launches however many
+    teachers), the modules called one by one for any other.
 
     Which terms exist follows from the models given: no teacher → no L_corr, no F_s → no L_mutual and
     no second metric loss, so fine-tuning is this trainer with only ``trunk``.
@@ -129,18 +133,21 @@ class IncrementalTrainer(MetricLossOnly):
             labels = distributed.gather(c_f.to_device(labels, device=self.data_device))
         emb_p = scope(self.compute_embeddings(data))
         self.losses["metric_loss"] = self.metric_loss(emb_p, labels)
+        emb_s = teachers = None
         if self.has_support:
             emb_s = scope(self.compute_embeddings(data, prefix="support_"))
             self.losses["support_metric_loss"] = self.metric_loss(emb_s, labels, "support_metric_loss")
-            self.losses["mutual_loss"] = self.loss_funcs["mutual_loss"](emb_p, ref_emb=emb_s)
         if self.has_teacher:
             with torch.no_grad():
                 emb_o = scope(self.compute_embeddings(data, prefix="teacher_"))
-            corr = self.loss_funcs["correlation_loss"]
-            if self.drift_compensator is None:
-                self.losses["correlation_loss"] = corr(emb_p, ref_emb=emb_o)
-            else:  # Eq. 6: the real teacher and the virtual features of every earlier stage
-                self.losses["correlation_loss"] = self.drift_compensator.correlation_loss(emb_p, emb_o, loss_fn=corr)
+            teachers = [emb_o]
+            if self.drift_compensator is not None:  # Eq. 6: the virtual features of every earlier stage too
+                teachers.append(self.drift_compensator.virtual_feature_stack(emb_o))
+        # L_mutual and L_corr over all teachers as one stacked computation (few kernel launches)
+        self.losses.update(gram_distillation_losses(
+            emb_p, emb_s, teachers,
+            correlation_loss=self.loss_funcs.get("correlation_loss"), mutual_loss=self.loss_funcs.get("mutual_loss"),
+        ))
 
     def backward(self):
         if self.grad_scaler is not None:

@@ -1,0 +1,100 @@
+"""L_corr over every teacher and L_mutual of one batch in one computation (paper Eq. 1, 2 and 6).
+
+On a GPU the Gram losses are bound by kernel launches, not arithmetic (B × B matrices, B ≈ 50):
+called as modules, each normalises, multiplies and softmaxes each network's batch on its own and
+PML's reducer runs per loss (~140 kernels forward and backward for one teacher). In the default
+configuration (``fusable()`` losses: cosine Gram, ``MeanReducer``, one temperature, symmetric mutual
+loss) this function stacks the student, the supporting student and all teachers and computes one
+normalisation, one batched Gram, one log-softmax and one exp for all of them (~40 kernels, however
+many teachers). Any other configuration gets the plain calls, with the same values.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .gram import check_pair
+
+
+def _teacher_rows(teachers) -> list[torch.Tensor]:
+    if teachers is None:
+        return []
+    parts = [teachers] if torch.is_tensor(teachers) else list(teachers)
+    rows = []
+    for t in parts:
+        rows += list(t.unbind(0)) if torch.is_tensor(t) and t.ndim == 3 else [t]
+    return rows
+
+
+def gram_distillation_losses(
+    student: torch.Tensor,
+    support: torch.Tensor | None = None,
+    teachers: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    correlation_loss=None,
+    mutual_loss=None,
+) -> dict[str, torch.Tensor]:
+    """``{"correlation_loss": Σ_t correlation_loss(student, ref_emb=t), "mutual_loss":
+    mutual_loss(student, ref_emb=support)}``, each present when its inputs are given.
+
+    ``teachers``: the real teacher's and the virtual features (Eq. 6), as (B, D) tensors, (T, B, D)
+    stacks, or a sequence mixing both; detached (they are targets). With ``correlation_loss`` and
+    ``mutual_loss`` both ``fusable()`` and of one temperature, everything is one stacked computation:
+    KL(t ‖ p) = Σ_j P_t (log P_t − log P_p) per row, and the symmetric mutual loss
+    ½ [KL(p ‖ s) + KL(s ‖ p)] = ½ Σ_j (P_p − P_s)(log P_p − log P_s), each × T² / B (``batchmean``).
+    The values equal the calls' up to float32 summation order.
+    """
+    teacher_rows = _teacher_rows(teachers)
+    if teachers is not None and not teacher_rows:
+        raise ValueError("the correlation loss needs at least one teacher")
+    if teacher_rows and correlation_loss is None:
+        raise ValueError("teachers given without a correlation_loss")
+    if support is not None and mutual_loss is None:
+        raise ValueError("support given without a mutual_loss")
+    used = [loss for loss, present in ((correlation_loss, teacher_rows), (mutual_loss, support is not None)) if present]
+    fused = bool(used) and all(getattr(loss, "fusable", lambda: False)() for loss in used) and (
+        len({loss.temperature for loss in used}) == 1
+        and len({tuple(t.shape) for t in teacher_rows} | {tuple(student.shape)}) == 1
+        and (support is None or support.shape == student.shape)
+    )
+    if not fused:
+        out = {}
+        if support is not None:
+            out["mutual_loss"] = mutual_loss(student, ref_emb=support)
+        if teacher_rows:
+            out["correlation_loss"] = sum(correlation_loss(student, ref_emb=t.detach()) for t in teacher_rows)
+        return out
+
+    if support is not None:
+        check_pair(student, support, mutual_loss.ref_name)
+    for t in teacher_rows:
+        check_pair(student, t, correlation_loss.ref_name)
+    temperature = used[0].temperature
+    scale = temperature**2 / student.shape[0]
+
+    def log_probs(rows: list[torch.Tensor]) -> torch.Tensor:  # log σ_T(G) of each (B, D) slice, one computation
+        z = F.normalize(rows[0] if len(rows) == 1 else torch.cat(rows), dim=2)
+        return F.log_softmax(z @ z.transpose(1, 2) / temperature, dim=2)
+
+    out = {}
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        # the students' rows carry gradients; the teachers' are constants, computed without autograd so
+        # that the backward pass touches only the students' B × B matrices
+        log_students = log_probs([student.float()[None]] + ([support.float()[None]] if support is not None else []))
+        # unbind, not indexing: its backward is one stack, where each index's would write a zero-filled copy
+        (log_p, *log_s), (probs_p, *probs_s) = log_students.unbind(0), log_students.exp().unbind(0)
+        if support is not None:
+            kl_both = (probs_p - probs_s[0]) * (log_p - log_s[0])
+            out["mutual_loss"] = kl_both.sum() * (scale / 2)
+        if teacher_rows:
+            with torch.no_grad():
+                parts = [t if t.ndim == 3 else t[None] for t in ([teachers] if torch.is_tensor(teachers) else list(teachers))]
+                log_teachers = log_probs([t.float() for t in parts if t.shape[0]])
+            if correlation_loss.direction == "forward":
+                terms = log_teachers.exp() * (log_teachers - log_p)
+            else:
+                terms = probs_p * (log_p - log_teachers)
+            out["correlation_loss"] = terms.sum() * scale
+    return out
