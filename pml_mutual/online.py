@@ -276,6 +276,7 @@ class OnlineLearner:
         self._teacher: torch.nn.Module | None = None  # F_{i-1} as training held it, until drift measurement
         self.loaders = LoaderPool(self.config.batch_size, self.config.eval_batch_size, self.config.num_workers,
                                   pin_memory=self.device.type == "cuda")
+        self.loaders.share_embedding(list(self.prototype_stages) + [test_dataset])  # one set of workers for both
         self._written: dict[str, str] = {}  # files of the current stage already on disk → SHA-256
 
     @classmethod

@@ -14,7 +14,9 @@ loader per dataset, and changes only what they iterate over:
 - :class:`LoaderPool` keeps those loaders for a whole run: stage datasets that are subsets of one base
   dataset (what :func:`~pml_mutual.data.split_by_stage` makes) share the base's loader and its workers,
   so worker processes start once per run, not once per stage, and their shutdown (seconds with many
-  workers forked from a process holding a CUDA context) happens once, at the end.
+  workers forked from a process holding a CUDA context) happens once, at the end. Bases announced with
+  :meth:`LoaderPool.share_embedding` (the prototype and the test datasets of a run) share one embedding
+  loader, so drift measurement and evaluation start one set of workers between them, not one each.
 """
 from __future__ import annotations
 
@@ -132,7 +134,7 @@ def base_indices(dataset: Dataset) -> tuple[Dataset, np.ndarray]:
 
 
 class EmbeddingView:
-    """``dataset`` (a subset of the pool's base dataset) through the base's :class:`EmbeddingLoader`."""
+    """``dataset`` through the :class:`EmbeddingLoader` that holds its base; ``index``: its items there."""
 
     def __init__(self, dataset: Dataset, loader: EmbeddingLoader, index: np.ndarray):
         self.dataset, self._loader, self._index = dataset, loader, index
@@ -146,14 +148,15 @@ class LoaderPool:
 
     ``train(dataset)`` → ``(loader, batch_sampler, index_map)`` for a stage's training set (the last
     base's loader is replaced, not kept, when a stage has another base); ``embed(dataset)`` → an
-    :class:`EmbeddingView` for extraction.
+    :class:`EmbeddingView` for extraction, through the loader of its base, or the one loader that
+    :meth:`share_embedding` built for several bases.
     """
 
     def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int = 0, pin_memory: bool = False):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self._train: tuple | None = None  # (base, loader, batch sampler, collate_fn)
-        self._embed: dict[int, tuple[Dataset, EmbeddingLoader]] = {}
+        self._embed: dict[int, tuple[Dataset, EmbeddingLoader, int]] = {}  # id(base) → (base, loader, its offset there)
 
     def train(self, dataset: Dataset, collate_fn=None):
         base, index = base_indices(dataset)
@@ -163,11 +166,28 @@ class LoaderPool:
             self._train = (base, loader, batches, collate_fn)
         return self._train[1], self._train[2], index
 
+    def share_embedding(self, datasets: Iterable[Dataset]) -> None:
+        """Embed all these datasets' bases through one loader over their concatenation: one set of worker
+        processes, started on first use, serves all of them. Bases that already have a loader keep it.
+        A batch never mixes bases (a view iterates only its own items), so their transforms may differ."""
+        bases = []
+        for dataset in datasets:
+            base, _ = base_indices(dataset)
+            if id(base) not in self._embed and all(base is not b for b in bases):
+                bases.append(base)
+        if len(bases) < 2:
+            return
+        loader = EmbeddingLoader(ConcatDataset(bases), self.eval_batch_size, self.num_workers, self.pin_memory)
+        offsets = np.cumsum([0] + [len(b) for b in bases[:-1]])
+        for base, offset in zip(bases, offsets):
+            self._embed[id(base)] = (base, loader, int(offset))
+
     def embed(self, dataset: Dataset) -> EmbeddingView:
         base, index = base_indices(dataset)
         if id(base) not in self._embed:
-            self._embed[id(base)] = (base, EmbeddingLoader(base, self.eval_batch_size, self.num_workers, self.pin_memory))
-        return EmbeddingView(dataset, self._embed[id(base)][1], index)
+            self._embed[id(base)] = (base, EmbeddingLoader(base, self.eval_batch_size, self.num_workers, self.pin_memory), 0)
+        _, loader, offset = self._embed[id(base)]
+        return EmbeddingView(dataset, loader, index + offset)
 
     def close(self) -> None:
         """End every worker process now."""

@@ -1,0 +1,64 @@
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from pml_mutual.data.loaders import LoaderPool
+
+
+class Tagged(Dataset):
+    """Item i is (tag, i, pid of the process that fetched it)."""
+
+    def __init__(self, tag: int, n: int):
+        self.tag, self.n = tag, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.tensor([self.tag, i, os.getpid()])
+
+
+def fetched(view):
+    return torch.cat(list(view())).tolist()
+
+
+def test_shared_embedding_loader_serves_each_dataset_its_own_items_from_one_set_of_workers():
+    prototypes, test = Tagged(0, 10), Tagged(1, 7)
+    stage_a, stage_b = Subset(prototypes, [1, 4, 5]), Subset(prototypes, [9, 0])
+    pool = LoaderPool(batch_size=2, eval_batch_size=3, num_workers=1)
+    try:
+        pool.share_embedding([stage_a, stage_b, test])
+        views = [pool.embed(d) for d in (stage_a, stage_b, test)]
+        rows = [fetched(v) for v in views]
+        assert [[r[:2] for r in rs] for rs in rows] == [
+            [[0, 1], [0, 4], [0, 5]], [[0, 9], [0, 0]], [[1, i] for i in range(7)]]
+        pids = {r[2] for rs in rows for r in rs}
+        assert len(pids) == 1 and pids != {os.getpid()}  # one worker process fetched every item
+        assert [r[:2] for r in fetched(views[0])] == [[0, 1], [0, 4], [0, 5]]  # again, after the others
+        sub = views[2]([6, 2])  # a view's own indices map into its base inside the shared loader
+        assert [r[:2] for r in torch.cat(list(sub)).tolist()] == [[1, 6], [1, 2]]
+    finally:
+        pool.close()
+
+
+def test_without_sharing_each_base_has_its_own_workers():
+    prototypes, test = Tagged(0, 4), Tagged(1, 4)
+    pool = LoaderPool(batch_size=2, eval_batch_size=4, num_workers=1)
+    try:
+        a, b = fetched(pool.embed(prototypes)), fetched(pool.embed(test))
+        assert {r[2] for r in a} != {r[2] for r in b}
+        pool.share_embedding([prototypes, test])  # bases that already have a loader keep it
+        assert {r[2] for r in fetched(pool.embed(test))} == {r[2] for r in b}
+    finally:
+        pool.close()
+
+
+def test_offsets_follow_the_bases_in_the_order_given():
+    bases = [Tagged(t, n) for t, n in enumerate([3, 1, 5])]
+    pool = LoaderPool(batch_size=2, eval_batch_size=8, num_workers=0)
+    pool.share_embedding(bases + [Subset(bases[2], [0])])  # a subset of a listed base adds nothing
+    for base in bases:
+        got = np.array(fetched(pool.embed(base)))
+        assert (got[:, 0] == base.tag).all() and got[:, 1].tolist() == list(range(base.n))
