@@ -133,6 +133,10 @@ def test_bad_input_is_named():
         gram_distillation_losses(x, teachers=[x])
     with pytest.raises(ValueError, match="without a mutual_loss"):
         gram_distillation_losses(x, x)
+    with pytest.raises(TypeError, match="teachers must be tensors"):
+        gram_distillation_losses(x, teachers=[[1.0, 2.0]], correlation_loss=corr)
+    with pytest.raises(ValueError, match="2-D"):
+        gram_distillation_losses(x, teachers=[torch.randn(2, 2, 4, 3)], correlation_loss=corr)
     with pytest.raises(ValueError, match="NaN"):
         gram_distillation_losses(x, teachers=[torch.full((4, 3), float("nan"))], correlation_loss=corr)
 
