@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The speed figures of a GPU machine, in one go (CI has none): perf_step (+ host-sync audit), perf_eval
+# The speed figures of a GPU machine, in one go (CI has none): perf_step (+ host-sync audit), perf_losses
+# (the Gram losses stacked vs called, at the GPU step's batch), perf_eval
 # (torch-GPU kNN at DeepFashion2's size, tie-heavy case), perf_e2e (one `ours` stage at CUB size).
 # Logs and JSON go to ${OUT:-gpu_results}.     bash benchmarks/gpu_perf.sh
 set -uo pipefail
@@ -9,6 +10,7 @@ export PYTHONUNBUFFERED=1
 CUB=${CUB:-/tmp/pml_mutual_cub_500x375/CUB_200_2011}
 python3 benchmarks/perf_step.py --model resnet50 --device cuda --batch-size 48 --classes-per-batch 16 --sync-audit \
     --out "$OUT/perf_step_resnet50.json" 2>&1 | tee "$OUT/perf_step_resnet50.log" | grep -v "^ratio: compute"
+python3 benchmarks/perf_losses.py --device cuda --batch-sizes 48 80 --out "$OUT/perf_losses.json" 2>&1 | tee "$OUT/perf_losses.log"
 python3 benchmarks/perf_eval.py --sizes 88000 --dim 512 --variants ours@1248 torch@1248 raw_torch@1248 --device cuda \
     --out "$OUT/perf_eval_88k.json" 2>&1 | tee "$OUT/perf_eval_88k.log" | grep "ratio\|  "
 python3 benchmarks/perf_eval.py --sizes 20000 --dim 128 --variants torch@1248 --ties --device cuda \

@@ -28,12 +28,16 @@ from dispatched_ops import computing_ops  # noqa: E402
 
 
 def timed(fn, repeats, warmup=5):
+    # on a GPU the kernels run after the call returns: wait for them, or only the launches are timed
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), (min(times), max(times))
 
