@@ -14,7 +14,6 @@ model's images/s there.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from perf_e2e import loader_images_per_second  # noqa: E402
+from perf_e2e import loader_images_per_second, write_result  # noqa: E402
 
 from pml_mutual.data import ImageListDataset, ProtocolTransform, load_cub  # noqa: E402
 from pml_mutual.data.fixtures import write_cub_fixture  # noqa: E402
@@ -66,9 +65,7 @@ def main(argv=None):
     print(f"copy written in {copy_seconds:.1f}s ({args.classes * args.images_per_class} images)")
     for t, r in result["ratio_resized_over_original"].items():
         print(f"ratio: resized/original {t} {r:.2f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     tmp.cleanup()
     return result
 

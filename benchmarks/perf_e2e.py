@@ -66,6 +66,13 @@ def loader_images_per_second(dataset, batch, workers, n_batches, pin):
     return got / max(time.perf_counter() - t0, 1e-9)
 
 
+def write_result(out: Path | None, result: dict) -> None:
+    """The run's figures as JSON at ``out`` (none if ``out`` is None)."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, help="where to write the dataset (default: a temporary directory)")
@@ -187,9 +194,7 @@ def main(argv=None):
           f"drift+eval {phases['drift'] + phases['eval'] - extraction:+.2f}s beyond their forwards, save {phases['save']:.2f}s")
     print(f"loader: {loader_ips:.0f} images/s with {args.num_workers} workers; model step: {model_ips:.0f} images/s → bound by {bound}")
     print(f"e2e_over_compute: {e2e / compute:.2f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     tmp.cleanup()
     return result
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_embeddings
+from .losses import GramCorrelationLoss, gram_distillation_losses
 
 SIMILARITIES = ("cosine_relu", "cosine", "gaussian")
 DRIFT_MODES = ("direct", "chained", "none", "learned", "learned_chained")
@@ -272,11 +273,7 @@ class DriftCompensator:
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma!r}")
         self.mode, self.similarity, self.sigma, self.eps, self.normalize = mode, similarity, sigma, eps, normalize
-        if loss_fn is None:
-            from .losses import GramCorrelationLoss
-
-            loss_fn = GramCorrelationLoss()
-        self.loss_fn = loss_fn
+        self.loss_fn = GramCorrelationLoss() if loss_fn is None else loss_fn
         self.class_ids: list[torch.Tensor] = []
         self.stage_prototypes: list[torch.Tensor] = []  # μ^b_b, in F_b's space
         self.prototype_drifts: list[torch.Tensor] = []  # Δμ^{b→latest}
@@ -477,14 +474,14 @@ class DriftCompensator:
     ) -> torch.Tensor:
         """Eq. 6: Σ_t L_corr^{t→i} over the real teacher and the virtual features of earlier stages.
 
-        ``loss_fn`` defaults to the compensator's own (a ``GramCorrelationLoss`` unless given); one
-        that has ``sum_over_teachers`` gets the real teacher and the (T − 1, B, D) stack of virtual features.
+        ``loss_fn`` defaults to the compensator's own (a ``GramCorrelationLoss`` unless given); the sum is
+        :func:`~pml_mutual.losses.gram_distillation_losses`'s: one stacked computation when ``loss_fn`` is
+        ``fusable()``, else one call per teacher.
         """
         loss_fn = self.loss_fn if loss_fn is None else loss_fn
         teacher_emb = teacher_emb.detach()
-        if hasattr(loss_fn, "sum_over_teachers"):
-            return loss_fn.sum_over_teachers(student_emb, [teacher_emb, self.virtual_feature_stack(teacher_emb)])
-        return sum(loss_fn(student_emb, ref_emb=t) for t in self.teacher_features(teacher_emb))
+        teachers = [teacher_emb, self.virtual_feature_stack(teacher_emb)]
+        return gram_distillation_losses(student_emb, teachers=teachers, correlation_loss=loss_fn)["correlation_loss"]
 
     def state_dict(self) -> dict:
         return {
