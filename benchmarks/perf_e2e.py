@@ -9,11 +9,14 @@ Writes a CUB-format directory of JPEGs (``--classes`` × ``--images-per-class`` 
 1. one `--method` stage end to end through ``OnlineLearner``: stage 0 keeps a given random F_0 (no
    training), stage 1 (the other half of the classes) trains ``--iterations`` steps, measures drift,
    evaluates, checkpoints. Its wall time is the ``e2e`` figure.
-2. the pure costs of the same stage: a training step of the stage's own trainer (same networks,
-   losses, miner, optimisers, frozen BatchNorm) on one batch already on the device, timed after the
-   run (median of repeats), and a pure forward pass of the same model over
-   as many images as the stage embeds (drift: the stage's training images by F_1 and F_0; evaluation:
-   every test image) from a tensor already on the device.
+2. the pure costs of the same stage, measured right after it: a training step of the stage's own
+   trainer (same networks, losses, miner, optimisers, frozen BatchNorm) on one batch already on the
+   device (median of repeats), and a pure forward pass of the same model over as many images as the
+   stage embeds (drift: the stage's training images by F_1 and F_0; evaluation: every test image) from
+   a tensor already on the device. The stage's own steps are timed too (host time on the CPU, CUDA
+   events on a GPU: no sync added), which splits training's excess into slower steps and time
+   outside them. ``--rounds N`` repeats 1–2 and reports the round with the median ratio: on a machine
+   whose speed drifts between minutes, each stage is compared with compute measured beside it.
 3. the loader alone: images/s of the training DataLoader (decoding + augmentation, same workers)
    against the model's images/s, to say which bounds the stage.
 
@@ -66,6 +69,31 @@ def loader_images_per_second(dataset, batch, workers, n_batches, pin):
     return got / max(time.perf_counter() - t0, 1e-9)
 
 
+def in_stage_steps(step, device, times: list):
+    """``step`` wrapped to record each call's span: host time on the CPU; on a GPU a pair of CUDA events
+    per step, read after the stage (no host sync inside the stage's steps)."""
+    def timed_step():
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = step()
+            end.record()
+            times.append((start, end))
+            return out
+        t0 = time.perf_counter()
+        out = step()
+        times.append(time.perf_counter() - t0)
+        return out
+    return timed_step
+
+
+def in_stage_seconds(times: list, device) -> list[float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1000 for start, end in times]
+    return list(times)
+
+
 def write_result(out: Path | None, result: dict) -> None:
     """The run's figures as JSON at ``out`` (none if ``out`` is None)."""
     if out:
@@ -90,10 +118,15 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on for cuda")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats of the pure step (default 20; --quick: 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="stages end to end, each followed by its pure measurements; the round with the median ratio "
+                        "is reported (3 or more where the machine's speed drifts between minutes)")
     p.add_argument("--quick", action="store_true", help="CPU-sized: 8 classes × 12 images of 96×72, crop 32, 4 steps")
     p.add_argument("--profile", type=Path, help="write a cProfile summary of the end-to-end stage to this file")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_e2e.json")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1 (got {args.rounds})")
     if args.quick:
         args.classes, args.images_per_class, args.image_width, args.image_height = 8, 12, 96, 72
         args.crop, args.classes_per_batch, args.m = 32, 2, 2
@@ -129,52 +162,78 @@ def main(argv=None):
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     torch.manual_seed(0)
     initial = factory().state_dict()
-
-    # 1. the stage end to end
-    learner = OnlineLearner.from_class_assignment(
-        factory, train, test, class_to_stage, config=config, run_dir=Path(tmp.name) / "run",
-        prototype_dataset=protos, initial_state_dict=initial, quiet=True)
-    trainers = {}
-    learner.trainer_hook = lambda stage, trainer: trainers.__setitem__(stage, trainer)
-    if args.profile:
-        import cProfile
-        import pstats
-
-        profiler = cProfile.Profile()
-        profiler.runcall(learner.run)
-        with open(args.profile, "w") as f:
-            stats = pstats.Stats(profiler, stream=f).sort_stats("cumulative")
-            stats.print_stats(80)
-            stats.sort_stats("tottime").print_stats(40)
-    else:
-        learner.run()
-    stage1 = learner.stage_logs[1]
-    e2e = stage1["seconds"] + learner.phase_seconds["save"]
-    phases = dict(stage1["phase_seconds"], save=learner.phase_seconds["save"])
-    del learner
-
-    # 2. pure step (the stage's own trainer, after the run: its weights no longer matter) and pure
-    # extraction of the same model, data already on the device
-    x = torch.randn(batch, 3, args.crop, args.crop, device=device)
-    y = torch.arange(args.classes_per_batch, device=device).repeat_interleave(args.m)
-    trainer = trainers.pop(1)
-    trainer.get_batch = lambda: (x, y)
-    trainer.set_to_train()
-    step = timed(trainer.forward_and_backward, device, max(1, args.repeats // 5), args.repeats)[0]
-    del trainer
-    model, _ = build(args.model, device, args.crop)
-    model.eval()
     stage1_train = int(np.sum([class_to_stage[int(c)] == 1 for c in train_items.labels]))
     n_embed = 2 * stage1_train + len(test_items)  # drift: F_1 and F_0 on stage 1's images; eval: every test image
-    eval_batch = 4 * batch
-    xb = torch.randn(eval_batch, 3, args.crop, args.crop, device=device)
 
-    def forward():
-        with torch.no_grad(), torch.autocast(device.type, enabled=amp, dtype=torch.bfloat16):
-            model(xb)
-    per_batch = timed(forward, device, 2, max(3, args.repeats // 2))[0]
-    extraction = per_batch * n_embed / eval_batch
-    compute = args.iterations * step + extraction
+    def one_round(r: int) -> dict:
+        """The stage end to end, then its pure costs measured right after it (so a machine whose speed
+        drifts between minutes compares each stage with compute measured at the same minute)."""
+        learner = OnlineLearner.from_class_assignment(
+            factory, train, test, class_to_stage, config=config, run_dir=Path(tmp.name) / f"run{r}",
+            prototype_dataset=protos, initial_state_dict=initial, quiet=True)
+        trainers, in_stage = {}, []
+
+        def capture(stage, trainer):
+            trainers[stage] = trainer
+            if stage == 1:
+                trainer.forward_and_backward = in_stage_steps(trainer.forward_and_backward, device, in_stage)
+        learner.trainer_hook = capture
+        if args.profile and r == 0:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.runcall(learner.run)
+            with open(args.profile, "w") as f:
+                stats = pstats.Stats(profiler, stream=f).sort_stats("cumulative")
+                stats.print_stats(80)
+                stats.sort_stats("tottime").print_stats(40)
+        else:
+            learner.run()
+        stage1 = learner.stage_logs[1]
+        e2e = stage1["seconds"] + learner.phase_seconds["save"]
+        phases = dict(stage1["phase_seconds"], save=learner.phase_seconds["save"])
+        del learner
+
+        # the pure step: the stage's own trainer (after the run: its weights no longer matter), one batch
+        # already on the device; the pure extraction: a forward of the same model from a device tensor
+        x = torch.randn(batch, 3, args.crop, args.crop, device=device)
+        y = torch.arange(args.classes_per_batch, device=device).repeat_interleave(args.m)
+        trainer = trainers.pop(1)
+        del trainer.forward_and_backward  # the class's method again, untimed
+        trainer.get_batch = lambda: (x, y)
+        trainer.set_to_train()
+        step = timed(trainer.forward_and_backward, device, max(1, args.repeats // 5), args.repeats)[0]
+        del trainer, trainers
+        model, _ = build(args.model, device, args.crop)
+        model.eval()
+        eval_batch = 4 * batch
+        xb = torch.randn(eval_batch, 3, args.crop, args.crop, device=device)
+
+        def forward():
+            with torch.no_grad(), torch.autocast(device.type, enabled=amp, dtype=torch.bfloat16):
+                model(xb)
+        per_batch = timed(forward, device, 2, max(3, args.repeats // 2))[0]
+        extraction = per_batch * n_embed / eval_batch
+        compute = args.iterations * step + extraction
+        steps_in_stage = in_stage_seconds(in_stage, device)
+        return {"e2e_s": e2e, "phases_s": phases, "step_s": step, "extraction_s": extraction, "compute_s": compute,
+                "e2e_over_compute": e2e / compute, "steps_in_stage_s": sum(steps_in_stage),
+                "step_in_stage_median_s": statistics.median(steps_in_stage), "first_step_in_stage_s": steps_in_stage[0]}
+
+    rounds = []
+    for r in range(args.rounds):
+        rounds.append(one_round(r))
+        res = rounds[-1]
+        ph = res["phases_s"]
+        print(f"round {r + 1}/{args.rounds}: e2e {res['e2e_s']:.2f}s (train {ph['train']:.2f}s, drift {ph['drift']:.2f}s, "
+              f"eval {ph['eval']:.2f}s, save {ph['save']:.2f}s); compute {res['compute_s']:.2f}s "
+              f"(step {1000 * res['step_s']:.1f} ms; in the stage: median {1000 * res['step_in_stage_median_s']:.1f} ms, "
+              f"first {1000 * res['first_step_in_stage_s']:.0f} ms); "
+              f"e2e_over_compute {res['e2e_over_compute']:.2f}", flush=True)
+    # the round with the median ratio speaks for the run (its numbers are one consistent measurement)
+    res = sorted(rounds, key=lambda d: d["e2e_over_compute"])[(len(rounds) - 1) // 2]
+    phases, step, extraction, compute, e2e = (res[k] for k in ("phases_s", "step_s", "extraction_s", "compute_s", "e2e_s"))
 
     # 3. the loader alone against the model
     loader_ips = loader_images_per_second(train, batch, args.num_workers, min(args.iterations, 30), device.type == "cuda")
@@ -184,16 +243,20 @@ def main(argv=None):
     result = {
         "device": str(device), "model": args.model, "method": args.method, "iterations": args.iterations,
         "batch": batch, "num_workers": args.num_workers, "amp": amp, "images": f"{args.image_width}x{args.image_height}",
-        "e2e_s": e2e, "phases_s": phases, "step_s": step, "extraction_s": extraction, "compute_s": compute,
-        "e2e_over_compute": e2e / compute, "loader_images_per_s": loader_ips, "model_images_per_s": model_ips,
+        **res, "rounds": rounds, "loader_images_per_s": loader_ips, "model_images_per_s": model_ips,
     }
+    outside = phases["train"] - res["steps_in_stage_s"]
     print(f"e2e stage: {e2e:.2f}s  (train {phases['train']:.2f}s, drift {phases['drift']:.2f}s, "
-          f"eval {phases['eval']:.2f}s, save {phases['save']:.2f}s)")
+          f"eval {phases['eval']:.2f}s, save {phases['save']:.2f}s)"
+          + (f", median of {len(rounds)} rounds" if len(rounds) > 1 else ""))
     print(f"compute: {args.iterations} × step {1000 * step:.1f} ms + extraction of {n_embed} images {extraction:.2f}s = {compute:.2f}s")
-    print(f"rest: train {phases['train'] - args.iterations * step:+.2f}s beyond its steps, "
-          f"drift+eval {phases['drift'] + phases['eval'] - extraction:+.2f}s beyond their forwards, save {phases['save']:.2f}s")
+    print(f"rest: train {phases['train'] - args.iterations * step:+.2f}s beyond its steps "
+          f"(the steps in the stage {res['steps_in_stage_s'] - args.iterations * step:+.2f}s against the pure step, "
+          f"outside them {outside:+.2f}s), drift+eval {phases['drift'] + phases['eval'] - extraction:+.2f}s beyond "
+          f"their forwards, save {phases['save']:.2f}s")
     print(f"loader: {loader_ips:.0f} images/s with {args.num_workers} workers; model step: {model_ips:.0f} images/s → bound by {bound}")
-    print(f"e2e_over_compute: {e2e / compute:.2f}")
+    ratios = " ".join(f"{d['e2e_over_compute']:.2f}" for d in rounds)
+    print(f"e2e_over_compute: {res['e2e_over_compute']:.2f}" + (f"  (rounds: {ratios})" if len(rounds) > 1 else ""))
     write_result(args.out, result)
     tmp.cleanup()
     return result

@@ -297,6 +297,7 @@ class OnlineLearner:
 
     def _run(self) -> dict:
         start = self._resume()
+        self._start_loader_workers(start)
         for stage in range(start, len(self.train_stages)):
             t0 = time.perf_counter()
             epoch_losses = self._train_stage(stage)
@@ -339,7 +340,7 @@ class OnlineLearner:
         # seeded once F_{i-1} is at hand: loading it builds a network, whose random initialisation draws
         # from the generator, and reusing it does not; the networks built below must not depend on which
         seed_everything(cfg.seed, stage, 0)
-        trains = (stage == 0 and self.initial_state_dict is None) or (stage > 0 and method.train)
+        trains = self._trains(stage)
         student = self.new_model()
         if stage == 0 and self.initial_state_dict is not None:
             student.load_state_dict(self.initial_state_dict)
@@ -369,7 +370,7 @@ class OnlineLearner:
             f"{k}_optimizer": adam(models[k].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             for k in trained
         }
-        dataset = ConcatDataset(self.train_stages[: stage + 1]) if stage > 0 and method.joint else self.train_stages[stage]
+        dataset = self._training_dataset(stage)
         labels = dataset_labels(dataset)
 
         def new_sampler():
@@ -436,6 +437,23 @@ class OnlineLearner:
         # the garbage collector), before drift measurement loads old models
         del trainer, models, optimizers, support
         return epoch_losses
+
+    def _trains(self, stage: int) -> bool:
+        return (stage == 0 and self.initial_state_dict is None) or (stage > 0 and self.method.train)
+
+    def _training_dataset(self, stage: int) -> Dataset:
+        joint = stage > 0 and self.method.joint
+        return ConcatDataset(self.train_stages[: stage + 1]) if joint else self.train_stages[stage]
+
+    def _start_loader_workers(self, start: int) -> None:
+        """Fork every worker process the run will use now, before the first network is built: memory
+        written later (weights, gradients, optimiser state) is then never shared with a worker, so the
+        training process does not copy it page by page on its first write (see LoaderPool.start_workers)."""
+        if start >= len(self.train_stages):
+            return
+        first = next((s for s in range(start, len(self.train_stages)) if self._trains(s)), None)
+        embedded = [self.test_dataset] + ([self.prototype_stages[start]] if self._drift_users() else [])
+        self.loaders.start_workers(train=self._training_dataset(first) if first is not None else None, embed=embedded)
 
     def _wrap_for_ranks(self, models: dict, trained: list[str]) -> dict:
         """Under torchrun, the trained networks in DistributedDataParallel (the teacher stays bare: it is

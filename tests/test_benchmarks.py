@@ -105,13 +105,30 @@ def test_perf_step_with_a_paper_backbone(tmp_path):
 
 
 def test_perf_e2e_quick(tmp_path):
-    out = run("perf_e2e.py", "--quick", "--num-workers", "0", "--out", str(tmp_path / "e2e.json"))
-    assert "e2e_over_compute:" in out and "bound by" in out
+    out = run("perf_e2e.py", "--quick", "--num-workers", "0", "--rounds", "3", "--out", str(tmp_path / "e2e.json"))
+    assert "e2e_over_compute:" in out and "bound by" in out and out.count("round ") == 3
     res = json.loads((tmp_path / "e2e.json").read_text())
-    # the stage's phases add up to its end-to-end time, and compute is what the pure measurements give
-    assert sum(res["phases_s"].values()) == pytest.approx(res["e2e_s"], rel=1e-6)
-    assert res["compute_s"] == pytest.approx(res["iterations"] * res["step_s"] + res["extraction_s"], rel=1e-9)
-    assert res["e2e_over_compute"] == pytest.approx(res["e2e_s"] / res["compute_s"], rel=1e-9)
+    rounds = res["rounds"]
+    assert len(rounds) == 3
+    for r in rounds:
+        # each round's phases add up to its end-to-end time, and compute is what its pure measurements give
+        assert sum(r["phases_s"].values()) == pytest.approx(r["e2e_s"], rel=1e-6)
+        assert r["compute_s"] == pytest.approx(res["iterations"] * r["step_s"] + r["extraction_s"], rel=1e-9)
+        assert r["e2e_over_compute"] == pytest.approx(r["e2e_s"] / r["compute_s"], rel=1e-9)
+        # the stage's own steps are part of its training phase
+        assert 0 < r["steps_in_stage_s"] < r["phases_s"]["train"]
+        assert r["first_step_in_stage_s"] <= r["steps_in_stage_s"]
+    # the reported figures are those of the round with the median ratio
+    median = sorted(r["e2e_over_compute"] for r in rounds)[1]
+    assert res["e2e_over_compute"] == median
+    assert next(r for r in rounds if r["e2e_over_compute"] == median)["e2e_s"] == res["e2e_s"]
+
+
+def test_perf_e2e_refuses_zero_rounds(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "perf_e2e.py"), "--quick", "--rounds", "0", "--out", str(tmp_path / "e.json")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "--rounds must be at least 1" in proc.stderr
+    assert not (tmp_path / "e.json").exists()
 
 
 def test_perf_decode_quick(tmp_path):

@@ -180,6 +180,29 @@ def test_at_most_three_models_training_and_two_measuring_drift(digits, tmp_path)
     assert peaks["drift"] == 2  # the new model + one old checkpoint, whatever the number of stages
 
 
+def test_loader_workers_fork_before_the_run_builds_a_network_to_train_or_embed_with(digits, tmp_path):
+    import multiprocessing
+
+    train, test = digits
+    live_children = []
+
+    def factory():
+        live_children.append({p.pid for p in multiprocessing.active_children()})
+        return EmbeddingMLP()
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    learner = OnlineLearner.from_class_assignment(
+        factory, train, test, stage_assignment(range(10), 5, None), config=tiny("ours", num_workers=1),
+        run_dir=tmp_path, quiet=True)
+    learner.run()
+    identity, *networks = live_children  # the first network only fingerprints the architecture
+    assert len(networks) >= 3  # F_0; F_1 and F_s
+    workers = networks[0] - before
+    assert len(workers) == 2  # training and embedding (prototypes and test share one loader)
+    assert all(n - before == workers for n in networks)  # all forked before F_0, none after
+    assert not workers & {p.pid for p in multiprocessing.active_children()}  # and ended with the run
+
+
 def test_the_previous_model_is_reused_from_memory_and_loaded_only_after_a_resume(digits, tmp_path):
     """F_{i-1} comes from memory as the teacher and, in drift measurement, embeds once more before it is
     freed; only older stages are read back from disk (one at a time), and after a resume F_{i-1} too. The

@@ -20,6 +20,8 @@ loader per dataset, and changes only what they iterate over:
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -143,6 +145,17 @@ class EmbeddingView:
         return self._loader(self._index if indices is None else self._index[np.asarray(indices, dtype=np.int64)])
 
 
+def return_free_heap() -> None:
+    """Collect garbage and return the C heap's free pages to the system (glibc's ``malloc_trim``; a no-op
+    where there is none), so that a process forked next does not share them."""
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):
+        return
+    trim(0)
+
+
 class LoaderPool:
     """The loaders of a run, each built once per base dataset and kept until :meth:`close`.
 
@@ -188,6 +201,24 @@ class LoaderPool:
             self._embed[id(base)] = (base, EmbeddingLoader(base, self.eval_batch_size, self.num_workers, self.pin_memory), 0)
         _, loader, offset = self._embed[id(base)]
         return EmbeddingView(dataset, loader, index + offset)
+
+    def start_workers(self, train: Dataset | None = None, embed: Iterable[Dataset] = ()) -> None:
+        """Start now the worker processes of the loaders that :meth:`train` (``train``) and :meth:`embed`
+        (each of ``embed``) will hand out, instead of at their first batch: a run calls this before it
+        builds any network, so that workers fork from a small process. Every page shared with a worker
+        at the fork is copied by the training process on its first write there: a BN-Inception step on
+        the CPU took 0.9 s instead of 0.15 s right after its loader forked (90,000 page faults). The
+        heap's free pages (a previous run's networks, in a script that runs several) are returned to
+        the system first, for the same reason."""
+        if self.num_workers == 0:
+            return
+        return_free_heap()
+        if train is not None:
+            loader, batches, _ = self.train(train)
+            batches.set_epoch((), 0)  # nothing to fetch yet: the workers start and wait
+            iter(loader)
+        for dataset in embed:
+            iter(self.embed(dataset)([]))
 
     def close(self) -> None:
         """End every worker process now."""

@@ -1,10 +1,14 @@
+import multiprocessing
 import os
+import platform
+import sys
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import Dataset, Subset
 
-from pml_mutual.data.loaders import LoaderPool
+from pml_mutual.data.loaders import LoaderPool, return_free_heap
 
 
 class Tagged(Dataset):
@@ -62,3 +66,50 @@ def test_offsets_follow_the_bases_in_the_order_given():
     for base in bases:
         got = np.array(fetched(pool.embed(base)))
         assert (got[:, 0] == base.tag).all() and got[:, 1].tolist() == list(range(base.n))
+
+
+def children() -> set[int]:
+    return {p.pid for p in multiprocessing.active_children()}
+
+
+def test_start_workers_forks_every_worker_before_the_first_batch_and_those_workers_serve_the_batches():
+    base, test = Tagged(0, 8), Tagged(1, 4)
+    stage = Subset(base, [6, 1, 3, 4])
+    before = children()
+    pool = LoaderPool(batch_size=2, eval_batch_size=4, num_workers=1)
+    try:
+        pool.start_workers(train=stage, embed=[test])
+        started = children() - before
+        assert len(started) == 2  # the training loader's worker and the embedding loader's
+        loader, batches, index = pool.train(stage)
+        batches.set_epoch(range(4), 0, index)
+        trained = torch.cat(list(loader)).tolist()
+        del loader, batches  # the pool's, from here on
+        embedded = fetched(pool.embed(test))
+        assert sorted(r[1] for r in trained) == [1, 3, 4, 6] and [r[1] for r in embedded] == [0, 1, 2, 3]
+        assert {r[2] for r in trained + embedded} == started  # no worker started after start_workers
+    finally:
+        pool.close()
+    assert not children() & started  # and they end with the pool
+
+
+def test_start_workers_without_workers_starts_nothing():
+    before = children()
+    pool = LoaderPool(batch_size=2, eval_batch_size=4, num_workers=0)
+    pool.start_workers(train=Tagged(0, 4), embed=[Tagged(1, 4)])
+    assert children() == before
+    assert [r[1] for r in fetched(pool.embed(Tagged(1, 3)))] == [0, 1, 2]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
+def test_return_free_heap_gives_freed_heap_pages_back_to_the_system():
+    def rss_mib():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    chunks = [torch.ones(16 * 1024) for _ in range(3200)]  # 200 MiB in 64 KiB blocks: heap, not mmap
+    pinned = torch.ones(16)  # allocated after them, so free() alone cannot shrink the heap past it
+    del chunks
+    held = rss_mib()
+    return_free_heap()
+    assert rss_mib() < held - 100
+    del pinned
