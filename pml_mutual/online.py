@@ -35,7 +35,7 @@ from .evaluation import extract_embeddings, stage_recalls, summarize_run, to_mar
 from .evaluation.results import stage_result_from_json, stage_result_to_json
 from .gallery import StoredGallery
 from .losses import BatchHardTripletLoss, GramCorrelationLoss, MutualGramLoss
-from .run_dir import RunDirectory, save_json
+from .run_dir import RunDirectory, RunDirectoryError, save_json
 from .trainers import IncrementalTrainer
 
 LOGGER = logging.getLogger("pml_mutual")
@@ -292,6 +292,9 @@ class OnlineLearner:
         """Train and evaluate every remaining stage; returns the results document (see evaluation.results)."""
         try:
             return self._run()
+        except BaseException:
+            self.directory.wait(raise_error=False)  # the epoch checkpoint being written lands before the error surfaces
+            raise
         finally:
             self.loaders.close()  # the run's worker processes end here, once
 
@@ -378,7 +381,7 @@ class OnlineLearner:
             if distributed.is_active():  # one global class-balanced batch per step, split across ranks
                 return distributed.DistributedMPerClassSampler(labels, cfg.m_per_class, cfg.batch_size, length)
             return MPerClassSampler(labels, cfg.m_per_class, cfg.batch_size, length_before_new_iter=length)
-        epochs = cfg.initial_epochs if stage == 0 and cfg.initial_epochs is not None else cfg.epochs
+        epochs = self._epochs(stage)
         done_epochs, epoch_losses = self._load_epoch_checkpoint(stage, models, optimizers)
         start_epoch = done_epochs + 1
         use_virtual = method.virtual and self.compensator.num_stages >= 2
@@ -395,9 +398,12 @@ class OnlineLearner:
                 "stage": stage,
                 "epoch": trainer.epoch,
                 "models": {k: models[k].state_dict() for k in trained},
-                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "epoch_losses": epoch_losses,
             }
+            # after the stage's last epoch no step follows, so resuming from it needs only the networks:
+            # Adam's two moments would triple what is copied and written (the models alone: a third)
+            if trainer.epoch < epochs:
+                state["optimizers"] = {k: o.state_dict() for k, o in optimizers.items()}
             # written by a background thread from a CPU snapshot: the next epoch does not wait for the disk
             self.directory.save_in_background(state)
 
@@ -440,6 +446,10 @@ class OnlineLearner:
 
     def _trains(self, stage: int) -> bool:
         return (stage == 0 and self.initial_state_dict is None) or (stage > 0 and self.method.train)
+
+    def _epochs(self, stage: int) -> int:
+        cfg = self.config
+        return cfg.initial_epochs if stage == 0 and cfg.initial_epochs is not None else cfg.epochs
 
     def _training_dataset(self, stage: int) -> Dataset:
         joint = stage > 0 and self.method.joint
@@ -637,9 +647,13 @@ class OnlineLearner:
         state = self.directory.load_in_progress(map_location=self.device)
         if state is None or state["stage"] != stage:
             return 0, []
+        epochs = self._epochs(stage)
+        if "optimizers" not in state and state["epoch"] < epochs:
+            raise RunDirectoryError(f"{self.run_dir / 'in_progress.pt'} has no optimizer state for epoch {state['epoch']} "
+                                    f"of {epochs}; delete it to retrain stage {stage}")
         for k, sd in state["models"].items():
             models[k].load_state_dict(sd)
-        for k, sd in state["optimizers"].items():
+        for k, sd in state.get("optimizers", {}).items():  # none after the last epoch: no step follows
             optimizers[k].load_state_dict(sd)
         if not self.quiet:
             print(f"[{self.config.method}] resuming stage {stage} after epoch {state['epoch']}", flush=True)

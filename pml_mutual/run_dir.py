@@ -237,12 +237,13 @@ class RunDirectory:
         self._writer = threading.Thread(target=write, name="pml_mutual-checkpoint", daemon=False)
         self._writer.start()
 
-    def wait(self) -> None:
-        """Block until the background write (if any) is on disk; re-raise its error."""
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the background write (if any) is on disk; re-raise its error (or keep it for the
+        next call, with ``raise_error=False``: while another error is on its way up)."""
         if self._writer is not None:
             self._writer.join()
             self._writer = None
-        if self._writer_error is not None:
+        if self._writer_error is not None and raise_error:
             error, self._writer_error = self._writer_error, None
             raise error
 

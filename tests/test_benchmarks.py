@@ -131,6 +131,15 @@ def test_perf_e2e_refuses_zero_rounds(tmp_path):
     assert not (tmp_path / "e.json").exists()
 
 
+def test_perf_checkpoint_quick(tmp_path):
+    out = run("perf_checkpoint.py", "--quick", "--out", str(tmp_path / "c.json"))
+    assert "ratio: last-epoch / mid-stage checkpoint" in out
+    res = json.loads((tmp_path / "c.json").read_text())
+    # mid-stage: two networks and their Adam moments (two per weight); after the last epoch the networks only
+    assert 2.9 < res["mid_stage"]["bytes"] / res["last_epoch"]["bytes"] < 3.1
+    assert res["ratio_last_over_mid"]["bytes"] == pytest.approx(res["last_epoch"]["bytes"] / res["mid_stage"]["bytes"])
+
+
 def test_perf_decode_quick(tmp_path):
     out = run("perf_decode.py", "--quick", "--out", str(tmp_path / "d.json"))
     assert out.count("ratio: resized/original") == 2

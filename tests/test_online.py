@@ -298,6 +298,50 @@ def test_kill_and_resume_reaches_the_same_weights(tmp_path):
     assert json.loads((run / "results.json").read_text())["stages"] == json.loads((reference / "results.json").read_text())["stages"]
 
 
+def test_the_last_epochs_checkpoint_holds_only_the_networks_and_a_resume_from_it_trains_nothing(digits, tmp_path, monkeypatch):
+    from pml_mutual.run_dir import RunDirectory, RunDirectoryError
+
+    train, test = digits
+    c2s = stage_assignment(range(10), 5, None)
+    config = tiny("ours", epochs=2)
+    saved = []
+    save = RunDirectory.save_in_background
+    monkeypatch.setattr(RunDirectory, "save_in_background",
+                        lambda self, state, *a: (saved.append((state["stage"], state["epoch"], "optimizers" in state)), save(self, state, *a))[1])
+    reference = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=config, run_dir=tmp_path / "ref", quiet=True)
+    reference.run()
+    assert saved == [(0, 1, True), (0, 2, False), (1, 1, True), (1, 2, False)]
+
+    run = tmp_path / "run"
+    crashing = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=config, run_dir=run, quiet=True)
+    measure = crashing._measure_drift
+
+    def crash_after_training(stage):
+        if stage == 1:
+            raise KeyboardInterrupt("killed after stage 1 trained")
+        measure(stage)
+    crashing._measure_drift = crash_after_training
+    with pytest.raises(KeyboardInterrupt):
+        crashing.run()
+    state = torch.load(run / "in_progress.pt", weights_only=True)
+    assert (state["stage"], state["epoch"]) == (1, 2) and "optimizers" not in state
+
+    trained = []
+    monkeypatch.setattr(IncrementalTrainer, "train", lambda self, *a: trained.append(a))
+    resumed = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=config, run_dir=run, quiet=True)
+    summary = resumed.run()
+    assert trained == []  # stage 1 resumed after its last epoch
+    assert same(torch.load(run / "stage_001" / "model.pt", weights_only=True),
+                torch.load(tmp_path / "ref" / "stage_001" / "model.pt", weights_only=True))
+    assert summary["stages"] == json.loads((tmp_path / "ref" / "results.json").read_text())["stages"]
+
+    # a checkpoint without optimizer state before the last epoch is damaged: named, not trained from
+    (run / "stage_001" / "stage.json").unlink()
+    torch.save(dict(state, epoch=1), run / "in_progress.pt")
+    with pytest.raises(RunDirectoryError, match=r"in_progress\.pt has no optimizer state for epoch 1 of 2"):
+        OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=config, run_dir=run, quiet=True).run()
+
+
 def test_resume_refuses_a_different_config(digits, tmp_path):
     train, test = digits
     c2s = stage_assignment(range(10), 5)
