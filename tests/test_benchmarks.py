@@ -118,6 +118,7 @@ def test_perf_e2e_quick(tmp_path):
         # the stage's own steps are part of its training phase
         assert 0 < r["steps_in_stage_s"] < r["phases_s"]["train"]
         assert r["first_step_in_stage_s"] <= r["steps_in_stage_s"]
+        assert r["e2e_over_steps_in_stage"] == pytest.approx(r["e2e_s"] / (r["steps_in_stage_s"] + r["extraction_s"]), rel=1e-9)
     # the reported figures are those of the round with the median ratio
     median = sorted(r["e2e_over_compute"] for r in rounds)[1]
     assert res["e2e_over_compute"] == median
