@@ -277,7 +277,6 @@ class OnlineLearner:
         self.loaders = LoaderPool(self.config.batch_size, self.config.eval_batch_size, self.config.num_workers,
                                   pin_memory=self.device.type == "cuda")
         self.loaders.share_embedding(list(self.prototype_stages) + [test_dataset])  # one set of workers for both
-        self._written: dict[str, str] = {}  # files of the current stage already on disk → SHA-256
 
     @classmethod
     def from_class_assignment(cls, model_factory, train_dataset, test_dataset, class_to_stage, **kwargs):
@@ -437,8 +436,9 @@ class OnlineLearner:
         self._student = student
         self._teacher = models.get("teacher_trunk")  # drift measurement embeds with it instead of reloading it
         support = models.get("support_trunk")
-        if support is not None:  # written now so that drift measurement holds two networks, not three
-            self._written["support.pt"] = self.directory.save_stage_file(stage, "support.pt", support.state_dict())
+        if support is not None:  # snapshotted now so that drift measurement holds two networks, not three;
+            # written in the background while drift is measured (save_stage waits for it)
+            self.directory.save_stage_file_in_background(stage, "support.pt", support.state_dict())
         # F_s and the teacher are freed here, by reference counting (no cycles hold models; tested without
         # the garbage collector), before drift measurement loads old models
         del trainer, models, optimizers, support
@@ -612,10 +612,9 @@ class OnlineLearner:
         files = {"model.pt": self._student.state_dict(), "drift.pt": self.compensator.state_dict()}
         if self.gallery is not None:
             files["gallery.pt"] = self.gallery.stage_state(stage)
-        written, self._written = self._written, {}
         log = {"stage": stage, "epoch_losses": epoch_losses, "seconds": seconds, "phase_seconds": dict(self.phase_seconds)}
         # stage.json is written last, with each file's SHA-256: its presence marks the stage complete
-        self.directory.save_stage(stage, files, {"results": stage_result_to_json(results), "log": log}, written)
+        self.directory.save_stage(stage, files, {"results": stage_result_to_json(results), "log": log})
         self.stage_results.append(results)
         self.stage_logs.append(log)
 

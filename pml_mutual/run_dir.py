@@ -134,8 +134,9 @@ class RunDirectory:
 
     def __init__(self, path):
         self.path = check_run_dir(path)
-        self._writer: threading.Thread | None = None
+        self._writer: threading.Thread | None = None  # the last queued background write
         self._writer_error: BaseException | None = None
+        self._stage_sums: dict[tuple[int, str], str] = {}  # (stage, file) written in the background → SHA-256
 
     # ------------------------------------------------------------------ identity
     def check_identity(self, identity: dict, fresh: bool = False) -> None:
@@ -186,19 +187,30 @@ class RunDirectory:
             done.append(doc)
         return done
 
-    def save_stage_file(self, stage: int, name: str, obj) -> str | None:
-        """One checkpoint of a stage written ahead of :meth:`save_stage`; returns its SHA-256 (rank 0)."""
-        sha = atomic_save(obj, self.stage_dir(stage) / name) if distributed.is_main() else None
-        distributed.barrier()
-        return sha
+    def save_stage_file_in_background(self, stage: int, name: str, obj) -> None:
+        """One checkpoint of a stage, written ahead of :meth:`save_stage` by the background thread (after
+        the writes queued before it) from a CPU snapshot taken now; :meth:`save_stage` waits for it and
+        records its SHA-256. Rank 0 only."""
+        if not distributed.is_main():
+            return
+        path = self.stage_dir(stage) / name
+        snapshot = _to_cpu(obj)
+        refuse_nonfinite(snapshot, path)
 
-    def save_stage(self, stage: int, files: dict, record: dict, written: dict | None = None) -> None:
+        def write():
+            data = _bytes_of(snapshot)
+            write_atomic(data, path)
+            self._stage_sums[(stage, name)] = hashlib.sha256(data).hexdigest()
+        self._in_background(write)
+
+    def save_stage(self, stage: int, files: dict, record: dict) -> None:
         """Write a stage's checkpoints, then its ``stage.json`` (``record`` + the SHA-256 of these and of the
-        ``written`` ones) last."""
+        ones written in the background) last."""
         self.wait()
         d = self.stage_dir(stage)
         if distributed.is_main():
-            sums = dict(written or {})
+            sums = {name: sha for (s, name), sha in self._stage_sums.items() if s == stage}
+            self._stage_sums = {}
             sums.update({name: atomic_save(obj, d / name) for name, obj in files.items()})
             save_json(dict(record, files=sums), d / "stage.json")
             self.remove("in_progress.pt")
@@ -227,14 +239,22 @@ class RunDirectory:
             return
         snapshot = _to_cpu(state)
         refuse_nonfinite(snapshot, self.path / name)
+        self._in_background(lambda: write_atomic(_bytes_of(snapshot), self.path / name))
 
-        def write():
+    def _in_background(self, write) -> None:
+        """Run ``write`` in a thread of its own once the write queued before it has finished (files land
+        in the order they were queued); its error is re-raised by :meth:`wait`."""
+        before = self._writer
+
+        def run():
+            if before is not None:
+                before.join()
             try:
-                write_atomic(_bytes_of(snapshot), self.path / name)
+                write()
             except BaseException as e:  # re-raised by wait() in the training thread
-                self._writer_error = e
+                self._writer_error = self._writer_error or e
 
-        self._writer = threading.Thread(target=write, name="pml_mutual-checkpoint", daemon=False)
+        self._writer = threading.Thread(target=run, name="pml_mutual-checkpoint", daemon=False)
         self._writer.start()
 
     def wait(self, raise_error: bool = True) -> None:

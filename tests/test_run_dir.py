@@ -1,0 +1,71 @@
+"""RunDirectory's background writes: stage files queued behind the epoch checkpoint, recorded, checked."""
+import json
+
+import pytest
+import torch
+
+from pml_mutual import run_dir
+from pml_mutual.run_dir import RunDirectory, RunDirectoryError
+
+
+@pytest.fixture
+def directory(tmp_path):
+    d = RunDirectory(tmp_path / "run")
+    d.path.mkdir()
+    return d
+
+
+def record():
+    return {"results": {}, "log": {}}
+
+
+def test_a_stage_file_written_in_the_background_is_the_snapshot_taken_at_the_call_and_is_recorded(directory):
+    directory.save_in_background({"stage": 0, "epoch": 1, "models": {"trunk": {"w": torch.randn(500, 500)}}})
+    support = {"w": torch.randn(500, 500)}
+    expected = support["w"].clone()
+    directory.save_stage_file_in_background(0, "support.pt", support)
+    support["w"].add_(1.0)  # training's networks may change after the call: the file holds the snapshot
+    directory.save_stage(0, {"model.pt": {"v": torch.zeros(3)}}, record())
+    files = json.loads((directory.stage_dir(0) / "stage.json").read_text())["files"]
+    assert set(files) == {"support.pt", "model.pt"}
+    assert torch.equal(directory.load_stage_file(0, "support.pt")["w"], expected)  # loaded against its SHA-256
+    assert not (directory.path / "in_progress.pt").exists()  # the stage is complete: its epoch checkpoint goes
+
+    (directory.stage_dir(0) / "support.pt").write_bytes(run_dir._bytes_of({"w": expected + 1}))
+    with pytest.raises(RunDirectoryError, match="support.pt does not match the SHA-256"):
+        directory.load_stage_file(0, "support.pt")
+
+
+def test_a_failed_background_write_surfaces_at_save_stage_and_the_stage_stays_incomplete(directory, monkeypatch):
+    write = run_dir.write_atomic
+
+    def full_disk(data, path):
+        if path.name == "support.pt":
+            raise OSError(28, "No space left on device")
+        write(data, path)
+    monkeypatch.setattr(run_dir, "write_atomic", full_disk)
+    directory.save_stage_file_in_background(0, "support.pt", {"w": torch.ones(3)})
+    with pytest.raises(OSError, match="No space left"):
+        directory.save_stage(0, {"model.pt": {"v": torch.zeros(3)}}, record())
+    assert not (directory.stage_dir(0) / "stage.json").exists()
+
+
+def test_a_non_finite_stage_file_is_refused_at_the_call_naming_it(directory):
+    with pytest.raises(FloatingPointError, match=r"support\.pt.*non-finite"):
+        directory.save_stage_file_in_background(0, "support.pt", {"w": torch.tensor([1.0, float("nan")])})
+    assert not (directory.stage_dir(0) / "support.pt").exists()
+
+
+def test_background_writes_land_in_the_order_queued(directory, monkeypatch):
+    landed = []
+    write = run_dir.write_atomic
+
+    def logged(data, path):
+        write(data, path)
+        landed.append(path.name)
+    monkeypatch.setattr(run_dir, "write_atomic", logged)
+    directory.save_in_background({"epoch": 1, "models": {"w": torch.randn(1000, 1000)}})  # the larger, first
+    directory.save_stage_file_in_background(0, "support.pt", {"w": torch.ones(3)})
+    directory.save_stage_file_in_background(0, "extra.pt", {"w": torch.ones(3)})
+    directory.wait()
+    assert landed == ["in_progress.pt", "support.pt", "extra.pt"]
