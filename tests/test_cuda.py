@@ -149,3 +149,23 @@ def test_gallery_report_and_chained_learned_maps_on_cuda(tmp_path):
         assert g["reembedded"]["all"]["1"] == pytest.approx(s["all"]["1"], abs=1 / 300)
         assert all(0 <= g[n]["all"]["1"] <= 1 for n in GALLERIES)
     assert np.isfinite(summary["stages"][-1]["all"]["1"])
+
+
+def test_perf_e2e_and_perf_checkpoint_run_on_cuda(tmp_path):
+    """The CUDA paths of the two benchmarks: the stage's own steps timed by CUDA events (no sync added),
+    workers forked at the run's start with pinned memory, the checkpoint snapshot copied off the GPU."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).parents[1] / "benchmarks"
+    subprocess.run([sys.executable, str(bench / "perf_e2e.py"), "--quick", "--device", "cuda", "--rounds", "3",
+                    "--out", str(tmp_path / "e.json")], check=True, capture_output=True, timeout=600)
+    res = json.loads((tmp_path / "e.json").read_text())
+    for r in res["rounds"]:
+        assert 0 < r["first_step_in_stage_s"] <= r["steps_in_stage_s"] < r["phases_s"]["train"]
+    subprocess.run([sys.executable, str(bench / "perf_checkpoint.py"), "--quick", "--device", "cuda",
+                    "--out", str(tmp_path / "c.json")], check=True, capture_output=True, timeout=600)
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert res["device"] == "cuda" and 2.9 < res["mid_stage"]["bytes"] / res["last_epoch"]["bytes"] < 3.1
