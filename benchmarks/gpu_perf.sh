@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The speed figures of a GPU machine, in one go (CI has none): perf_step (+ host-sync audit), perf_losses
 # (the Gram losses stacked vs called, at the GPU step's batch), perf_eval
-# (torch-GPU kNN at DeepFashion2's size, tie-heavy case), perf_checkpoint (epoch checkpoints at ResNet-50 size), perf_e2e (one `ours` stage at CUB size).
+# (torch-GPU kNN at DeepFashion2's size, tie-heavy case), perf_checkpoint (epoch checkpoints at ResNet-50 size),
+# perf_extract (an embedding pass: small worker tasks vs one model batch per task), perf_e2e (one `ours` stage at CUB size).
 # Logs and JSON go to ${OUT:-gpu_results}.     bash benchmarks/gpu_perf.sh
 set -uo pipefail
 OUT=${OUT:-gpu_results}
@@ -17,5 +18,7 @@ python3 benchmarks/perf_eval.py --sizes 20000 --dim 128 --variants torch@1248 --
     --out "$OUT/perf_eval_ties.json" 2>&1 | tee "$OUT/perf_eval_ties.log" | grep "ratio\|  "
 python3 benchmarks/perf_checkpoint.py --model resnet50 --device cuda --out "$OUT/perf_checkpoint_resnet50.json" 2>&1 \
     | tee "$OUT/perf_checkpoint_resnet50.log"
+python3 benchmarks/perf_extract.py --workers 14 --device cuda --model resnet50 --out "$OUT/perf_extract_resnet50.json" 2>&1 \
+    | tee "$OUT/perf_extract_resnet50.log"
 python3 benchmarks/perf_e2e.py --device cuda --model resnet50 --num-workers 14 --root "$CUB" --rounds 3 \
     --out "$OUT/perf_e2e_resnet50.json" 2>&1 | tee "$OUT/perf_e2e_resnet50.log" | tail -9

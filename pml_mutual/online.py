@@ -274,8 +274,11 @@ class OnlineLearner:
         self.stage_logs: list[dict] = []
         self._student: torch.nn.Module | None = None  # F_i of the stage being run, until the next one starts
         self._teacher: torch.nn.Module | None = None  # F_{i-1} as training held it, until drift measurement
+        cuda = self.device.type == "cuda"
+        # on a GPU, drift and evaluation wait on decoding: finer worker tasks keep every worker busy to the
+        # end of a pass (the model still embeds eval_batch_size at a time; see EmbeddingLoader)
         self.loaders = LoaderPool(self.config.batch_size, self.config.eval_batch_size, self.config.num_workers,
-                                  pin_memory=self.device.type == "cuda")
+                                  pin_memory=cuda, embed_tasks_per_worker=4 if cuda else None)
         self.loaders.share_embedding(list(self.prototype_stages) + [test_dataset])  # one set of workers for both
 
     @classmethod
@@ -533,9 +536,10 @@ class OnlineLearner:
         if indices is None:
             indices = np.arange(len(loader.dataset))
         if not distributed.is_active():
-            return extract_embeddings(model, loader(indices), device=self.device, amp=cfg.amp)
+            return extract_embeddings(model, loader(indices), cfg.eval_batch_size, device=self.device, amp=cfg.amp)
         n = len(indices)
-        emb, labels = extract_embeddings(model, loader(np.asarray(indices)[distributed.shard(n)]), device=self.device, amp=cfg.amp)
+        emb, labels = extract_embeddings(model, loader(np.asarray(indices)[distributed.shard(n)]), cfg.eval_batch_size,
+                                         device=self.device, amp=cfg.amp)
         comm = self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL moves CUDA tensors only
         gather = lambda x: distributed.gather_rows(x.to(comm), n).cpu()  # noqa: E731
         emb = gather(emb) if torch.is_tensor(emb) else [gather(e) for e in emb]

@@ -141,6 +141,16 @@ def test_perf_checkpoint_quick(tmp_path):
     assert res["ratio_last_over_mid"]["bytes"] == pytest.approx(res["last_epoch"]["bytes"] / res["mid_stage"]["bytes"])
 
 
+def test_perf_extract_quick(tmp_path):
+    out = run("perf_extract.py", "--quick", "--out", str(tmp_path / "x.json"))
+    assert "ratio: tasks/whole-batch pass time" in out
+    res = json.loads((tmp_path / "x.json").read_text())
+    # the same pass cut finer: more worker tasks than model batches, the old way one task per model batch
+    assert res["tasks_per_pass"]["whole_batch"] == -(-res["images"] // res["batch"])
+    assert res["tasks_per_pass"]["tasks"] > res["tasks_per_pass"]["whole_batch"]
+    assert res["ratio_tasks_over_whole_batch"] == pytest.approx(res["tasks"]["pass_s"] / res["whole_batch"]["pass_s"])
+
+
 def test_perf_decode_quick(tmp_path):
     out = run("perf_decode.py", "--quick", "--out", str(tmp_path / "d.json"))
     assert out.count("ratio: resized/original") == 2

@@ -94,31 +94,57 @@ def train_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, pin_me
     return loader, batches
 
 
-class _Indices(Sampler):
-    def __init__(self, n: int):
-        self.indices: Sequence[int] = range(n)
+class _Tasks(Sampler):
+    """Consecutive chunks of ``indices``, ``size`` items each (the last may be shorter): one worker task each."""
+
+    def __init__(self):
+        self.indices: Sequence[int] = []
+        self.size = 1
 
     def __iter__(self):
-        return iter(self.indices)
+        for start in range(0, len(self.indices), self.size):
+            yield list(self.indices[start:start + self.size])
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return -(-len(self.indices) // self.size)
 
 
 class EmbeddingLoader:
     """A loader over ``dataset`` built once; ``loader(indices)`` iterates those items in order (all by
-    default), reusing the same worker processes every time."""
+    default), reusing the same worker processes every time.
 
-    def __init__(self, dataset: Dataset, batch_size: int = 256, num_workers: int = 0, pin_memory: bool = False):
-        self.dataset = dataset
-        self._order = _Indices(len(dataset))
+    A pass is cut into worker tasks of at most ``batch_size`` items and, when the pass is short enough,
+    about ``tasks_per_worker`` tasks per worker (never under ``min_task`` items, so small items do not pay
+    a task's overhead each): with one ``batch_size`` per task, 6,000 images on 14 workers are 32 tasks,
+    three waves of which the last keeps 4 workers busy and 10 idle (``benchmarks/perf_extract.py
+    --decode-sleep-ms 5 --workers 14 --crop 16``, a core per worker simulated: 0.75× the pass time with
+    4 tasks per worker). The model batches are joined from tasks by a copy on the model's device: cheap on
+    a GPU, a host memory copy on the CPU (where the forward, not decoding, bounds a pass); so the run
+    cuts tasks finer only on CUDA (``OnlineLearner``), and ``tasks_per_worker=None`` (the default) keeps
+    one ``batch_size`` per task. :func:`~pml_mutual.evaluation.stages.extract_embeddings` regroups the
+    tasks into model batches of ``batch_size`` again, so the model sees the same batches either way.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int = 256, num_workers: int = 0, pin_memory: bool = False,
+                 tasks_per_worker: int | None = None, min_task: int = 16):
+        self.dataset, self.batch_size = dataset, int(batch_size)
+        self.num_workers, self.tasks_per_worker, self.min_task = num_workers, tasks_per_worker, min_task
+        self._tasks = _Tasks()
         self._loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=self._order, num_workers=num_workers,
+            dataset, batch_sampler=self._tasks, num_workers=num_workers,
             persistent_workers=num_workers > 0, pin_memory=pin_memory,
         )
 
+    def task_size(self, n: int) -> int:
+        """Items per worker task for a pass over ``n`` items."""
+        if self.tasks_per_worker is None:
+            return self.batch_size
+        per_task = -(-n // (self.tasks_per_worker * max(1, self.num_workers)))
+        return max(1, min(self.batch_size, max(self.min_task, per_task)))
+
     def __call__(self, indices: Sequence[int] | None = None) -> DataLoader:
-        self._order.indices = range(len(self.dataset)) if indices is None else list(indices)
+        self._tasks.indices = range(len(self.dataset)) if indices is None else list(indices)
+        self._tasks.size = self.task_size(len(self._tasks.indices))
         return self._loader
 
 
@@ -165,9 +191,11 @@ class LoaderPool:
     :meth:`share_embedding` built for several bases.
     """
 
-    def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int = 0, pin_memory: bool = False):
+    def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int = 0, pin_memory: bool = False,
+                 embed_tasks_per_worker: int | None = None):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.embed_tasks_per_worker = embed_tasks_per_worker  # see EmbeddingLoader
         self._train: tuple | None = None  # (base, loader, batch sampler, collate_fn)
         self._embed: dict[int, tuple[Dataset, EmbeddingLoader, int]] = {}  # id(base) → (base, loader, its offset there)
 
@@ -190,15 +218,18 @@ class LoaderPool:
                 bases.append(base)
         if len(bases) < 2:
             return
-        loader = EmbeddingLoader(ConcatDataset(bases), self.eval_batch_size, self.num_workers, self.pin_memory)
+        loader = self._embedding_loader(ConcatDataset(bases))
         offsets = np.cumsum([0] + [len(b) for b in bases[:-1]])
         for base, offset in zip(bases, offsets):
             self._embed[id(base)] = (base, loader, int(offset))
 
+    def _embedding_loader(self, dataset: Dataset) -> EmbeddingLoader:
+        return EmbeddingLoader(dataset, self.eval_batch_size, self.num_workers, self.pin_memory, self.embed_tasks_per_worker)
+
     def embed(self, dataset: Dataset) -> EmbeddingView:
         base, index = base_indices(dataset)
         if id(base) not in self._embed:
-            self._embed[id(base)] = (base, EmbeddingLoader(base, self.eval_batch_size, self.num_workers, self.pin_memory), 0)
+            self._embed[id(base)] = (base, self._embedding_loader(base), 0)
         _, loader, offset = self._embed[id(base)]
         return EmbeddingView(dataset, loader, index + offset)
 

@@ -14,7 +14,7 @@ from .recall import _to_numpy, check_ks, cross_recall_at_k, recall_at_k
 def extract_embeddings(
     model: torch.nn.Module | Sequence[torch.nn.Module],
     dataset: Dataset | DataLoader,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: torch.device | str | None = None,
     amp: bool = False,
     num_workers: int = 0,
@@ -25,7 +25,10 @@ def extract_embeddings(
     them, and the first value returned is the list of their embeddings (drift measurement embeds the
     same images with the new and an old model). ``dataset`` may be a ready DataLoader (e.g. an
     :class:`~pml_mutual.data.loaders.EmbeddingLoader`'s, whose workers persist between calls);
-    ``batch_size`` and ``num_workers`` then do not apply. The models' train/eval modes are restored
+    ``num_workers`` then does not apply. The model embeds ``batch_size`` items at a time (default 256,
+    or a given loader's batches as they come): consecutive loader batches are joined on the device and
+    cut into model batches of exactly that size, so a loader with small worker tasks gives the model the
+    same batches as one loader batch per model batch. The models' train/eval modes are restored
     afterwards. ``amp`` runs the forward under autocast (bfloat16, or float16 on a GPU without
     bfloat16); the embeddings are returned in float32 either way. Batches are copied to the device
     without blocking and the embeddings gathered there: one copy back at the end.
@@ -33,7 +36,7 @@ def extract_embeddings(
     models = [model] if isinstance(model, torch.nn.Module) else list(model)
     loader = dataset
     if not isinstance(loader, DataLoader):
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        loader = DataLoader(dataset, batch_size=batch_size or 256, shuffle=False, num_workers=num_workers)
     if len(loader.dataset) == 0 or len(loader) == 0:
         raise ValueError("cannot extract embeddings of an empty dataset")
     device = torch.device(device) if device is not None else next(models[0].parameters()).device
@@ -41,13 +44,29 @@ def extract_embeddings(
     for m in models:
         m.eval()
     chunks, labels = [[] for _ in models], []
+
+    def embed(x):
+        for m, out in zip(models, chunks):
+            with torch.autocast(device.type, enabled=amp, dtype=autocast_dtype(device)):
+                out.append(m(x).float())
+
     try:
+        pending, n_pending = [], 0  # loader batches on the device, not yet embedded
         for x, y in loader:
             x = x.to(device, non_blocking=True)
-            for m, out in zip(models, chunks):
-                with torch.autocast(device.type, enabled=amp, dtype=autocast_dtype(device)):
-                    out.append(m(x).float())
             labels.append(torch.as_tensor(y))
+            if batch_size is None:
+                embed(x)
+                continue
+            pending.append(x)
+            n_pending += len(x)
+            while n_pending >= batch_size:
+                joined = pending[0] if len(pending) == 1 else torch.cat(pending)
+                embed(joined[:batch_size])
+                pending = [joined[batch_size:]] if n_pending > batch_size else []
+                n_pending -= batch_size
+        if pending:
+            embed(pending[0] if len(pending) == 1 else torch.cat(pending))
     finally:
         for m, mode in zip(models, was_training):
             m.train(mode)

@@ -113,3 +113,12 @@ def test_return_free_heap_gives_freed_heap_pages_back_to_the_system():
     return_free_heap()
     assert rss_mib() < held - 100
     del pinned
+
+
+def test_the_pool_cuts_embedding_passes_into_the_tasks_it_is_given_and_keeps_the_items():
+    base = Tagged(0, 100)
+    fine = LoaderPool(batch_size=2, eval_batch_size=32, num_workers=0, embed_tasks_per_worker=4)
+    whole = LoaderPool(batch_size=2, eval_batch_size=32, num_workers=0)
+    views = [pool.embed(Subset(base, list(range(3, 100, 2)))) for pool in (fine, whole)]
+    assert [[len(b) for b in view()] for view in views] == [[16, 16, 16, 1], [32, 17]]
+    assert fetched(views[0]) == fetched(views[1])  # same items, same order

@@ -3,6 +3,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pml_mutual.data.loaders import EmbeddingLoader
 
 from pml_mutual.evaluation import (
     accuracy_matrix,
@@ -91,3 +95,50 @@ def test_extract_embeddings_eval_mode_no_grad():
     assert torch.allclose(emb, model(ds.tensors[0]), atol=1e-6)
     emb_amp, _ = extract_embeddings(model, ds, amp=True)
     assert emb_amp.dtype == torch.float32 and torch.allclose(emb_amp, emb, atol=0.05)
+
+
+class _BatchSizes(torch.nn.Module):
+    """Records the batch sizes it embeds; its output depends on the whole batch (the batch mean), so a
+    regrouping that changed a model batch would change the embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        return self.lin(x) + x.mean(0, keepdim=True)[:, :3]
+
+
+@settings(deadline=None)
+@given(n=st.integers(1, 60), batch=st.integers(1, 20), workers=st.integers(0, 4), tasks=st.integers(1, 8),
+       min_task=st.integers(1, 8))
+def test_small_worker_tasks_are_regrouped_into_the_same_model_batches(n, batch, workers, tasks, min_task):
+    ds = torch.utils.data.TensorDataset(torch.randn(n, 4, generator=torch.Generator().manual_seed(n)), torch.arange(n))
+    # workers only sizes the tasks here: iterating in this process gives the same batches
+    loader = EmbeddingLoader(ds, batch, num_workers=0, tasks_per_worker=tasks, min_task=min_task)
+    loader.num_workers = workers
+    size = loader.task_size(n)
+    assert 1 <= size <= batch and (size == batch or size >= min(min_task, batch))
+    if n >= batch * tasks * max(1, workers):
+        assert size == batch  # long passes: whole batches
+    elif min_task < size < batch:  # sized by the workers: at least half the tasks asked for (ceil rounding)
+        wanted = tasks * max(1, workers)
+        assert -(-n // size) >= (wanted + 1) // 2
+    model = _BatchSizes()
+    emb, labels = extract_embeddings(model, loader(), batch)
+    assert model.sizes == [batch] * (n // batch) + ([n % batch] if n % batch else [])
+    reference = _BatchSizes()
+    reference.load_state_dict(model.state_dict())
+    ref, _ = extract_embeddings(reference, ds, batch)  # one loader batch per model batch
+    assert torch.equal(emb, ref) and labels.tolist() == list(range(n))
+
+
+def test_a_pass_is_cut_into_several_tasks_per_worker():
+    loader = EmbeddingLoader(torch.utils.data.TensorDataset(torch.zeros(6000, 1)), 192, tasks_per_worker=4)
+    loader.num_workers = 14  # sizes the tasks only (no worker is started here)
+    size = loader.task_size(6000)
+    assert size == 108 and -(-6000 // size) >= 4 * 14  # not 32 tasks of 192 for 14 workers
+    assert loader.task_size(100) == 16  # short passes: no task under min_task items
+    assert EmbeddingLoader(loader.dataset, 192).task_size(6000) == 192  # the default: one model batch a task
