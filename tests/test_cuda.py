@@ -151,7 +151,7 @@ def test_gallery_report_and_chained_learned_maps_on_cuda(tmp_path):
     assert np.isfinite(summary["stages"][-1]["all"]["1"])
 
 
-def test_perf_e2e_and_perf_checkpoint_run_on_cuda(tmp_path):
+def test_perf_e2e_perf_checkpoint_and_perf_extract_run_on_cuda(tmp_path):
     """The CUDA paths of the two benchmarks: the stage's own steps timed by CUDA events (no sync added),
     workers forked at the run's start with pinned memory, the checkpoint snapshot copied off the GPU."""
     import json
@@ -169,3 +169,7 @@ def test_perf_e2e_and_perf_checkpoint_run_on_cuda(tmp_path):
                     "--out", str(tmp_path / "c.json")], check=True, capture_output=True, timeout=600)
     res = json.loads((tmp_path / "c.json").read_text())
     assert res["device"] == "cuda" and 2.9 < res["mid_stage"]["bytes"] / res["last_epoch"]["bytes"] < 3.1
+    subprocess.run([sys.executable, str(bench / "perf_extract.py"), "--quick", "--device", "cuda",
+                    "--out", str(tmp_path / "x.json")], check=True, capture_output=True, timeout=600)
+    res = json.loads((tmp_path / "x.json").read_text())
+    assert res["device"] == "cuda" and res["tasks_per_pass"]["tasks"] > res["tasks_per_pass"]["whole_batch"]
