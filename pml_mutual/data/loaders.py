@@ -118,11 +118,11 @@ class EmbeddingLoader:
     a task's overhead each): with one ``batch_size`` per task, 6,000 images on 14 workers are 32 tasks,
     three waves of which the last keeps 4 workers busy and 10 idle (``benchmarks/perf_extract.py
     --decode-sleep-ms 5 --workers 14 --crop 16``, a core per worker simulated: 0.75× the pass time with
-    4 tasks per worker). The model batches are joined from tasks by a copy on the model's device: cheap on
-    a GPU, a host memory copy on the CPU (where the forward, not decoding, bounds a pass); so the run
-    cuts tasks finer only on CUDA (``OnlineLearner``), and ``tasks_per_worker=None`` (the default) keeps
-    one ``batch_size`` per task. :func:`~pml_mutual.evaluation.stages.extract_embeddings` regroups the
-    tasks into model batches of ``batch_size`` again, so the model sees the same batches either way.
+    4 tasks per worker). :func:`~pml_mutual.evaluation.stages.extract_embeddings` joins the tasks into
+    model batches of ``batch_size`` again, so the model sees the same batches either way; the join is a
+    copy on the model's device: cheap on a GPU, a host memory copy on the CPU (where the forward, not
+    decoding, bounds a pass). So a run cuts tasks finer only on CUDA (``OnlineLearner``), and
+    ``tasks_per_worker=None`` (the default) keeps one ``batch_size`` per task.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int = 256, num_workers: int = 0, pin_memory: bool = False,
