@@ -79,8 +79,13 @@ def write_atomic(data: bytes, path: Path) -> None:
 def atomic_save(obj, path: Path) -> str:
     """torch.save ``obj`` atomically (refusing non-finite tensors); returns the file's SHA-256."""
     refuse_nonfinite(obj, path)
+    return _save_checked(obj, Path(path))
+
+
+def _save_checked(obj, path: Path) -> str:
+    """:func:`atomic_save` of an ``obj`` already checked to be finite."""
     data = _bytes_of(obj)
-    write_atomic(data, Path(path))
+    write_atomic(data, path)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -198,9 +203,7 @@ class RunDirectory:
         refuse_nonfinite(snapshot, path)
 
         def write():
-            data = _bytes_of(snapshot)
-            write_atomic(data, path)
-            self._stage_sums[(stage, name)] = hashlib.sha256(data).hexdigest()
+            self._stage_sums[(stage, name)] = _save_checked(snapshot, path)
         self._in_background(write)
 
     def save_stage(self, stage: int, files: dict, record: dict) -> None:
