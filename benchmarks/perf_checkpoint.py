@@ -5,8 +5,9 @@
     python benchmarks/perf_checkpoint.py --quick               # SmallCNN, seconds (tested)
 
 The state is what ``OnlineLearner`` checkpoints after an epoch of a two-network stage (F_p and F_s, as in
-``ours``): both networks' weights and, mid-stage, both fused-Adam states after a step (two moments per
-weight). After the stage's last epoch only the networks are kept (no step follows). For each, through
+``ours``), built by the same ``pml_mutual.online.epoch_checkpoint``: both networks' weights and, mid-stage,
+both fused-Adam states after a step (two moments per weight). After the stage's last epoch only the
+networks are kept (no step follows). For each, through
 ``RunDirectory.save_in_background`` as the stage calls it: ``blocked`` = the time the training thread spends
 in the call (CPU snapshot + finiteness check), ``write`` = the time until the background thread has the
 file on disk (``wait()``), and the file's size; median of ``--repeats``.
@@ -27,7 +28,7 @@ from perf_e2e import write_result  # noqa: E402
 from perf_step import build  # noqa: E402
 
 from pml_mutual.run_dir import RunDirectory  # noqa: E402
-from pml_mutual.online import adam  # noqa: E402
+from pml_mutual.online import adam, epoch_checkpoint  # noqa: E402
 
 
 def stage_state(model_name: str, device, image_size: int) -> tuple[dict, dict]:
@@ -40,9 +41,8 @@ def stage_state(model_name: str, device, image_size: int) -> tuple[dict, dict]:
             p.grad = torch.randn_like(p) * 1e-3
         opt.step()  # Adam's moments exist from the first step on
         models[k], optimizers[f"{k}_optimizer"] = model, opt
-    last = {"stage": 1, "epoch": 2, "models": {k: m.state_dict() for k, m in models.items()}, "epoch_losses": []}
-    mid = dict(last, epoch=1, optimizers={k: o.state_dict() for k, o in optimizers.items()})
-    return mid, last
+    return (epoch_checkpoint(1, 1, models, optimizers, [], last=False),
+            epoch_checkpoint(1, 2, models, optimizers, [], last=True))
 
 
 def measure(directory: RunDirectory, state: dict, repeats: int) -> dict:

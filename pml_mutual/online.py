@@ -166,6 +166,18 @@ def adam(params, lr: float, weight_decay: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
+def epoch_checkpoint(stage: int, epoch: int, models: dict, optimizers: dict, epoch_losses: list[dict],
+                     last: bool = False) -> dict:
+    """What the stage loop checkpoints after an epoch (``in_progress.pt``): the trained networks' and the
+    optimisers' states and the loss log so far. After the stage's ``last`` epoch no step follows, so a
+    resume from it needs only the networks: Adam's two moments would triple what is copied and written."""
+    state = {"stage": stage, "epoch": epoch, "models": {k: m.state_dict() for k, m in models.items()},
+             "epoch_losses": epoch_losses}
+    if not last:
+        state["optimizers"] = {k: o.state_dict() for k, o in optimizers.items()}
+    return state
+
+
 class OnlineLearner:
     """Runs every stage of an online (class-incremental) metric-learning experiment.
 
@@ -396,16 +408,8 @@ class OnlineLearner:
 
         def epoch_end(trainer):
             epoch_losses.append(dict(trainer.epoch_losses, epoch=trainer.epoch))
-            state = {
-                "stage": stage,
-                "epoch": trainer.epoch,
-                "models": {k: models[k].state_dict() for k in trained},
-                "epoch_losses": epoch_losses,
-            }
-            # after the stage's last epoch no step follows, so resuming from it needs only the networks:
-            # Adam's two moments would triple what is copied and written (the models alone: a third)
-            if trainer.epoch < epochs:
-                state["optimizers"] = {k: o.state_dict() for k, o in optimizers.items()}
+            state = epoch_checkpoint(stage, trainer.epoch, {k: models[k] for k in trained}, optimizers, epoch_losses,
+                                     last=trainer.epoch == epochs)
             # written by a background thread from a CPU snapshot: the next epoch does not wait for the disk
             self.directory.save_in_background(state)
 
