@@ -1,6 +1,7 @@
 import multiprocessing
 import os
 import platform
+import subprocess
 import sys
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, Subset
 
-from pml_mutual.data.loaders import LoaderPool, return_free_heap
+from pml_mutual.data.loaders import LoaderPool
 
 
 class Tagged(Dataset):
@@ -103,16 +104,22 @@ def test_start_workers_without_workers_starts_nothing():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
 def test_return_free_heap_gives_freed_heap_pages_back_to_the_system():
-    def rss_mib():
-        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    chunks = [torch.ones(16 * 1024) for _ in range(3200)]  # 200 MiB in 64 KiB blocks: heap, not mmap
-    pinned = torch.ones(16)  # allocated after them, so free() alone cannot shrink the heap past it
-    del chunks
-    held = rss_mib()
-    return_free_heap()
-    assert rss_mib() < held - 100
-    del pinned
+    # in a process of its own: what a test suite's earlier tests left in this process's heap (free chunks
+    # that the blocks below would reuse) is not this function's business
+    script = """
+import os, torch
+from pml_mutual.data.loaders import return_free_heap
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+chunks = [torch.ones(16 * 1024) for _ in range(3200)]  # 200 MiB in 64 KiB blocks: heap, not mmap
+pinned = torch.ones(16)  # allocated after them, so free() alone cannot shrink the heap past it
+del chunks
+held = rss()
+return_free_heap()
+print(held, rss())
+"""
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=120)
+    held, after = map(float, out.stdout.split())
+    assert after < held - 100
 
 
 def test_the_pool_cuts_embedding_passes_into_the_tasks_it_is_given_and_keeps_the_items():
