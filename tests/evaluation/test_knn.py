@@ -63,11 +63,49 @@ def test_a_collapsed_model_keeps_the_lower_index_rule_in_small_chunks():
 
 
 def test_tie_resolution_memory_follows_the_chunk_not_n_squared():
-    # The automatic chunk keeps chunk × N × (bytes per score) inside the budget, whatever N.
+    # On the CPU the automatic chunk is scored in column blocks: chunk × block × (bytes per score) stays
+    # inside the budget whatever N; a device scoring whole rows gets a chunk that fits chunk × N in it.
+    cpu = torch.device("cpu")
     for n in (1_000, 88_000, 1_000_000):
-        rows = knn.auto_chunk_rows(n, torch.device("cpu"))
-        assert rows >= 1
-        assert rows == 1 or rows * n * knn._BYTES_PER_SCORE <= knn._CPU_BUDGET
+        rows, block = knn.auto_chunk_rows(n, cpu), knn.column_block(cpu)
+        assert 1 <= rows <= n and block is not None
+        assert rows * min(n, block) * knn._BYTES_PER_SCORE <= knn._CPU_BUDGET
+    assert knn.column_block(torch.device("cuda")) is None
+
+
+@given(st.integers(2, 60), st.integers(4, 9), st.integers(1, 12), st.integers(1, 70), st.integers(1, 60),
+       st.integers(0, 2**31 - 1))
+def test_the_kernel_in_column_blocks_returns_the_stable_sort_neighbours(n, dim, k, block, rows, seed):
+    """Blocks of any width (one column to more than N), query chunks of any size: each block's top
+    k + 1 merged, and a tie continuing past k settled by scanning recomputed blocks, give the stable sort."""
+    rng = np.random.default_rng(seed)
+    emb = exact_data(rng, n, dim)
+    if n > 4:
+        emb[: n // 2] = emb[0]  # a collapsed half: ties wider than any small block
+    k = min(k, n - 1)
+    want = stable_sort_reference(emb, k)
+    x = torch.from_numpy(emb)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        got = knn.exact_topk(x[start:stop], x, torch.arange(start, stop), k, column_block=block)
+        np.testing.assert_array_equal(got.numpy(), want[start:stop], err_msg=f"block {block}, rows {start}:{stop}")
+
+
+def test_blocked_tie_scan_leaves_rows_once_settled_and_scans_the_rest_in_blocks():
+    """N beyond the tie scan's first 1,024 columns, blocks of 300: rows settled on the first columns
+    (a collapsed majority) and rows whose tied items lie only in later blocks (a duplicate group at the end)."""
+    rng = np.random.default_rng(1)
+    n, k = 2600, 8
+    emb = exact_data(rng, n, 8)
+    emb[:1500] = emb[0]
+    emb[-20:] = emb[-1]
+    emb[1200:1203] = emb[-1]  # three members between the first columns and the end
+    want = stable_sort_reference(emb, k)
+    x = torch.from_numpy(emb)
+    for rows in (slice(0, 40), slice(1190, 1210), slice(n - 25, n)):
+        idx = torch.arange(n)[rows]
+        got = knn.exact_topk(x[idx], x, idx, k, column_block=300)
+        np.testing.assert_array_equal(got.numpy(), want[rows])
 
 
 def test_backend_choice_and_errors():
