@@ -217,8 +217,8 @@ class IncrementalTrainer(MetricLossOnly):
         """PML's loop, with each epoch's batches drawn afresh after ``epoch_start_hook`` so every epoch
         depends only on the seed and the weights it starts from: that is what makes resume exact.
 
-        Loss terms stay on the device: their sums and a record of the first iteration at which each
-        term was not finite are read once per epoch (on CPU, where reading is free, after every step),
+        Loss terms stay on the device (a :class:`LossLog`): their sums and a record of the first iteration
+        at which each term was not finite are read once per epoch (on CPU, where reading is free, after every step),
         and a non-finite term raises :class:`NonFiniteLossError` before ``end_of_epoch_hook`` can
         checkpoint anything.
         """
@@ -227,23 +227,18 @@ class IncrementalTrainer(MetricLossOnly):
                 self.epoch_start_hook(self)
             self.initialize_dataloader()
             self.set_to_train()
-            sums, first_bad = {}, {}
+            log = LossLog()
             pbar = tqdm.tqdm(range(self.iterations_per_epoch), disable=self.quiet, leave=False, desc=f"epoch {self.epoch}")
             for self.iteration in pbar:
                 self.forward_and_backward()
-                for k, v in self.losses.items():  # detached device tensors: no host sync per step
-                    if torch.is_tensor(v):
-                        v = v.detach()
-                        bad = ~torch.isfinite(v)
-                        first_bad[k] = torch.where(bad & (first_bad.get(k, -1) < 0), self.iteration, first_bad.get(k, -1))
-                    sums[k] = sums.get(k, 0.0) + v
+                log.add(self.losses, self.iteration)
                 if self.device_type == "cpu":
-                    self.raise_if_not_finite(first_bad)
+                    self.raise_if_not_finite(log)
                 self.end_of_iteration_hook(self)
                 self.step_lr_schedulers(end_of_epoch=False)
-            self.raise_if_not_finite(first_bad)
+            self.raise_if_not_finite(log)
             self.step_lr_schedulers(end_of_epoch=True)
-            self.epoch_losses = {k: float(v) / max(1, self.iterations_per_epoch) for k, v in sums.items()}
+            self.epoch_losses = {k: v / max(1, self.iterations_per_epoch) for k, v in log.sums().items()}
             if not self.quiet:
                 pbar.write(f"epoch {self.epoch}: total_loss={self.epoch_losses.get('total_loss', 0.0):.4f}")
             LOGGER.info("epoch %d: %s", self.epoch, " ".join(f"{k}={v:.5f}" for k, v in self.epoch_losses.items()))
@@ -259,13 +254,9 @@ class IncrementalTrainer(MetricLossOnly):
         self.dataloader_iter = None
         self.dataloader = None
 
-    def raise_if_not_finite(self, first_bad: dict) -> None:
+    def raise_if_not_finite(self, log: "LossLog") -> None:
         """Raise naming the epoch, the first iteration and the loss terms that were NaN or inf."""
-        if not first_bad:
-            return
-        names = list(first_bad)
-        at = torch.stack([torch.as_tensor(first_bad[k]).reshape(()).cpu() for k in names]).tolist()  # one read
-        bad = {k: i for k, i in zip(names, at) if i >= 0}
+        bad = {k: i for k, i in log.first_not_finite().items() if i >= 0}
         if bad:
             it = min(bad.values())
             terms = ", ".join(k for k, i in bad.items() if i == it)
@@ -273,6 +264,51 @@ class IncrementalTrainer(MetricLossOnly):
                 f"{self.context}epoch {self.epoch}, iteration {it + 1}: non-finite loss ({terms}); "
                 "training stopped before anything was checkpointed"
             )
+
+
+class LossLog:
+    """An epoch's loss terms, kept on their device: per term, the sum and the first iteration at which it
+    was not finite. The tensor terms of a step are stacked into one vector, so a step adds a fixed
+    handful of ops (kernel launches on a GPU) however many terms there are, and nothing is read back
+    until :meth:`sums` or :meth:`first_not_finite` (one read each). Sums accumulate in the terms' own
+    order and float32, as adding each term to its own sum would."""
+
+    def __init__(self):
+        self._groups: dict[tuple[str, ...], list] = {}  # names of a step's tensor terms → [sums, first bad]
+        self._plain: dict[str, float] = {}  # terms that were not tensors (PML's 0 before a term is computed)
+
+    def add(self, losses: dict, iteration: int) -> None:
+        names = tuple(k for k, v in losses.items() if torch.is_tensor(v))
+        for k, v in losses.items():
+            if not torch.is_tensor(v):
+                self._plain[k] = self._plain.get(k, 0.0) + float(v)
+        if not names:
+            return
+        values = torch.stack([losses[k].detach().reshape(()).float() for k in names])
+        # x − x is 0 for finite x and NaN for NaN and ±inf: 2 ops, where torch.isfinite dispatches 4
+        bad = (values - values) != 0
+        group = self._groups.get(names)
+        if group is None:
+            self._groups[names] = [values, torch.where(bad, iteration, -1)]
+            return
+        sums, first_bad = group
+        group[0] = sums + values
+        group[1] = torch.where(bad & (first_bad < 0), iteration, first_bad)
+
+    def sums(self) -> dict[str, float]:
+        out = dict(self._plain)
+        for names, (sums, _) in self._groups.items():
+            for k, v in zip(names, sums.tolist()):  # one read per group of terms (one group in practice)
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def first_not_finite(self) -> dict[str, int]:
+        """Term → the first iteration at which it was NaN or inf, or −1."""
+        out: dict[str, int] = {}
+        for names, (_, first) in self._groups.items():
+            for k, i in zip(names, first.tolist()):
+                out[k] = i if out.get(k, -1) < 0 else (min(out[k], i) if i >= 0 else out[k])
+        return out
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -1,6 +1,8 @@
 import copy
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 import torch
 from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.samplers import MPerClassSampler
@@ -181,3 +183,54 @@ def test_the_stage_default_step_reads_nothing_back_but_the_cpu_only_value_checks
         trainer.loss_funcs[name] = losses.TripletMarginLoss(margin=0.1)
     trainer.mining_funcs["tuple_miner"] = miners.BatchHardMiner()
     assert {where for _, where in host_reads(trainer.forward_and_backward)} - {"checks.py"}
+
+
+@given(st.integers(1, 7), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_loss_log_sums_and_first_non_finite_iteration_per_term(n_terms, steps, seed):
+    """LossLog against the plain per-term bookkeeping: sums equal to float32 addition in step order
+    (bit for bit: the same additions), and for each term the first step at which it was NaN or inf."""
+    from pml_mutual.trainers.incremental_trainer import LossLog
+
+    g = torch.Generator().manual_seed(seed)
+    names = [f"term_{i}" for i in range(n_terms)]
+    log, sums, first = LossLog(), {}, {k: -1 for k in names}
+    for it in range(steps):
+        losses = {"plain": 0}  # PML's placeholder before a term is computed: summed as a number
+        for k in names:
+            v = torch.randn((), generator=g) * 10
+            u = float(torch.rand((), generator=g))
+            if u < 0.1:
+                v = torch.tensor(float("nan"))
+            elif u < 0.15:
+                v = torch.tensor(float("-inf"))
+            losses[k] = v.requires_grad_()
+            sums[k] = sums.get(k, 0.0) + v.detach()
+            if not torch.isfinite(v) and first[k] < 0:
+                first[k] = it
+        log.add(losses, it)
+    got = log.sums()
+    assert got["plain"] == 0.0
+    for k in names:
+        want = float(sums[k])
+        assert got[k] == want or (want != want and got[k] != got[k])  # NaN sums stay NaN
+    assert log.first_not_finite() == first
+
+
+def test_loss_log_ops_per_step_do_not_grow_with_the_number_of_terms():
+    """Each op is a kernel launch on a GPU: per step, the log stacks the terms once (counted through
+    torch's dispatcher on the CPU), where keeping each term's sum and first bad step took 10 ops a term."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from dispatched_ops import computing_ops
+
+    from pml_mutual.trainers.incremental_trainer import LossLog
+
+    def ops(n_terms):
+        log = LossLog()
+        losses = {f"t{i}": torch.rand(()) for i in range(n_terms)}
+        log.add(losses, 0)
+        return sum(computing_ops(lambda: log.add(losses, 1)).values())
+
+    assert ops(8) == ops(2) <= 8
