@@ -307,7 +307,10 @@ class LossLog:
         out: dict[str, int] = {}
         for names, (_, first) in self._groups.items():
             for k, i in zip(names, first.tolist()):
-                out[k] = i if out.get(k, -1) < 0 else (min(out[k], i) if i >= 0 else out[k])
+                if i >= 0 and (out.get(k, -1) < 0 or i < out[k]):
+                    out[k] = i
+                else:
+                    out.setdefault(k, -1)
         return out
 
 
