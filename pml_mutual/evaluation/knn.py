@@ -178,6 +178,7 @@ def _lowest_tied(scores: _ScoreBlocks, rows: torch.Tensor, kth: torch.Tensor, k:
     n = scores.n
     first = min(n if n <= 2 * first else first, scores.block)  # a block of columns at most: it fits the buffer
     best = torch.full((len(rows), k), float("-inf"), device=kth.device)  # −index of the tied items found
+    minus_inf = torch.full((), float("-inf"), device=kth.device)  # made on the device: no host copy per block
     found = torch.zeros(len(rows), dtype=torch.int64, device=kth.device)
     active = torch.arange(len(rows), device=kth.device)
     start, stop = 0, first
@@ -185,7 +186,7 @@ def _lowest_tied(scores: _ScoreBlocks, rows: torch.Tensor, kth: torch.Tensor, k:
         cols = scores.compute(start, stop, rows[active])
         tied = cols == kth[active]
         neg_index = -torch.arange(start, stop, device=cols.device, dtype=torch.float32)
-        cand = torch.where(tied, neg_index, cols.new_tensor(float("-inf")), out=cols).topk(min(k, stop - start), dim=1).values
+        cand = torch.where(tied, neg_index, minus_inf, out=cols).topk(min(k, stop - start), dim=1).values
         best[active] = torch.cat([best[active], cand], 1).topk(k, dim=1).values
         found[active] += tied.sum(1)
         if stop == n:
@@ -216,15 +217,19 @@ def _on_device(emb: np.ndarray, device: torch.device, normalize: bool) -> torch.
     return x
 
 
-def _chunked_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int | None) -> np.ndarray:
-    """:func:`exact_topk` of every query row i against ``gallery`` without its row i, in chunks."""
-    n, device = queries.shape[0], queries.device
-    chunk = chunk_size or auto_chunk_rows(n, device)
+def _chunked_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int | None,
+                  rows: torch.Tensor | None = None) -> np.ndarray:
+    """:func:`exact_topk` of each query row i of ``rows`` (all by default) against ``gallery`` without
+    its row i, in chunks (sized by :func:`auto_chunk_rows`, scored in the device's :func:`column_block`)."""
+    device = queries.device
+    n = queries.shape[0] if rows is None else len(rows)
+    chunk = chunk_size or auto_chunk_rows(gallery.shape[0], device)
     out = torch.empty((n, k), dtype=torch.int64, device=device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        out[start:stop] = exact_topk(queries[start:stop], gallery, torch.arange(start, stop, device=device), k,
-                                     column_block(device))
+        own = torch.arange(start, stop, device=device) if rows is None else rows[start:stop]
+        q = queries[start:stop] if rows is None else queries[own]
+        out[start:stop] = exact_topk(q, gallery, own, k, column_block(device))
     return out.cpu().numpy()
 
 
@@ -275,15 +280,10 @@ def faiss_neighbours(emb: np.ndarray, k: int, chunk_size: int | None = None, use
 
 
 def _exact_rows(emb: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """The torch kernel on CPU for ``rows``, in groups that fit the working-memory budget."""
-    gallery = torch.from_numpy(emb)
-    # FAISS's own search works in small blocks: the exact kernel that stands in for it does too
-    group = CPU_CHUNK_ROWS
-    out = np.empty((len(rows), k), dtype=np.int64)
-    for g in range(0, len(rows), group):
-        r = rows[g : g + group]
-        out[g : g + group] = exact_topk(gallery[r], gallery, torch.from_numpy(r), k, CPU_COLUMN_BLOCK).numpy()
-    return out
+    """The torch kernel on the CPU for ``rows`` of ``emb`` against all of it (FAISS's stand-in: small
+    blocks, as FAISS's own search)."""
+    x = torch.from_numpy(emb)
+    return _chunked_topk(x, x, k, None, torch.from_numpy(np.asarray(rows, dtype=np.int64)))
 
 
 def _faiss_chunk(index, emb: np.ndarray, start: int, stop: int, k: int) -> np.ndarray:

@@ -79,8 +79,9 @@ def nearest_neighbours(
     ``backend``: ``"auto"`` (FAISS GPU, else torch on CUDA, else FAISS CPU), ``"faiss"`` or ``"torch"``
     (``device`` picks the torch device; default CUDA when present). Queries go in chunks
     (``chunk_size`` rows; None sizes them from free memory), so memory is O(chunk·N + N·k) (on the CPU,
-    in column blocks: O(chunk·2,048 + N·k)): never an N×N matrix, also when every row ties. ``normalize``: refuse NaN/inf and scale rows to unit norm
-    first, where the search runs (on the torch device, not on the host first).
+    in column blocks: O(chunk·2,048 + N·k)): never an N×N matrix, also when every row ties.
+    ``normalize``: refuse NaN/inf and scale rows to unit norm first, where the search runs (on the torch
+    device, not on the host first).
     """
     k = int(k)
     if k < 1:

@@ -254,7 +254,7 @@ class IncrementalTrainer(MetricLossOnly):
         self.dataloader_iter = None
         self.dataloader = None
 
-    def raise_if_not_finite(self, log: "LossLog") -> None:
+    def raise_if_not_finite(self, log: LossLog) -> None:
         """Raise naming the epoch, the first iteration and the loss terms that were NaN or inf."""
         bad = {k: i for k, i in log.first_not_finite().items() if i >= 0}
         if bad:
