@@ -10,6 +10,12 @@ RandomResizedCrop 224 → flip) and with the test transform (Resize 256 → Cent
 evaluation), ``--workers`` workers. Printed: each rate and ``ratio: resized/original``. On a GPU machine
 drift and evaluation were bound by this decoding (README, "Performance"); compare the rates with the
 model's images/s there.
+
+Decoding on the device (``OnlineConfig(embed_decode="device")``, needs torchvision): the embedding pass's
+input, workers reading files and torchvision decoding on ``--device`` (nvJPEG on CUDA), against the same
+pass decoded by the workers, both up to the batch on the device: ``ratio: device/workers embedding
+decode``. On the CPU the device decoder is one process against ``--workers``; the comparison that
+matters is on a GPU.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from perf_e2e import loader_images_per_second, write_result  # noqa: E402
+import torch  # noqa: E402
+from perf_e2e import embed_images_per_second, loader_images_per_second, write_result  # noqa: E402
 
 from pml_mutual.data import ImageListDataset, ProtocolTransform, load_cub  # noqa: E402
 from pml_mutual.data.fixtures import write_cub_fixture  # noqa: E402
@@ -37,6 +44,8 @@ def main(argv=None):
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the device-decoding pass decodes (and where both embedding passes deliver)")
     p.add_argument("--quick", action="store_true", help="4 classes × 8 images, batch 8, 2 workers")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_decode.json")
     args = p.parse_args(argv)
@@ -56,7 +65,19 @@ def main(argv=None):
         for transform in ("train", "test"):
             dataset = ImageListDataset(items, ProtocolTransform(transform == "train", "imagenet", args.crop))
             rates[f"{transform}_{name}"] = loader_images_per_second(dataset, args.batch, args.workers, n_batches, False)
+    device = torch.device(args.device)
+    test = ImageListDataset(load_cub(original, split="official")[0], ProtocolTransform(False, "imagenet", args.crop))
+    embed = {"workers": embed_images_per_second(test, args.batch, args.workers, device, "workers")}
+    try:
+        from pml_mutual.data.device_decode import require_torchvision_decoder
+
+        require_torchvision_decoder()
+        embed["device"] = embed_images_per_second(test, args.batch, args.workers, device, "device")
+    except ImportError as e:
+        print(f"device decoding not measured: {e}")
     result = {"images": f"{args.image_width}x{args.image_height}", "workers": args.workers, "batch": args.batch,
+              "device": str(device), "embed_images_per_s": embed,
+              "ratio_device_over_workers_embedding": embed["device"] / embed["workers"] if "device" in embed else None,
               "copy_seconds": copy_seconds, "images_per_s": rates,
               "ratio_resized_over_original": {t: rates[f"{t}_resized"] / rates[f"{t}_original"] for t in ("train", "test")}}
     for t in ("train", "test"):
@@ -65,6 +86,10 @@ def main(argv=None):
     print(f"copy written in {copy_seconds:.1f}s ({args.classes * args.images_per_class} images)")
     for t, r in result["ratio_resized_over_original"].items():
         print(f"ratio: resized/original {t} {r:.2f}")
+    print(f"embedding pass input on {device}: decoded by {args.workers} workers {embed['workers']:.0f} images/s"
+          + (f", decoded on the device {embed['device']:.0f} images/s" if "device" in embed else ""))
+    if "device" in embed:
+        print(f"ratio: device/workers embedding decode {result['ratio_device_over_workers_embedding']:.2f}")
     write_result(args.out, result)
     tmp.cleanup()
     return result

@@ -71,6 +71,28 @@ def loader_images_per_second(dataset, batch, workers, n_batches, pin):
     return got / max(time.perf_counter() - t0, 1e-9)
 
 
+def embed_images_per_second(dataset, batch, workers, device, decode="workers"):
+    """Images/s of an embedding pass's input as the run makes it (test transform, the run's loader
+    settings), up to the batch on ``device``: decoded by the workers, or read by them and decoded on
+    ``device`` (``decode="device"``). No model: what the loader side of drift and evaluation delivers."""
+    from pml_mutual.data.loaders import LoaderPool
+
+    cuda = device.type == "cuda"
+    pool = LoaderPool(batch, batch, workers, pin_memory=cuda, embed_tasks_per_worker=4 if cuda else None,
+                      decode_on_device=decode == "device")
+    try:
+        view = pool.embed(dataset)
+        iter(view([]))  # workers started: their start-up is not decoding throughput
+        t0, got = time.perf_counter(), 0
+        for x, _ in view():
+            got += len(x.to(device, non_blocking=True))
+        if cuda:
+            torch.cuda.synchronize(device)
+        return got / max(time.perf_counter() - t0, 1e-9)
+    finally:
+        pool.close()
+
+
 def in_stage_steps(step, device, times: list):
     """``step`` wrapped to record each call's span: host time on the CPU; on a GPU a pair of CUDA events
     per step, read after the stage (no host sync inside the stage's steps)."""
@@ -119,6 +141,8 @@ def main(argv=None):
     p.add_argument("--num-workers", type=int, default=14)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on for cuda")
+    p.add_argument("--embed-decode", choices=("workers", "device"), default="workers",
+                   help="where drift and evaluation decode JPEGs (OnlineConfig.embed_decode; device needs torchvision)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats of the pure step (default 20; --quick: 3)")
     p.add_argument("--rounds", type=int, default=1,
                    help="stages end to end, each followed by its pure measurements; the round with the median ratio "
@@ -159,7 +183,7 @@ def main(argv=None):
     protos = ImageListDataset(train_items, ProtocolTransform(False, space, args.crop))
     config = OnlineConfig(method=args.method, epochs=1, iterations_per_epoch=args.iterations, batch_size=batch,
                           m_per_class=args.m, device=str(device), amp=amp, num_workers=args.num_workers,
-                          eval_batch_size=4 * batch, drift_mode="direct")
+                          eval_batch_size=4 * batch, drift_mode="direct", embed_decode=args.embed_decode)
     # once per process, not per stage: torch imports its compiler stack at the first optimizer (~1.4 s on CPU)
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     torch.manual_seed(0)
@@ -240,15 +264,19 @@ def main(argv=None):
     res = sorted(rounds, key=lambda d: d["e2e_over_compute"])[(len(rounds) - 1) // 2]
     phases, step, extraction, compute, e2e = (res[k] for k in ("phases_s", "step_s", "extraction_s", "compute_s", "e2e_s"))
 
-    # 3. the loader alone against the model
+    # 3. the loaders alone against the model: training batches, and the input of drift and evaluation
     loader_ips = loader_images_per_second(train, batch, args.num_workers, min(args.iterations, 30), device.type == "cuda")
     model_ips = batch / step
     bound = "decoding (loader)" if loader_ips < model_ips else "the GPU/CPU step"
+    embed_ips = embed_images_per_second(test, 4 * batch, args.num_workers, device, args.embed_decode)
+    model_embed_ips = n_embed / extraction
+    embed_bound = "decoding" if embed_ips < model_embed_ips else "the model's forward"
 
     result = {
         "device": str(device), "model": args.model, "method": args.method, "iterations": args.iterations,
         "batch": batch, "num_workers": args.num_workers, "amp": amp, "images": f"{args.image_width}x{args.image_height}",
         **res, "rounds": rounds, "loader_images_per_s": loader_ips, "model_images_per_s": model_ips,
+        "embed_decode": args.embed_decode, "embed_loader_images_per_s": embed_ips, "model_embed_images_per_s": model_embed_ips,
     }
     outside = phases["train"] - res["steps_in_stage_s"]
     print(f"e2e stage: {e2e:.2f}s  (train {phases['train']:.2f}s, drift {phases['drift']:.2f}s, "
@@ -260,6 +288,8 @@ def main(argv=None):
           f"outside them {outside:+.2f}s), drift+eval {phases['drift'] + phases['eval'] - extraction:+.2f}s beyond "
           f"their forwards, save {phases['save']:.2f}s")
     print(f"loader: {loader_ips:.0f} images/s with {args.num_workers} workers; model step: {model_ips:.0f} images/s → bound by {bound}")
+    print(f"embedding input (decoded by the {args.embed_decode}): {embed_ips:.0f} images/s; model forward: "
+          f"{model_embed_ips:.0f} images/s → drift and evaluation bound by {embed_bound}")
     print(f"e2e over the stage's own steps + extraction: {res['e2e_over_steps_in_stage']:.3f}")
     ratios = " ".join(f"{d['e2e_over_compute']:.2f}" for d in rounds)
     print(f"e2e_over_compute: {res['e2e_over_compute']:.2f}" + (f"  (rounds: {ratios})" if len(rounds) > 1 else ""))

@@ -27,6 +27,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from . import distributed, identity
 from .checks import nonfinite_tensors
+from .data.device_decode import decodable_on_device, require_torchvision_decoder
 from .data.images import ImageItems
 from .data.loaders import EmbeddingView, LoaderPool, base_indices
 from .data.stages import check_stages, dataset_labels, split_by_stage
@@ -39,6 +40,7 @@ from .run_dir import RunDirectory, RunDirectoryError, save_json
 from .trainers import IncrementalTrainer
 
 LOGGER = logging.getLogger("pml_mutual")
+EMBED_DECODES = ("workers", "device")  # where embedding passes decode JPEGs (OnlineConfig.embed_decode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +116,11 @@ class OnlineConfig:
     # learned maps, re-embedded. Costs direct-mode drift measurement (every earlier checkpoint embeds the
     # stage's images once) for every method, and the test set's embeddings once in the checkpoints.
     gallery_report: bool = False
+    # Where embedding passes (drift measurement, evaluation) decode JPEGs: "workers" (Pillow in the
+    # DataLoader workers, as training does) or "device" (the workers read files, torchvision decodes the
+    # batch on the run's device, nvJPEG on CUDA, and resizes it there: pml_mutual.data.device_decode).
+    # "device" changes pixels by a few levels, so it is part of the run's identity.
+    embed_decode: str = "workers"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -125,6 +132,8 @@ class OnlineConfig:
         if self.freeze_batchnorm not in (True, False, "inherited"):
             raise ValueError(f"freeze_batchnorm must be True, False or 'inherited', got {self.freeze_batchnorm!r}")
         distributed.check_gram_scope(self.gram_scope)
+        if self.embed_decode not in EMBED_DECODES:
+            raise ValueError(f"embed_decode must be one of {EMBED_DECODES}, got {self.embed_decode!r}")
         if self.support_init not in ("fresh", "teacher"):
             raise ValueError(f"support_init must be 'fresh' or 'teacher', got {self.support_init!r}")
         for name in ("epochs", "iterations_per_epoch", "batch_size", "m_per_class", "eval_batch_size"):
@@ -289,8 +298,12 @@ class OnlineLearner:
         cuda = self.device.type == "cuda"
         # on a GPU, drift and evaluation wait on decoding: finer worker tasks keep every worker busy to the
         # end of a pass (the model still embeds eval_batch_size at a time; see EmbeddingLoader)
+        decode_on_device = self.config.embed_decode == "device"
+        if decode_on_device:
+            self._check_decodable_on_device()
         self.loaders = LoaderPool(self.config.batch_size, self.config.eval_batch_size, self.config.num_workers,
-                                  pin_memory=cuda, embed_tasks_per_worker=4 if cuda else None)
+                                  pin_memory=cuda, embed_tasks_per_worker=4 if cuda else None,
+                                  decode_on_device=decode_on_device)
         self.loaders.share_embedding(list(self.prototype_stages) + [test_dataset])  # one set of workers for both
 
     @classmethod
@@ -300,6 +313,20 @@ class OnlineLearner:
         if "prototype_dataset" in kwargs:
             kwargs["prototype_stages"] = split_by_stage(kwargs.pop("prototype_dataset"), class_to_stage)
         return cls(model_factory, stages, test_dataset, **kwargs)
+
+    def _check_decodable_on_device(self) -> None:
+        """embed_decode="device": torchvision present and every embedded dataset made of image files read
+        through the test transform, or an error now, before any training."""
+        for name, datasets in (("prototype", self.prototype_stages), ("test", [self.test_dataset])):
+            for d in datasets:
+                base, _ = base_indices(d)
+                if not decodable_on_device(base):
+                    raise ValueError(
+                        f"embed_decode='device' needs the {name} dataset to be an ImageListDataset with a test "
+                        f"ProtocolTransform (train=False); got {type(base).__name__} with transform "
+                        f"{getattr(base, 'transform', None)!r}. Use embed_decode='workers' for it"
+                    )
+        require_torchvision_decoder()
 
     # ----------------------------------------------------------------- the run
     def run(self) -> dict:
@@ -614,7 +641,9 @@ class OnlineLearner:
         # which had no such setting, stay resumable)
         skip = ("device", "eval_batch_size", "num_workers")
         skip += ("gram_scope",) if distributed.world_size() == 1 else ()
-        return skip + (() if self.config.gallery_report else ("gallery_report",))
+        # likewise the defaults of settings added later: run directories of earlier versions stay resumable
+        skip += () if self.config.gallery_report else ("gallery_report",)
+        return skip + (("embed_decode",) if self.config.embed_decode == "workers" else ())
 
     def _save_stage(self, stage: int, results: dict, epoch_losses: list[dict], seconds: float) -> None:
         files = {"model.pt": self._student.state_dict(), "drift.pt": self.compensator.state_dict()}

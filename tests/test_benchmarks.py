@@ -120,6 +120,9 @@ def test_perf_e2e_quick(tmp_path):
         assert r["first_step_in_stage_s"] <= r["steps_in_stage_s"]
         assert r["e2e_over_steps_in_stage"] == pytest.approx(r["e2e_s"] / (r["steps_in_stage_s"] + r["extraction_s"]), rel=1e-9)
     # the reported figures are those of the round with the median ratio
+    # the embedding input's rate and the model's, and which of them bounds drift and evaluation
+    assert res["embed_decode"] == "workers" and res["embed_loader_images_per_s"] > 0
+    assert res["model_embed_images_per_s"] > 0 and "drift and evaluation bound by" in out
     median = sorted(r["e2e_over_compute"] for r in rounds)[1]
     assert res["e2e_over_compute"] == median
     assert next(r for r in rounds if r["e2e_over_compute"] == median)["e2e_s"] == res["e2e_s"]
@@ -159,3 +162,19 @@ def test_perf_decode_quick(tmp_path):
     assert set(rates) == {"train_original", "train_resized", "test_original", "test_resized"}
     for t in ("train", "test"):
         assert res["ratio_resized_over_original"][t] == pytest.approx(rates[f"{t}_resized"] / rates[f"{t}_original"])
+    embed = res["embed_images_per_s"]
+    assert embed["workers"] > 0
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        assert "device" not in embed and "device decoding not measured" in out
+    else:
+        assert res["ratio_device_over_workers_embedding"] == pytest.approx(embed["device"] / embed["workers"])
+        assert "ratio: device/workers embedding decode" in out
+
+
+def test_perf_e2e_quick_decoding_on_the_device(tmp_path):
+    pytest.importorskip("torchvision")
+    out = run("perf_e2e.py", "--quick", "--num-workers", "1", "--embed-decode", "device", "--out", str(tmp_path / "e.json"))
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["embed_decode"] == "device" and "decoded by the device" in out

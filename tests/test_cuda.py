@@ -173,3 +173,23 @@ def test_perf_e2e_perf_checkpoint_and_perf_extract_run_on_cuda(tmp_path):
                     "--out", str(tmp_path / "x.json")], check=True, capture_output=True, timeout=600)
     res = json.loads((tmp_path / "x.json").read_text())
     assert res["device"] == "cuda" and res["tasks_per_pass"]["tasks"] > res["tasks_per_pass"]["whole_batch"]
+
+
+def test_jpegs_decoded_by_nvjpeg_stay_close_to_pillows(tmp_path):
+    """nvJPEG is another decoder than libjpeg-turbo (Pillow's, and torchvision's on the CPU, bit-equal to
+    it): its pixels are not bit-equal; the bound asserted is a mean under one level of 255."""
+    pytest.importorskip("torchvision")
+    from pml_mutual.data import ImageListDataset, ProtocolTransform, load_cub
+    from pml_mutual.data.device_decode import EncodedImageDataset, collate_encoded
+    from pml_mutual.data.fixtures import write_cub_fixture
+
+    root = write_cub_fixture(tmp_path / "CUB_200_2011", [6] * 4, size=(500, 375))
+    items, _ = load_cub(root)
+    ds = ImageListDataset(items, ProtocolTransform(False, "bgr255", 224))  # bgr255: one unit = one level
+    enc = EncodedImageDataset(ds)
+    batch, _ = collate_encoded([enc[i] for i in range(len(enc))])
+    got = batch.to("cuda").cpu()
+    expected = torch.stack([ds[i][0] for i in range(len(ds))])
+    diff = (got - expected).abs()
+    print(f"nvJPEG + resize on CUDA vs Pillow: mean {diff.mean():.3f} levels, max {diff.max():.0f}")
+    assert got.shape == expected.shape and diff.mean() < 1.0

@@ -429,3 +429,66 @@ def test_batchnorm_freezing_modes(digits, tmp_path, mode):
     s1 = _bn_stats(torch.load(tmp_path / "stage_001" / "model.pt", weights_only=True))
     assert same(s0, init) == (mode is True)  # stage 0 trains from scratch: only True freezes it
     assert same(s1, s0) == (mode in (True, "inherited"))  # F_p inherits F_0's statistics
+
+
+# ----------------------------------------------------------------- embedding passes decoded on the device
+def _cub_run(tmp_path, method, **kw):
+    from pml_mutual.data import ImageListDataset, ProtocolTransform, load_cub, stages_from_ends
+    from pml_mutual.data.fixtures import write_cub_fixture
+    from pml_mutual.models import SmallCNN
+
+    root = tmp_path / "CUB_200_2011"
+    if not root.exists():
+        write_cub_fixture(root, [8] * 4, size=(50, 37))
+    train_items, test_items = load_cub(root)
+    train = ImageListDataset(train_items, ProtocolTransform(True, size=16))
+    prototypes = ImageListDataset(train_items, ProtocolTransform(False, size=16))
+    test = ImageListDataset(test_items, ProtocolTransform(False, size=16))
+    config = tiny(method, batch_size=4, m_per_class=2, iterations_per_epoch=2, min_images_per_class=2, **kw)
+    torch.manual_seed(0)
+    initial = SmallCNN(in_channels=3, embedding_size=8).state_dict()
+    return OnlineLearner.from_class_assignment(
+        lambda: SmallCNN(in_channels=3, embedding_size=8), train, test, stages_from_ends(range(4), [2]),
+        prototype_dataset=prototypes, config=config, run_dir=tmp_path / f"{method}-{config.embed_decode}",
+        quiet=True, initial_state_dict=initial)
+
+
+def test_embedding_passes_decoded_on_the_device_leave_training_alone_and_are_another_identity(tmp_path):
+    pytest.importorskip("torchvision")
+    runs = {decode: _cub_run(tmp_path, "finetune", embed_decode=decode) for decode in ("workers", "device")}
+    results = {decode: learner.run() for decode, learner in runs.items()}
+    for stage in range(2):  # finetune trains on worker-decoded batches either way: the same weights
+        a, b = (torch.load(runs[d].run_dir / f"stage_{stage:03d}" / "model.pt") for d in ("workers", "device"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    model = runs["device"].load_stage_model(1)
+    embedded = {d: runs[d]._extract(model, runs[d]._embedding_loader(runs[d].test_dataset))[0] for d in runs}
+    # pixels within one level (tests/data/test_device_decode.py): unit embeddings close, not equal
+    assert 0 < (embedded["workers"] - embedded["device"]).abs().max() < 0.01
+    assert len(results["device"]["stages"]) == len(results["workers"]["stages"]) == 2
+    other = _cub_run(tmp_path, "finetune", embed_decode="workers")
+    other.run_dir = runs["device"].run_dir
+    other.directory = runs["device"].directory
+    with pytest.raises(ValueError, match="different identity.*embed_decode"):
+        other.run()
+    drifted = _cub_run(tmp_path, "ours", embed_decode="device").run()  # drift measured on device-decoded images
+    assert len(drifted["stages"]) == 2
+
+
+def test_embed_decode_device_refuses_datasets_that_are_not_image_files_before_training(digits, tmp_path):
+    train, test = digits
+    with pytest.raises(ValueError, match="embed_decode='device' needs the prototype dataset to be an ImageListDataset"):
+        OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, stage_assignment(range(10), 5),
+                                            config=tiny("ours", embed_decode="device"), run_dir=tmp_path / "r", quiet=True)
+    assert not (tmp_path / "r" / "config.json").exists()
+    with pytest.raises(ValueError, match="embed_decode must be one of"):
+        tiny("ours", embed_decode="gpu")
+
+
+def test_embed_decode_device_without_torchvision_is_an_import_error_at_construction(tmp_path):
+    try:
+        import torchvision  # noqa: F401
+        pytest.skip("torchvision is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"pml-mutual\[vision\]"):
+        _cub_run(tmp_path, "finetune", embed_decode="device")

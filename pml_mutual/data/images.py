@@ -116,12 +116,16 @@ def open_image(path: Path):
 
 def crop_box(image, box: Sequence[float]):
     """Crop (x1, y1, x2, y2), clipped to the image; a box that is empty after clipping is an error."""
-    w, h = image.size
+    return image.crop(box_pixels(*image.size, box))
+
+
+def box_pixels(width: int, height: int, box: Sequence[float]) -> tuple[int, int, int, int]:
+    """(x1, y1, x2, y2) of ``box`` rounded to pixels and clipped to a ``width`` × ``height`` image."""
     x1, y1, x2, y2 = (int(round(v)) for v in box)
-    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
+    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(width, x2), min(height, y2)
     if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"bounding box {tuple(box)} is empty inside an image of size {w}×{h}")
-    return image.crop((x1, y1, x2, y2))
+        raise ValueError(f"bounding box {tuple(float(v) for v in box)} is empty inside an image of size {width}×{height}")
+    return x1, y1, x2, y2
 
 
 def require(path: Path, what: str) -> Path:

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 
+from .device_decode import EncodedImageDataset, collate_encoded
+
 
 def batch_seed(epoch_seed: int, batch: int) -> int:
     return int(np.random.SeedSequence([epoch_seed, batch]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -122,17 +124,18 @@ class EmbeddingLoader:
     model batches of ``batch_size`` again, so the model sees the same batches either way; the join is a
     copy on the model's device: cheap on a GPU, a host memory copy on the CPU (where the forward, not
     decoding, bounds a pass). So a run cuts tasks finer only on CUDA (``OnlineLearner``), and
-    ``tasks_per_worker=None`` (the default) keeps one ``batch_size`` per task.
+    ``tasks_per_worker=None`` (the default) keeps one ``batch_size`` per task. ``collate_fn``: the
+    DataLoader's (e.g. :func:`~pml_mutual.data.device_decode.collate_encoded`).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int = 256, num_workers: int = 0, pin_memory: bool = False,
-                 tasks_per_worker: int | None = None, min_task: int = 16):
+                 tasks_per_worker: int | None = None, min_task: int = 16, collate_fn=None):
         self.dataset, self.batch_size = dataset, int(batch_size)
         self.num_workers, self.tasks_per_worker, self.min_task = num_workers, tasks_per_worker, min_task
         self._tasks = _Tasks()
         self._loader = DataLoader(
             dataset, batch_sampler=self._tasks, num_workers=num_workers,
-            persistent_workers=num_workers > 0, pin_memory=pin_memory,
+            persistent_workers=num_workers > 0, pin_memory=pin_memory, collate_fn=collate_fn,
         )
 
     def task_size(self, n: int) -> int:
@@ -189,13 +192,20 @@ class LoaderPool:
     base's loader is replaced, not kept, when a stage has another base); ``embed(dataset)`` → an
     :class:`EmbeddingView` for extraction, through the loader of its base, or the one loader that
     :meth:`share_embedding` built for several bases.
+
+    ``decode_on_device``: embedding loaders hand image files over undecoded
+    (:class:`~pml_mutual.data.device_decode.EncodedImageDataset`), and the batch is decoded on the
+    model's device when :func:`~pml_mutual.evaluation.stages.extract_embeddings` moves it there.
+    Every embedded base must then be an :class:`~pml_mutual.data.ImageListDataset` with a test
+    :class:`~pml_mutual.data.ProtocolTransform` (else ``ValueError``, naming it).
     """
 
     def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int = 0, pin_memory: bool = False,
-                 embed_tasks_per_worker: int | None = None):
+                 embed_tasks_per_worker: int | None = None, decode_on_device: bool = False):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.embed_tasks_per_worker = embed_tasks_per_worker  # see EmbeddingLoader
+        self.decode_on_device = decode_on_device
         self._train: tuple | None = None  # (base, loader, batch sampler, collate_fn)
         self._embed: dict[int, tuple[Dataset, EmbeddingLoader, int]] = {}  # id(base) → (base, loader, its offset there)
 
@@ -218,18 +228,24 @@ class LoaderPool:
                 bases.append(base)
         if len(bases) < 2:
             return
-        loader = self._embedding_loader(ConcatDataset(bases))
+        loader = self._embedding_loader(ConcatDataset([self._encoded(b) for b in bases]))
         offsets = np.cumsum([0] + [len(b) for b in bases[:-1]])
         for base, offset in zip(bases, offsets):
             self._embed[id(base)] = (base, loader, int(offset))
 
+    def _encoded(self, base: Dataset) -> Dataset:
+        """``base`` as its embedding loader reads it: undecoded files when decoding on the device."""
+        return EncodedImageDataset(base) if self.decode_on_device else base
+
     def _embedding_loader(self, dataset: Dataset) -> EmbeddingLoader:
-        return EmbeddingLoader(dataset, self.eval_batch_size, self.num_workers, self.pin_memory, self.embed_tasks_per_worker)
+        collate = collate_encoded if self.decode_on_device else None
+        return EmbeddingLoader(dataset, self.eval_batch_size, self.num_workers, self.pin_memory, self.embed_tasks_per_worker,
+                               collate_fn=collate)
 
     def embed(self, dataset: Dataset) -> EmbeddingView:
         base, index = base_indices(dataset)
         if id(base) not in self._embed:
-            self._embed[id(base)] = (base, self._embedding_loader(base), 0)
+            self._embed[id(base)] = (base, self._embedding_loader(self._encoded(base)), 0)
         _, loader, offset = self._embed[id(base)]
         return EmbeddingView(dataset, loader, index + offset)
 

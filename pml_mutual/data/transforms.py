@@ -29,13 +29,19 @@ def _bilinear():
     return Image.Resampling.BILINEAR
 
 
+def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side to ``size``, the aspect kept (rounded)."""
+    if min(width, height) == size:
+        return width, height
+    if width <= height:
+        return size, max(1, round(height * size / width))
+    return max(1, round(width * size / height)), size
+
+
 def resize_shorter(image, size: int):
     w, h = image.size
-    if min(w, h) == size:
-        return image
-    if w <= h:
-        return image.resize((size, max(1, round(h * size / w))), _bilinear())
-    return image.resize((max(1, round(w * size / h)), size), _bilinear())
+    new = shorter_side_size(w, h, size)
+    return image if new == (w, h) else image.resize(new, _bilinear())
 
 
 def center_crop(image, size: int):
@@ -74,12 +80,19 @@ def random_resized_crop_box(width: int, height: int, scale=(0.16, 1.0), ratio=(3
 def to_tensor(image, input_space: str) -> torch.Tensor:
     if input_space not in INPUT_SPACES:
         raise ValueError(f"input_space must be one of {sorted(INPUT_SPACES)}, got {input_space!r}")
+    return to_input_space(torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1), input_space)
+
+
+def to_input_space(pixels: torch.Tensor, input_space: str) -> torch.Tensor:
+    """(3, H, W) or (B, 3, H, W) float RGB pixels in 0–255 → the backbone's input space, on their device."""
+    if input_space not in INPUT_SPACES:
+        raise ValueError(f"input_space must be one of {sorted(INPUT_SPACES)}, got {input_space!r}")
     order, value_range, mean, std = INPUT_SPACES[input_space]
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)  # RGB, 0–255
-    if order == "BGR":
-        x = x.flip(0)
+    x = pixels.flip(-3) if order == "BGR" else pixels
     x = x * (value_range / 255.0)
-    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    mean = torch.tensor(mean, device=x.device).view(3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
 
 
 class ProtocolTransform:
