@@ -108,6 +108,9 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--corr-direction", choices=["forward", "reverse"], default="forward",
                    help="'reverse' = the KL direction of the authors' code")
     p.add_argument("--image-size", type=int, default=None, help="crop size (default 224, smoke 32)")
+    p.add_argument("--embed-decode", choices=["workers", "device"], default="workers",
+                   help="where drift measurement and evaluation decode JPEGs: the DataLoader workers (Pillow) or the "
+                        "run's device (torchvision; nvJPEG on a GPU, where worker decoding bounds those passes)")
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 autocast; float16 + GradScaler on GPUs without bfloat16)")
     p.add_argument("--fresh", action="store_true", help="a run directory holding other settings is moved aside (<dir>.old-N) instead of refused")
     p.add_argument("--device", default=None)
@@ -167,6 +170,8 @@ def data_and_model_flags(args) -> dict:
         v = getattr(args, k, None)
         flags[k] = str(Path(v).resolve()) if v is not None and not args.smoke else None
     flags["weights_sha256"] = file_sha256(args.weights) if args.weights is not None and not args.no_pretrained else None
+    if getattr(args, "embed_decode", "workers") != "workers":  # other pixels; absent at the default, so that run
+        flags["embed_decode"] = args.embed_decode                # directories of earlier versions keep their names
     return flags
 
 
@@ -179,7 +184,7 @@ def make_configs(args, seed: int, m_per_class: int, batch: int) -> dict[str, Onl
             lambda_mutual=args.lambda_mutual, temperature=args.temperature, corr_direction=args.corr_direction,
             freeze_batchnorm=True, seed=seed, device=args.device, amp=args.amp, num_workers=args.num_workers,
             drift_mode=args.drift_mode, gallery_report=args.gallery_report,
-            eval_batch_size=4 * batch,
+            eval_batch_size=4 * batch, embed_decode=args.embed_decode,
         )
         for m in names
     }

@@ -84,3 +84,16 @@ def test_benchmark_script_under_torchrun_two_ranks(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count("total time") == 1  # rank 0 alone prints and writes
     assert [r["method"] for r in json.loads(out.read_text())["results"]] == ["initial", "ours"]
+
+
+def test_embed_decode_device_smoke_runs_in_a_run_directory_of_its_own(tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    runs = tmp_path / "runs"
+    for decode in ("workers", "device"):
+        argv = [str(BENCHMARKS / "cars196.py"), "--smoke", "--crop", "--methods", "ours", "--runs", str(runs),
+                "--embed-decode", decode, "--out", str(tmp_path / f"{decode}.json")]
+        monkeypatch.setattr(sys, "argv", argv)
+        runpy.run_path(argv[0], run_name="__main__")  # the device run is not refused by the workers run's directory
+    rows = json.loads((tmp_path / "device.json").read_text())["results"]
+    assert [r["method"] for r in rows] == ["initial", "ours"]
+    assert len({p.parent for p in runs.rglob("config.json")}) == 4  # initial and ours, once per decode setting
