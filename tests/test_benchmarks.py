@@ -178,3 +178,30 @@ def test_perf_e2e_quick_decoding_on_the_device(tmp_path):
     out = run("perf_e2e.py", "--quick", "--num-workers", "1", "--embed-decode", "device", "--out", str(tmp_path / "e.json"))
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["embed_decode"] == "device" and "decoded by the device" in out
+
+
+def test_gpu_session_script_runs_every_step_quick_on_the_cpu(tmp_path):
+    """The one-call GPU script with each step's --quick variant: every step's flags still parse and run, and
+    what comes back is the two files the device tool can return."""
+    import os
+    import tarfile
+
+    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_SESSION_QUICK="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_session.tar.gz", "summary.txt"]
+    steps = ["versions", "e2e_workers", "eval", "eval_ties", "step", "test_cuda", "decode", "losses"]
+    for name in steps:
+        assert f"== {name}: rc 0 in" in summary, summary
+    try:
+        import torchvision  # noqa: F401
+        assert "== e2e_device_decode: rc 0 in" in summary
+    except ImportError:
+        assert "== e2e_device_decode: skipped, no torchvision" in summary
+    with tarfile.open(tmp_path / "out" / "gpu_session.tar.gz") as tar:
+        names = set(tar.getnames())
+    for json_file in ("perf_e2e_workers", "perf_eval", "perf_eval_ties", "perf_step", "perf_decode", "perf_losses"):
+        assert f"gpu_session/{json_file}.json" in names
+    assert {f"gpu_session/{n}.log" for n in steps} <= names
