@@ -9,7 +9,8 @@ workers delivered 2,200–3,100 images/s of CUB's 500×375 JPEGs, a ResNet-50 em
 What changes against decoding with Pillow in the workers: the pixels, slightly. The JPEG decoder is
 another implementation, and the resize is torch's antialiased bilinear in float32 (the algorithm of
 Pillow's ``BILINEAR``, which rounds to 8 bits between its horizontal and vertical passes): pixels differ by
-a few levels of 255 at most (tested). A run's identity therefore records ``embed_decode``. Files that are
+at most one level of 255 per resize (tested against Pillow; libjpeg-turbo, torchvision's CPU decoder, is
+Pillow's too and bit-equal; nvJPEG is not measured here). A run's identity therefore records ``embed_decode``. Files that are
 not JPEG (PNG, 16-bit TIFF, ...) and JPEGs the device's decoder refuses are decoded by Pillow, exactly as
 before, and only resized on the device. Training keeps decoding in the workers: its random augmentations
 are drawn there per batch (bit-identical resume), and a training step needs far fewer images per second
@@ -144,6 +145,10 @@ def decode_jpegs(images: list[EncodedImage], device: torch.device) -> list[torch
 def resize_pixels(pixels: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """(B, 3, H, W) float pixels in 0–255 resized as Pillow's ``BILINEAR`` resizes (antialiased when
     shrinking), rounded to whole levels as Pillow's 8-bit output is."""
+    if width == 1 and height > 1 and height != pixels.shape[-2]:
+        # torch's CPU kernel (2.13, 2.14) gives every row of a one-pixel-wide output the same value when
+        # the height changes (found by the property test against Pillow); the transposed resize is right
+        return resize_pixels(pixels.transpose(-1, -2), height, 1).transpose(-1, -2)
     out = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
     return out.round_().clamp_(0, 255)
 
