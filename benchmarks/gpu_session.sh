@@ -64,6 +64,7 @@ if [[ $QUICK == 1 ]]; then
     TIES=(--sizes 2000 --dim 64 --variants torch@1248 --ties --device cpu)
     STEP=(--quick --device cpu)
     DECODE=(--quick --device cpu)
+    CHECKPOINT=(--quick --device cpu)
     LOSSES=(--batch-sizes 16 --repeats 3 --device cpu)
 else
     DEV=cuda
@@ -73,6 +74,7 @@ else
     TIES=(--sizes 20000 --dim 128 --variants torch@1248 --ties --device cuda)
     STEP=(--model resnet50 --device cuda --batch-size 48 --classes-per-batch 16 --sync-audit)
     DECODE=(--device cuda --workers 14)
+    CHECKPOINT=(--model resnet50 --device cuda)
     LOSSES=(--device cuda --batch-sizes 48 80)
 fi
 
@@ -90,7 +92,9 @@ step eval_ties 60 python3 benchmarks/perf_eval.py "${TIES[@]}" --out "$LOGS/perf
 TAIL=16 step step 100 python3 benchmarks/perf_step.py "${STEP[@]}" --out "$LOGS/perf_step.json"
 # 4. the checks that need a GPU (sync detector on a whole step, torch kNN = FAISS, nvJPEG's pixels, CUDA benchmarks)
 TAIL=6 step test_cuda 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs
-# 5. decoding: the loader's images/s, the embedding input decoded by the workers and on the device
+# 5. what an epoch checkpoint blocks training for at ResNet-50 size; decoding: the loader's images/s, the
+#    embedding input decoded by the workers and on the device
+TAIL=4 step checkpoint 45 python3 benchmarks/perf_checkpoint.py "${CHECKPOINT[@]}" --out "$LOGS/perf_checkpoint.json"
 step decode 60 python3 benchmarks/perf_decode.py "${DECODE[@]}" --out "$LOGS/perf_decode.json"
 step losses 40 python3 benchmarks/perf_losses.py "${LOSSES[@]}" --out "$LOGS/perf_losses.json"
 

@@ -192,7 +192,7 @@ def test_gpu_session_script_runs_every_step_quick_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_session.tar.gz", "summary.txt"]
-    steps = ["versions", "e2e_workers", "eval", "eval_ties", "step", "test_cuda", "decode", "losses"]
+    steps = ["versions", "e2e_workers", "eval", "eval_ties", "step", "test_cuda", "checkpoint", "decode", "losses"]
     for name in steps:
         assert f"== {name}: rc 0 in" in summary, summary
     try:
@@ -202,6 +202,7 @@ def test_gpu_session_script_runs_every_step_quick_on_the_cpu(tmp_path):
         assert "== e2e_device_decode: skipped, no torchvision" in summary
     with tarfile.open(tmp_path / "out" / "gpu_session.tar.gz") as tar:
         names = set(tar.getnames())
-    for json_file in ("perf_e2e_workers", "perf_eval", "perf_eval_ties", "perf_step", "perf_decode", "perf_losses"):
+    for json_file in ("perf_e2e_workers", "perf_eval", "perf_eval_ties", "perf_step", "perf_checkpoint", "perf_decode",
+                      "perf_losses"):
         assert f"gpu_session/{json_file}.json" in names
     assert {f"gpu_session/{n}.log" for n in steps} <= names
