@@ -625,7 +625,7 @@ class OnlineLearner:
                 "prototype": [identity.dataset_fingerprint(d) for d in self.prototype_stages],
                 "test": identity.dataset_fingerprint(self.test_dataset),
             },
-            "model": identity.model_fingerprint(self.model_factory()),
+            "model": identity.factory_fingerprint(self.model_factory),
             "metric_loss": identity.describe(self.metric_loss),
             "miner": identity.describe(self.miner),
             "initial_weights": identity.state_dict_sha256(self.initial_state_dict),
