@@ -40,6 +40,11 @@ def dataset_fingerprint(dataset) -> str:
     for attr in ("items", "paths", "samples", "imgs"):
         if hasattr(dataset, attr):
             parts.append(repr(getattr(dataset, attr)))
+    boxes = getattr(getattr(dataset, "items", None), "boxes", None)
+    if isinstance(boxes, np.ndarray) and boxes.size > 1000:
+        # numpy's repr elides the middle of an array of over 1,000 values: a box changed there (a corrected
+        # annotation file) must still change the identity, so large box arrays count by value too
+        parts.append(np.ascontiguousarray(boxes, dtype=np.float64).tobytes())
     if getattr(dataset, "transform", None) is not None:
         parts.append(repr(dataset.transform))
     return _sha(*parts)
