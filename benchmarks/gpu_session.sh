@@ -91,7 +91,7 @@ step eval_ties 60 python3 benchmarks/perf_eval.py "${TIES[@]}" --out "$LOGS/perf
 # 3. step times and the loss + virtual-feature share (targets < 3 % one-task, < 5 % at stage 5), host syncs
 TAIL=16 step step 100 python3 benchmarks/perf_step.py "${STEP[@]}" --out "$LOGS/perf_step.json"
 # 4. the checks that need a GPU (sync detector on a whole step, torch kNN = FAISS, nvJPEG's pixels, CUDA benchmarks)
-TAIL=6 step test_cuda 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs
+TAIL=6 step test_cuda 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -rs
 # 5. what an epoch checkpoint blocks training for at ResNet-50 size; decoding: the loader's images/s, the
 #    embedding input decoded by the workers and on the device
 TAIL=4 step checkpoint 45 python3 benchmarks/perf_checkpoint.py "${CHECKPOINT[@]}" --out "$LOGS/perf_checkpoint.json"
