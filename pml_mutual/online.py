@@ -119,7 +119,7 @@ class OnlineConfig:
     # Where embedding passes (drift measurement, evaluation) decode JPEGs: "workers" (Pillow in the
     # DataLoader workers, as training does) or "device" (the workers read files, torchvision decodes the
     # batch on the run's device, nvJPEG on CUDA, and resizes it there: pml_mutual.data.device_decode).
-    # "device" changes pixels by a few levels, so it is part of the run's identity.
+    # "device" moves pixels by up to a level of 255 per resize, so it is part of the run's identity.
     embed_decode: str = "workers"
 
     def __post_init__(self):
@@ -296,11 +296,11 @@ class OnlineLearner:
         self._student: torch.nn.Module | None = None  # F_i of the stage being run, until the next one starts
         self._teacher: torch.nn.Module | None = None  # F_{i-1} as training held it, until drift measurement
         cuda = self.device.type == "cuda"
-        # on a GPU, drift and evaluation wait on decoding: finer worker tasks keep every worker busy to the
-        # end of a pass (the model still embeds eval_batch_size at a time; see EmbeddingLoader)
         decode_on_device = self.config.embed_decode == "device"
         if decode_on_device:
             self._check_decodable_on_device()
+        # on a GPU, drift and evaluation wait on decoding: finer worker tasks keep every worker busy to the
+        # end of a pass (the model still embeds eval_batch_size at a time; see EmbeddingLoader)
         self.loaders = LoaderPool(self.config.batch_size, self.config.eval_batch_size, self.config.num_workers,
                                   pin_memory=cuda, embed_tasks_per_worker=4 if cuda else None,
                                   decode_on_device=decode_on_device)
