@@ -17,8 +17,15 @@ Writes a CUB-format directory of JPEGs (``--classes`` × ``--images-per-class`` 
    events on a GPU: no sync added), which splits training's excess into slower steps and time
    outside them. ``--rounds N`` repeats 1–2 and reports the round with the median ratio: on a machine
    whose speed drifts between minutes, each stage is compared with compute measured beside it.
-3. the loader alone: images/s of the training DataLoader (decoding + augmentation, same workers)
-   against the model's images/s, to say which bounds the stage.
+3. the loaders alone: images/s of the training DataLoader (decoding + augmentation, same workers)
+   against the model's images/s, and of the embedding passes' input (decoded by the workers, or on
+   the device with ``--embed-decode device``) against the model's forward, to say which bounds the
+   stage's training and which its drift measurement and evaluation.
+
+The training phase is split too: the time outside the trainer's loop (networks and optimisers built,
+F_s snapshotted) and, inside it, the host's waits for batches and its epoch-end checkpoints (host
+time, no sync added): on a GPU, where the rest of a stage's cost was unexplained, this says whether
+it is set-up, starvation or checkpointing.
 
 Printed: ``e2e_over_compute: x`` = e2e ÷ (iterations × step + extraction), the phases of the stage
 (train / drift / eval / save) and where the rest went; and e2e ÷ (the stage's own steps + extraction),
@@ -111,6 +118,17 @@ def in_stage_steps(step, device, times: list):
     return timed_step
 
 
+def host_timed(fn, spans: list):
+    """``fn`` wrapped to add each call's host time to ``spans`` (no device sync added)."""
+    def wrapped(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spans.append(time.perf_counter() - t0)
+    return wrapped
+
+
 def in_stage_seconds(times: list, device) -> list[float]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -198,11 +216,15 @@ def main(argv=None):
             factory, train, test, class_to_stage, config=config, run_dir=Path(tmp.name) / f"run{r}",
             prototype_dataset=protos, initial_state_dict=initial, quiet=True)
         trainers, in_stage = {}, []
+        spans = {"trainer": [], "batch_waits": [], "epoch_ends": []}  # host seconds inside stage 1's training
 
         def capture(stage, trainer):
             trainers[stage] = trainer
             if stage == 1:
                 trainer.forward_and_backward = in_stage_steps(trainer.forward_and_backward, device, in_stage)
+                trainer.get_batch = host_timed(trainer.get_batch, spans["batch_waits"])
+                trainer.end_of_epoch_hook = host_timed(trainer.end_of_epoch_hook, spans["epoch_ends"])
+                trainer.train = host_timed(trainer.train, spans["trainer"])
         learner.trainer_hook = capture
         if args.profile and r == 0:
             import cProfile
@@ -226,7 +248,7 @@ def main(argv=None):
         x = torch.randn(batch, 3, args.crop, args.crop, device=device)
         y = torch.arange(args.classes_per_batch, device=device).repeat_interleave(args.m)
         trainer = trainers.pop(1)
-        del trainer.forward_and_backward  # the class's method again, untimed
+        del trainer.forward_and_backward, trainer.get_batch, trainer.train  # the class's methods again, untimed
         trainer.get_batch = lambda: (x, y)
         trainer.set_to_train()
         step = timed(trainer.forward_and_backward, device, max(1, args.repeats // 5), args.repeats)[0]
@@ -248,7 +270,12 @@ def main(argv=None):
                 # the same stage against its own steps as they ran: free of the machine's drift between the
                 # stage and the pure step, this is what the pipeline adds (set-up, waits, drift, eval, save)
                 "e2e_over_steps_in_stage": e2e / (sum(steps_in_stage) + extraction),
-                "step_in_stage_median_s": statistics.median(steps_in_stage), "first_step_in_stage_s": steps_in_stage[0]}
+                "step_in_stage_median_s": statistics.median(steps_in_stage), "first_step_in_stage_s": steps_in_stage[0],
+                # where the training phase goes outside the trainer's loop ("around_trainer": networks and optimisers built, F_s
+                # snapshotted) and, inside it, host time waiting for batches and in the epoch-end checkpoint
+                "train_breakdown_s": {"around_trainer": phases["train"] - sum(spans["trainer"]),
+                                      "trainer": sum(spans["trainer"]), "batch_waits": sum(spans["batch_waits"]),
+                                      "first_batch_wait": spans["batch_waits"][0], "epoch_ends": sum(spans["epoch_ends"])}}
 
     rounds = []
     for r in range(args.rounds):
@@ -287,6 +314,10 @@ def main(argv=None):
           f"(the steps in the stage {res['steps_in_stage_s'] - args.iterations * step:+.2f}s against the pure step, "
           f"outside them {outside:+.2f}s), drift+eval {phases['drift'] + phases['eval'] - extraction:+.2f}s beyond "
           f"their forwards, save {phases['save']:.2f}s")
+    tb = res["train_breakdown_s"]
+    print(f"train phase: {tb['around_trainer']:.2f}s outside the trainer's loop (networks, optimisers, F_s snapshot) + "
+          f"{tb['trainer']:.2f}s in it, of which host time waiting for batches {tb['batch_waits']:.2f}s (the first "
+          f"{tb['first_batch_wait']:.2f}s) and in epoch-end checkpoints {tb['epoch_ends']:.2f}s")
     print(f"loader: {loader_ips:.0f} images/s with {args.num_workers} workers; model step: {model_ips:.0f} images/s → bound by {bound}")
     print(f"embedding input (decoded by the {args.embed_decode}): {embed_ips:.0f} images/s; model forward: "
           f"{model_embed_ips:.0f} images/s → drift and evaluation bound by {embed_bound}")

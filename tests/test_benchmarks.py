@@ -119,6 +119,11 @@ def test_perf_e2e_quick(tmp_path):
         assert 0 < r["steps_in_stage_s"] < r["phases_s"]["train"]
         assert r["first_step_in_stage_s"] <= r["steps_in_stage_s"]
         assert r["e2e_over_steps_in_stage"] == pytest.approx(r["e2e_s"] / (r["steps_in_stage_s"] + r["extraction_s"]), rel=1e-9)
+        # the training phase split: around the trainer's loop + in it; waits and checkpoints are parts of the loop
+        tb = r["train_breakdown_s"]
+        assert tb["around_trainer"] + tb["trainer"] == pytest.approx(r["phases_s"]["train"], rel=1e-9)
+        assert 0 < tb["first_batch_wait"] <= tb["batch_waits"] < tb["trainer"] and 0 < tb["epoch_ends"] < tb["trainer"]
+        assert tb["around_trainer"] > 0
     # the reported figures are those of the round with the median ratio
     # the embedding input's rate and the model's, and which of them bounds drift and evaluation
     assert res["embed_decode"] == "workers" and res["embed_loader_images_per_s"] > 0
