@@ -59,8 +59,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 def factory_fingerprint(factory) -> str:
     """:func:`model_fingerprint` of one network from ``factory``, built on the meta device: names, shapes
     and dtypes need no weights, and a random initialisation costs 0.3 s (ResNet-50) to 1.3 s (ViT-B/16)
-    of CPU per run, 0.04–0.08 s there. A
-    factory that cannot build there (it reads a weight's value, say) is called on the CPU instead."""
+    of CPU per run, 0.04–0.08 s there. A factory that cannot build there (it reads a weight's value,
+    say) is called on the CPU instead."""
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")  # weights loaded into meta tensors: a no-op, warned once per tensor
