@@ -193,3 +193,51 @@ def test_jpegs_decoded_by_nvjpeg_stay_close_to_pillows(tmp_path):
     diff = (got - expected).abs()
     print(f"nvJPEG + resize on CUDA vs Pillow: mean {diff.mean():.3f} levels, max {diff.max():.0f}")
     assert got.shape == expected.shape and diff.mean() < 1.0
+
+
+def test_device_decoding_never_writes_memory_that_queued_kernels_still_read():
+    """pytorch/vision#9606: torchvision's CUDA decoder allocates on the caller's stream and writes from a
+    private one that does not wait for it, so it can be handed blocks whose readers are still queued. The
+    harness queues readers behind a long kernel, frees their tensors (blocks of exactly the decoded images'
+    size) and decodes at once: every reader must still see its own values. The plain torchvision call is
+    run the same way and only printed (whether it corrupts depends on the GPU and driver)."""
+    pytest.importorskip("torchvision")
+    import io
+
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from pml_mutual.data import ProtocolTransform
+    from pml_mutual.data.device_decode import EncodedImage, decode_jpegs
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(4):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        images.append(EncodedImage(data, True, "noise.jpg", None, ProtocolTransform(False, "rgb01", 224)))
+    cuda = torch.device("cuda")
+
+    def corrupted(decode, tries=20):
+        bad = 0
+        for _ in range(tries):
+            victims = [torch.full((3, 375, 500), 7, dtype=torch.uint8, device=cuda) for _ in range(8)]
+            torch.cuda.synchronize()
+            torch.cuda._sleep(200_000_000)  # the readers below run only after this, long after the decode
+            sums = [v.sum(dtype=torch.int64) for v in victims]
+            del victims
+            decoded = decode()
+            torch.cuda.synchronize()
+            bad += any(int(s) != 7 * 3 * 375 * 500 for s in sums)
+            del decoded
+        return bad
+
+    plain = corrupted(lambda: decode_jpeg([im.data for im in images], mode=ImageReadMode.RGB, device=cuda))
+    ours = corrupted(lambda: decode_jpegs(images, cuda))
+    print(f"tries with a corrupted reader: torchvision's decode_jpeg {plain}/20, decode_jpegs {ours}/20")
+    assert ours == 0
+    # the pixels are the decoder's own: the same call with nothing queued gives the same bytes
+    torch.cuda.synchronize()
+    expected = decode_jpeg([im.data for im in images], mode=ImageReadMode.RGB, device=cuda)
+    assert all(torch.equal(g, e) for g, e in zip(decode_jpegs(images, cuda), expected))

@@ -16,6 +16,10 @@ before, and only resized on the device. Training keeps decoding in the workers: 
 are drawn there per batch (bit-identical resume), and a training step needs far fewer images per second
 than the workers deliver.
 
+On CUDA, torchvision's decoder is called through :func:`decode_off_queued_memory`: as it stands upstream
+it can overwrite memory that queued kernels still read (pytorch/vision#9606), which in an embedding pass
+means the previous batch's input, read by a forward not yet run.
+
 Use it through ``OnlineConfig(embed_decode="device")`` (or :class:`~pml_mutual.data.loaders.LoaderPool`'s
 ``decode_on_device``); it needs torchvision (``pip install pml-mutual[vision]``).
 """
@@ -128,17 +132,50 @@ def decode_jpegs(images: list[EncodedImage], device: torch.device) -> list[torch
     fails, one call per file, so that a file it refuses is decoded by Pillow or named in the error."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    data = [im.data for im in images]
+    def decode(data):
+        if device.type != "cuda":
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return decode_off_queued_memory(lambda: decode_jpeg(data, mode=ImageReadMode.RGB, device=device), device)
+
     try:
-        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        return list(decode([im.data for im in images]))
     except RuntimeError:
         pass
     out = []
     for im in images:
         try:
-            out.append(decode_jpeg(im.data, mode=ImageReadMode.RGB, device=device))
+            out.append(decode(im.data))
         except RuntimeError:  # e.g. CMYK on nvJPEG; a damaged file raises in Pillow, naming it
             out.append(pillow_pixels(im.path).to(device))
+    return out
+
+
+_decoder_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def decode_off_queued_memory(decode, device: torch.device):
+    """``decode()`` (torchvision's CUDA decoder) run so that it cannot write into memory that kernels
+    queued on the caller's stream still read.
+
+    torchvision's ``decode_jpeg(device="cuda")`` allocates its outputs on the current stream, then nvJPEG
+    writes them from a private stream that never waits for the current one (pytorch/vision#9606,
+    reproduced on H100s: corrupted results in 199 of 200 tries). The caching allocator hands out a block as
+    soon as it is freed on its stream, so in an embedding pass the decoder gets the previous model batch's
+    input, which that batch's forward, still queued, has yet to read: silently wrong embeddings. Here the
+    outputs are allocated on a stream of their own, whose pool holds only earlier decoder outputs; each
+    output is recorded on the caller's stream, so its block is reused only once the caller's kernels that
+    read it have run. No host sync is added: the next decode still overlaps the queued forward.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _decoder_streams.get(index)
+    if stream is None:
+        stream = _decoder_streams[index] = torch.cuda.Stream(device=index)
+    caller = torch.cuda.current_stream(index)
+    with torch.cuda.stream(stream):
+        out = decode()
+    caller.wait_stream(stream)
+    for t in [out] if isinstance(out, torch.Tensor) else out:
+        t.record_stream(caller)
     return out
 
 
