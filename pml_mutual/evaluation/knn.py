@@ -17,6 +17,8 @@ indices among those tied at it), so memory stays O(chunk·N + N·k) whatever the
 """
 from __future__ import annotations
 
+import contextlib
+
 import faiss
 import numpy as np
 import torch
@@ -225,12 +227,37 @@ def _chunked_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_si
     n = queries.shape[0] if rows is None else len(rows)
     chunk = chunk_size or auto_chunk_rows(gallery.shape[0], device)
     out = torch.empty((n, k), dtype=torch.int64, device=device)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        own = torch.arange(start, stop, device=device) if rows is None else rows[start:stop]
-        q = queries[start:stop] if rows is None else queries[own]
-        out[start:stop] = exact_topk(q, gallery, own, k, column_block(device))
+    with ieee_float32_matmul(device):
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            own = torch.arange(start, stop, device=device) if rows is None else rows[start:stop]
+            q = queries[start:stop] if rows is None else queries[own]
+            out[start:stop] = exact_topk(q, gallery, own, k, column_block(device))
     return out.cpu().numpy()
+
+
+@contextlib.contextmanager
+def ieee_float32_matmul(device: torch.device):
+    """Float32 matmuls on ``device`` computed in float32 while the block runs, whatever precision the
+    process chose for training speed: TF32 on CUDA (``torch.set_float32_matmul_precision("high")``,
+    which torch and Lightning suggest on Ampere and later) keeps 10 mantissa bits, and the scores of an
+    exact kNN would then order near-ties differently from FAISS's float32. The setting is restored
+    after, through the API torch reads first (``fp32_precision``), so a process that set it either way
+    reads back what it set."""
+    backend = {"cuda": torch.backends.cuda.matmul, "cpu": getattr(torch.backends.mkldnn, "matmul", None)}.get(device.type)
+    if backend is None or not hasattr(backend, "fp32_precision"):  # torch < 2.9: the flag that exists there
+        backend, name, ieee = (torch.backends.cuda.matmul, "allow_tf32", False) if device.type == "cuda" else (None, "", None)
+    else:
+        name, ieee = "fp32_precision", "ieee"
+    if backend is None:
+        yield
+        return
+    before = getattr(backend, name)
+    setattr(backend, name, ieee)
+    try:
+        yield
+    finally:
+        setattr(backend, name, before)
 
 
 def torch_neighbours(emb: np.ndarray, k: int, device: torch.device, chunk_size: int | None = None,

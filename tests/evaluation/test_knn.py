@@ -151,3 +151,49 @@ def test_wide_ties_settled_in_the_first_columns_or_scanned_in_full(chunk_size):
     for backend in ("faiss", "torch"):
         got = nearest_neighbours(emb, k, chunk_size=chunk_size, backend=backend)
         np.testing.assert_array_equal(got, want, err_msg=backend)
+
+
+@pytest.fixture
+def matmul_precision_restored():
+    """The process-wide float32 matmul settings, as they were before the test."""
+    backends = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    before = [b.fp32_precision for b in backends]
+    yield
+    for b, value in zip(backends, before):
+        b.fp32_precision = value
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_ieee_matmul_scope_sets_float32_and_restores_either_api(device, matmul_precision_restored):
+    backend = torch.backends.cuda.matmul if device == "cuda" else torch.backends.mkldnn.matmul
+    torch.set_float32_matmul_precision("medium")  # the legacy API: TF32 on CUDA, bfloat16 through oneDNN
+    set_before = backend.fp32_precision
+    assert set_before != "ieee"
+    with pytest.raises(KeyError):
+        with knn.ieee_float32_matmul(torch.device(device)):
+            assert backend.fp32_precision == "ieee"
+            raise KeyError("restored on the way out too")
+    assert backend.fp32_precision == set_before and torch.get_float32_matmul_precision() == "medium"
+    backend.fp32_precision = "tf32" if device == "cuda" else "bf16"  # the newer API
+    with knn.ieee_float32_matmul(torch.device(device)):
+        assert backend.fp32_precision == "ieee"
+    assert backend.fp32_precision == ("tf32" if device == "cuda" else "bf16")
+
+
+def test_torch_kernel_scores_in_float32_under_a_reduced_matmul_precision(monkeypatch, matmul_precision_restored):
+    """``set_float32_matmul_precision("medium")`` makes float32 CPU matmuls bfloat16 on CPUs with AMX /
+    AVX-512 BF16 (errors of ~0.1 on unit-variance products here): the kNN kernel must not inherit it."""
+    emb = np.random.default_rng(0).standard_normal((300, 32)).astype(np.float32)
+    want = nearest_neighbours(emb, 8, backend="torch")
+    torch.set_float32_matmul_precision("medium")
+    seen, matmul = [], torch.matmul
+
+    def recording_matmul(*args, **kwargs):
+        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        return matmul(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", recording_matmul)
+    got = nearest_neighbours(emb, 8, backend="torch")
+    assert seen and set(seen) == {"ieee"}
+    np.testing.assert_array_equal(got, want)  # the same float32 arithmetic: bit-equal scores
+    assert torch.get_float32_matmul_precision() == "medium"
