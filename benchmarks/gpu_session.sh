@@ -92,6 +92,8 @@ step eval_ties 60 python3 benchmarks/perf_eval.py "${TIES[@]}" --out "$LOGS/perf
 TAIL=16 step step 100 python3 benchmarks/perf_step.py "${STEP[@]}" --out "$LOGS/perf_step.json"
 # 4. the checks that need a GPU (sync detector on a whole step, torch kNN = FAISS, nvJPEG's pixels, CUDA benchmarks)
 TAIL=6 step test_cuda 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -rs
+# what the decoding tests measured (upstream's stream hazard on this GPU; nvJPEG's pixels against Pillow's)
+grep -h "corrupted reader\|nvJPEG + resize" "$LOGS/test_cuda.log" >> "$SUMMARY" 2> /dev/null
 # 5. what an epoch checkpoint blocks training for at ResNet-50 size; decoding: the loader's images/s, the
 #    embedding input decoded by the workers and on the device
 TAIL=4 step checkpoint 45 python3 benchmarks/perf_checkpoint.py "${CHECKPOINT[@]}" --out "$LOGS/perf_checkpoint.json"

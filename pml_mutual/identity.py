@@ -50,6 +50,14 @@ def dataset_fingerprint(dataset) -> str:
     return _sha(*parts)
 
 
+def image_files_fingerprint(items, what: str = "the dataset") -> str:
+    """A hash of the image files' sizes in item order (:meth:`ImageItems.file_sizes`: one ``stat`` each,
+    missing files named): what :func:`dataset_fingerprint`, which holds the paths, cannot see. Images
+    replaced under the same paths (re-encoded, resized in place) almost always change size; unlike
+    modification times, sizes survive a copy of the dataset."""
+    return _sha("file sizes", items.file_sizes(what).tobytes())
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """The architecture: class, and every parameter's and buffer's name, shape and dtype, in order."""
     entries = [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()]

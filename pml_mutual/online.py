@@ -280,14 +280,17 @@ class OnlineLearner:
         if missing:
             raise ValueError(f"the test set has no item of stage(s) {missing}: every stage must be evaluated")
         self.test_labels = test_labels
-        # one stat per listed image, now: a missing file must not surface hours into training
+        # one stat per listed image, now: a missing file must not surface hours into training; the sizes
+        # tell a run directory whether its images were replaced under the same paths
+        self.image_file_sizes: dict[str, list[str]] = {}
         for name, datasets in (("training", self.train_stages), ("prototype", self.prototype_stages), ("test", [test_dataset])):
             checked = set()
             for d in datasets:
                 base, _ = base_indices(d)
                 if isinstance(getattr(base, "items", None), ImageItems) and id(base) not in checked:
                     checked.add(id(base))
-                    base.items.check_files_exist(f"the {name} dataset")
+                    digest = identity.image_files_fingerprint(base.items, f"the {name} dataset")
+                    self.image_file_sizes.setdefault(name, []).append(digest)
         self.compensator = DriftCompensator(mode=self.config.drift_mode if self.method.drift else "none",
                                             similarity=self.config.drift_similarity)
         self.gallery = StoredGallery(self.config.drift_similarity) if self.config.gallery_report else None
@@ -657,7 +660,7 @@ class OnlineLearner:
 
     def _resume(self) -> int:
         """Check the run directory against this run's identity and return the first stage still to train."""
-        self.directory.check_identity(self.run_identity(), fresh=self.fresh)
+        self.directory.check_identity(self.run_identity(), fresh=self.fresh, data_files=self.image_file_sizes or None)
         done = self.directory.completed_stages(len(self.train_stages))
         for doc in done:
             try:

@@ -3,6 +3,7 @@
 Layout::
 
     run_dir/config.json            the run's identity (see OnlineLearner.run_identity); written once
+    run_dir/data_files.json        a digest of the image files' sizes per dataset; written once
     run_dir/in_progress.pt         the current stage's last finished epoch (models, optimizers, loss log)
     run_dir/stage_XXX/model.pt     F_p of stage XXX (the deployed model), support.pt (F_s), drift.pt
     run_dir/stage_XXX/stage.json   results, log and the SHA-256 of each file above; written last, it
@@ -18,7 +19,8 @@ Guarantees:
 - nothing holding a NaN or inf tensor is written, and nothing holding one is loaded;
 - a stage's files are checked against the SHA-256 recorded in its ``stage.json`` when loaded; any file
   that cannot be read is an error naming it and saying what to do;
-- a directory holding a run of another identity is refused, naming the fields that differ;
+- a directory holding a run of another identity is refused, naming the fields that differ, and so is
+  one whose image files changed size under the same paths (replaced, re-encoded, resized in place);
 - the working directory, a filesystem root or the home directory are refused as run directories.
 """
 from __future__ import annotations
@@ -144,18 +146,28 @@ class RunDirectory:
         self._stage_sums: dict[tuple[int, str], str] = {}  # (stage, file) written in the background → SHA-256
 
     # ------------------------------------------------------------------ identity
-    def check_identity(self, identity: dict, fresh: bool = False) -> None:
+    def check_identity(self, identity: dict, fresh: bool = False, data_files: dict | None = None) -> None:
         """Accept the directory for a run of ``identity``: a new one, or one holding the same identity.
 
-        ``fresh=True`` accepts a directory whose identity differs only after moving it aside
-        (``<dir>.old-N``); otherwise a different identity is refused with the differing fields named.
-        Afterwards, temporaries of a killed run are swept (this project's pattern, its directories).
+        ``data_files`` (JSON-able, e.g. a digest of the image files' sizes per dataset) is what the
+        identity cannot see: the files' contents under the same paths. A directory that recorded other
+        data files is refused as one of another identity is; one that recorded none (written before
+        they were recorded) records them now.
+
+        ``fresh=True`` accepts a directory whose identity or data files differ only after moving it aside
+        (``<dir>.old-N``); otherwise it is refused with what differs named. Afterwards, temporaries of a
+        killed run are swept (this project's pattern, its directories).
         """
-        path = self.path / "config.json"
+        path, files_path = self.path / "config.json", self.path / "data_files.json"
         identity = json.loads(json.dumps(identity))
+        data_files = None if data_files is None else json.loads(json.dumps(data_files))
         if distributed.is_main() and path.exists():
             diffs = _diff(read_json(path), identity)
-            if diffs and fresh:
+            changed = []
+            if not diffs and data_files is not None and files_path.exists():
+                recorded = read_json(files_path)
+                changed = [k for k in sorted(set(recorded) | set(data_files)) if recorded.get(k) != data_files.get(k)]
+            if (diffs or changed) and fresh:
                 aside = _free_name(self.path)
                 os.replace(self.path, aside)
             elif diffs:
@@ -163,10 +175,19 @@ class RunDirectory:
                     f"{self.path} holds a run with a different identity ({'; '.join(diffs[:8])}); use another "
                     "run_dir, remove it, or start fresh (OnlineLearner(..., fresh=True) / --fresh moves it aside)"
                 )
+            elif changed:
+                raise RunDirectoryError(
+                    f"{self.path} holds a run of other image files: those of the {', '.join(changed)} dataset(s) "
+                    f"differ in size from when it was made ({files_path.name}; same paths, so replaced, "
+                    "re-encoded or resized in place?); its numbers are not this data's: use another run_dir, "
+                    "remove it, or start fresh (OnlineLearner(..., fresh=True) / --fresh moves it aside)"
+                )
         distributed.barrier()
         if distributed.is_main():
             if not path.exists():
                 save_json(identity, path)
+            if data_files is not None and not files_path.exists():
+                save_json(data_files, files_path)
             self._sweep_temporaries()
         distributed.barrier()
 

@@ -492,3 +492,36 @@ def test_embed_decode_device_without_torchvision_is_an_import_error_at_construct
         pass
     with pytest.raises(ImportError, match=r"pml-mutual\[vision\]"):
         _cub_run(tmp_path, "finetune", embed_decode="device")
+
+
+def test_images_replaced_under_the_same_paths_are_not_reported_with_the_old_numbers(tmp_path):
+    """The identity holds paths; the image files' sizes are recorded beside it (data_files.json). An image
+    re-encoded in place is refused before any training, naming the datasets; --fresh moves the run aside;
+    a run directory written before sizes were recorded is resumed and records them."""
+    from PIL import Image
+
+    from pml_mutual.run_dir import RunDirectoryError
+
+    first = _cub_run(tmp_path, "finetune")
+    first.run()
+    recorded = json.loads((first.run_dir / "data_files.json").read_text())
+    assert set(recorded) == {"training", "prototype", "test"}
+
+    (first.run_dir / "data_files.json").unlink()  # as a directory of an earlier version has it
+    again = _cub_run(tmp_path, "finetune")
+    again.run()  # both stages complete: nothing trained, the files recorded again
+    assert json.loads((first.run_dir / "data_files.json").read_text()) == recorded
+
+    image = tmp_path / "CUB_200_2011" / "images" / first.train_stages[0].dataset.items.paths[0]
+    before = image.stat().st_size
+    Image.open(image).convert("RGB").save(image, "JPEG", quality=40)  # re-encoded: same path, same label
+    assert image.stat().st_size != before
+    replaced = _cub_run(tmp_path, "finetune")
+    with pytest.raises(RunDirectoryError, match=r"those of the prototype, training dataset\(s\) differ in size"):
+        replaced.run()
+    assert not (first.run_dir.parent / f"{first.run_dir.name}.old-1").exists()
+    fresh = _cub_run(tmp_path, "finetune")
+    fresh.fresh = True
+    fresh.run()
+    assert (first.run_dir.parent / f"{first.run_dir.name}.old-1" / "stage_001" / "stage.json").exists()
+    assert json.loads((first.run_dir / "data_files.json").read_text())["training"] != recorded["training"]

@@ -69,3 +69,28 @@ def test_background_writes_land_in_the_order_queued(directory, monkeypatch):
     directory.save_stage_file_in_background(0, "extra.pt", {"w": torch.ones(3)})
     directory.wait()
     assert landed == ["in_progress.pt", "support.pt", "extra.pt"]
+
+
+def test_data_files_are_recorded_once_and_a_change_is_refused_naming_the_datasets(tmp_path):
+    d = RunDirectory(tmp_path / "run")
+    identity, files = {"config": {"lr": 1}}, {"training": ["a1"], "test": ["t1"]}
+    d.check_identity(identity, data_files=files)
+    assert json.loads((d.path / "data_files.json").read_text()) == files
+    d.check_identity(identity, data_files=files)  # the same files: accepted
+    with pytest.raises(RunDirectoryError, match=r"image files: those of the training dataset\(s\) differ in size"):
+        d.check_identity(identity, data_files={"training": ["a2"], "test": ["t1"]})
+    with pytest.raises(RunDirectoryError, match=r"different identity \(config.lr"):  # the identity is named first
+        d.check_identity({"config": {"lr": 2}}, data_files={"training": ["a2"], "test": ["t1"]})
+    d.check_identity(identity, data_files={"training": ["a2"], "test": ["t1"]}, fresh=True)  # moved aside
+    assert json.loads((tmp_path / "run.old-1" / "data_files.json").read_text()) == files
+    assert json.loads((d.path / "data_files.json").read_text())["training"] == ["a2"]
+
+
+def test_a_directory_that_recorded_no_data_files_records_them_and_none_are_recorded_without_any(tmp_path):
+    d = RunDirectory(tmp_path / "run")
+    d.check_identity({"config": {}})  # a run without image files (or written before they were recorded)
+    assert not (d.path / "data_files.json").exists()
+    d.check_identity({"config": {}}, data_files={"test": ["t1"]})
+    assert json.loads((d.path / "data_files.json").read_text()) == {"test": ["t1"]}
+    with pytest.raises(RunDirectoryError, match="test dataset"):
+        d.check_identity({"config": {}}, data_files={"test": ["t2"]})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -63,12 +64,30 @@ class ImageItems:
 
     def check_files_exist(self, what: str = "the dataset") -> None:
         """One ``stat`` per listed image: a missing file is an error now, not hours into training."""
-        missing = [p for p in self.paths if not (self.root / p).is_file()]
+        self.file_sizes(what)
+
+    def file_sizes(self, what: str = "the dataset") -> np.ndarray:
+        """Each listed image file's size in bytes, in item order (one ``stat`` each); a missing file is
+        a FileNotFoundError naming how many and which. Images replaced under the same paths (re-encoded,
+        resized in place) almost always change size: a run directory compares them (see
+        :meth:`~pml_mutual.run_dir.RunDirectory.check_identity`)."""
+        sizes = np.zeros(len(self.paths), dtype=np.int64)
+        missing = []
+        for i, p in enumerate(self.paths):
+            try:
+                st = os.stat(self.root / p)
+            except OSError:
+                missing.append(p)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                missing.append(p)
+            sizes[i] = st.st_size
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} of the {len(self.paths)} image files of {what} do not exist under {self.root}, "
                 f"e.g. {', '.join(missing[:3])}"
             )
+        return sizes
 
 
 class ImageListDataset(Dataset):
