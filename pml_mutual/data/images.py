@@ -81,6 +81,7 @@ class ImageItems:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 missing.append(p)
+                continue
             sizes[i] = st.st_size
         if missing:
             raise FileNotFoundError(

@@ -245,11 +245,11 @@ def ieee_float32_matmul(device: torch.device):
     after, through the API torch reads first (``fp32_precision``), so a process that set it either way
     reads back what it set."""
     backend = {"cuda": torch.backends.cuda.matmul, "cpu": getattr(torch.backends.mkldnn, "matmul", None)}.get(device.type)
-    if backend is None or not hasattr(backend, "fp32_precision"):  # torch < 2.9: the flag that exists there
-        backend, name, ieee = (torch.backends.cuda.matmul, "allow_tf32", False) if device.type == "cuda" else (None, "", None)
-    else:
+    if hasattr(backend, "fp32_precision"):
         name, ieee = "fp32_precision", "ieee"
-    if backend is None:
+    elif device.type == "cuda":  # torch < 2.9: the one flag there (and no reduced precision on the CPU)
+        name, ieee = "allow_tf32", False
+    else:
         yield
         return
     before = getattr(backend, name)

@@ -197,3 +197,16 @@ def test_torch_kernel_scores_in_float32_under_a_reduced_matmul_precision(monkeyp
     assert seen and set(seen) == {"ieee"}
     np.testing.assert_array_equal(got, want)  # the same float32 arithmetic: bit-equal scores
     assert torch.get_float32_matmul_precision() == "medium"
+
+
+def test_ieee_matmul_scope_on_a_torch_without_fp32_precision_uses_allow_tf32(monkeypatch):
+    from types import SimpleNamespace
+
+    old_cuda = SimpleNamespace(allow_tf32=True)  # torch < 2.9 has only this flag
+    monkeypatch.setattr(torch.backends.cuda, "matmul", old_cuda)
+    monkeypatch.setattr(torch.backends.mkldnn, "matmul", SimpleNamespace(), raising=False)
+    with knn.ieee_float32_matmul(torch.device("cuda")):
+        assert old_cuda.allow_tf32 is False
+    assert old_cuda.allow_tf32 is True
+    with knn.ieee_float32_matmul(torch.device("cpu")):  # nothing to set there
+        pass
