@@ -216,7 +216,7 @@ def test_device_decoding_never_writes_memory_that_queued_kernels_still_read():
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
         data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-        images.append(EncodedImage(data, True, "noise.jpg", None, ProtocolTransform(False, "rgb01", 224)))
+        images.append(EncodedImage(data, True, "noise.jpg", None, ProtocolTransform(False, "imagenet", 224)))
     cuda = torch.device("cuda")
 
     def corrupted(decode, tries=20):
@@ -241,3 +241,44 @@ def test_device_decoding_never_writes_memory_that_queued_kernels_still_read():
     torch.cuda.synchronize()
     expected = decode_jpeg([im.data for im in images], mode=ImageReadMode.RGB, device=cuda)
     assert all(torch.equal(g, e) for g, e in zip(decode_jpegs(images, cuda), expected))
+
+
+def test_an_embedding_pass_decoded_on_the_gpu_feeds_each_forward_its_own_pixels(tmp_path):
+    """The pattern in which the stream hazard above bites: loader batches decoded on the device, joined
+    into model batches, freed while that forward is still queued (here held back by a long kernel). The
+    model records a checksum of each input image as its first kernels; each must equal the checksum of
+    the same loader batch decoded with nothing in flight. bgr255 pixels are whole numbers (levels minus
+    whole means), so the float64 sums are exact in any summation order."""
+    pytest.importorskip("torchvision")
+    from torch.utils.data import DataLoader
+
+    from pml_mutual.data import ImageListDataset, ProtocolTransform, load_cub
+    from pml_mutual.data.device_decode import EncodedImageDataset, collate_encoded
+    from pml_mutual.data.fixtures import write_cub_fixture
+    from pml_mutual.evaluation.stages import extract_embeddings
+
+    root = write_cub_fixture(tmp_path / "CUB_200_2011", [8] * 4, size=(500, 375))
+    items, _ = load_cub(root)
+    encoded = EncodedImageDataset(ImageListDataset(items, ProtocolTransform(False, "bgr255", 224)))
+    cuda = torch.device("cuda")
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.sums = []
+
+        def forward(self, x):
+            torch.cuda._sleep(50_000_000)  # the forward waits in the queue while the next batches decode
+            self.sums.append(x.double().sum(dim=(1, 2, 3)))
+            return self.conv(x).mean(dim=(2, 3))
+
+    model = Recorder().to(cuda)
+    loader = DataLoader(encoded, batch_size=4, collate_fn=collate_encoded)
+    extract_embeddings(model, loader, batch_size=8, device=cuda)
+    torch.cuda.synchronize()
+    seen = torch.cat(model.sums).cpu()
+    alone = []
+    for batch, _ in loader:
+        alone.append(batch.to(cuda).double().sum(dim=(1, 2, 3)).cpu())  # .cpu(): nothing left in flight
+    assert len(seen) == len(encoded) and torch.equal(seen, torch.cat(alone))
