@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from perf_step import build, timed  # noqa: E402
 
 from pml_mutual import OnlineConfig, OnlineLearner  # noqa: E402
+from pml_mutual.online import EMBED_DECODES  # noqa: E402
 from pml_mutual.data import ImageListDataset, ProtocolTransform, load_cub, stages_from_ends  # noqa: E402
 from pml_mutual.data.fixtures import write_cub_fixture  # noqa: E402
 from pml_mutual.data.loaders import train_loader  # noqa: E402
@@ -159,7 +160,7 @@ def main(argv=None):
     p.add_argument("--num-workers", type=int, default=14)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on for cuda")
-    p.add_argument("--embed-decode", choices=("workers", "device"), default="workers",
+    p.add_argument("--embed-decode", choices=EMBED_DECODES, default="workers",
                    help="where drift and evaluation decode JPEGs (OnlineConfig.embed_decode; device needs torchvision)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats of the pure step (default 20; --quick: 3)")
     p.add_argument("--rounds", type=int, default=1,

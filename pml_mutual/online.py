@@ -283,14 +283,14 @@ class OnlineLearner:
         # one stat per listed image, now: a missing file must not surface hours into training; the sizes
         # tell a run directory whether its images were replaced under the same paths
         self.image_file_sizes: dict[str, list[str]] = {}
-        for name, datasets in (("training", self.train_stages), ("prototype", self.prototype_stages), ("test", [test_dataset])):
-            checked = set()
-            for d in datasets:
-                base, _ = base_indices(d)
-                if isinstance(getattr(base, "items", None), ImageItems) and id(base) not in checked:
-                    checked.add(id(base))
-                    digest = identity.image_files_fingerprint(base.items, f"the {name} dataset")
-                    self.image_file_sizes.setdefault(name, []).append(digest)
+        digests: dict[int, str] = {}  # id(items) → digest: training and prototype datasets share their items
+        for name, base in self._named_bases(("training", self.train_stages), ("prototype", self.prototype_stages),
+                                            ("test", [test_dataset])):
+            items = getattr(base, "items", None)
+            if isinstance(items, ImageItems):
+                if id(items) not in digests:
+                    digests[id(items)] = identity.image_files_fingerprint(items, f"the {name} dataset")
+                self.image_file_sizes.setdefault(name, []).append(digests[id(items)])
         self.compensator = DriftCompensator(mode=self.config.drift_mode if self.method.drift else "none",
                                             similarity=self.config.drift_similarity)
         self.gallery = StoredGallery(self.config.drift_similarity) if self.config.gallery_report else None
@@ -317,18 +317,27 @@ class OnlineLearner:
             kwargs["prototype_stages"] = split_by_stage(kwargs.pop("prototype_dataset"), class_to_stage)
         return cls(model_factory, stages, test_dataset, **kwargs)
 
+    @staticmethod
+    def _named_bases(*groups: tuple[str, Sequence[Dataset]]):
+        """(name, base dataset) of each group's stage datasets, each base once per group."""
+        for name, datasets in groups:
+            seen = set()
+            for d in datasets:
+                base, _ = base_indices(d)
+                if id(base) not in seen:
+                    seen.add(id(base))
+                    yield name, base
+
     def _check_decodable_on_device(self) -> None:
         """embed_decode="device": torchvision present and every embedded dataset made of image files read
         through the test transform, or an error now, before any training."""
-        for name, datasets in (("prototype", self.prototype_stages), ("test", [self.test_dataset])):
-            for d in datasets:
-                base, _ = base_indices(d)
-                if not decodable_on_device(base):
-                    raise ValueError(
-                        f"embed_decode='device' needs the {name} dataset to be an ImageListDataset with a test "
-                        f"ProtocolTransform (train=False); got {type(base).__name__} with transform "
-                        f"{getattr(base, 'transform', None)!r}. Use embed_decode='workers' for it"
-                    )
+        for name, base in self._named_bases(("prototype", self.prototype_stages), ("test", [self.test_dataset])):
+            if not decodable_on_device(base):
+                raise ValueError(
+                    f"embed_decode='device' needs the {name} dataset to be an ImageListDataset with a test "
+                    f"ProtocolTransform (train=False); got {type(base).__name__} with transform "
+                    f"{getattr(base, 'transform', None)!r}. Use embed_decode='workers' for it"
+                )
         require_torchvision_decoder()
 
     # ----------------------------------------------------------------- the run

@@ -33,7 +33,7 @@ from .gallery import GALLERIES
 from .identity import file_sha256
 from .models.backbones import BACKBONES, BATCH, INPUT_SPACE, backbone_factory, check_image_size
 from .drift import DRIFT_MODES
-from .online import METHODS, OnlineConfig
+from .online import EMBED_DECODES, METHODS, OnlineConfig
 from .published import ONE_TASK, TABLES, published
 
 
@@ -108,7 +108,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--corr-direction", choices=["forward", "reverse"], default="forward",
                    help="'reverse' = the KL direction of the authors' code")
     p.add_argument("--image-size", type=int, default=None, help="crop size (default 224, smoke 32)")
-    p.add_argument("--embed-decode", choices=["workers", "device"], default="workers",
+    p.add_argument("--embed-decode", choices=EMBED_DECODES, default="workers",
                    help="where drift measurement and evaluation decode JPEGs: the DataLoader workers (Pillow) or the "
                         "run's device (torchvision; nvJPEG on a GPU, where worker decoding bounds those passes)")
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 autocast; float16 + GradScaler on GPUs without bfloat16)")
