@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     if distributed.is_main():
         final = summary["stages"][-1]
         print(f"ranks: {distributed.world_size()}  weights and drift identical across ranks: {ok}")
-        print(f"final Recall@1 all classes: {100 * final['all']['1']:.2f}  ({seconds:.1f}s)")
+        print(f"final Recall@1 all classes: {100 * final['all'][1]:.2f}  ({seconds:.1f}s)")
     del learner, model
     distributed.shutdown()
     return 0 if ok else 1

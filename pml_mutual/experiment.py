@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .online import OnlineConfig, OnlineLearner
+from .evaluation.results import recall_at
 
 
 def run_methods(
@@ -53,13 +54,13 @@ def run_methods(
 def final_row(summary: dict) -> tuple[float, float, float]:
     """(old, new, all) Recall@1 of the final model in percent; old = every stage before the last."""
     final = summary["stages"][-1]
-    return 100 * final["old"]["1"], 100 * final["new"]["1"], 100 * final["all"]["1"]
+    return 100 * recall_at(final["old"], 1), 100 * recall_at(final["new"], 1), 100 * recall_at(final["all"], 1)
 
 
 def per_stage_row(summary: dict) -> list[float]:
     """Final model's Recall@1 (%) on each stage's classes, then on all classes (the paper's Table 3 column)."""
     final = summary["stages"][-1]
-    return [100 * r["1"] for r in final["per_stage"]] + [100 * final["all"]["1"]]
+    return [100 * recall_at(r, 1) for r in final["per_stage"]] + [100 * recall_at(final["all"], 1)]
 
 
 def mean_std(values: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:

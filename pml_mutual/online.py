@@ -8,7 +8,9 @@ from its last epoch with the same command and ends with the same weights.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -16,16 +18,17 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from pytorch_metric_learning import losses as pml_losses
-from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from . import distributed, identity
+from .callbacks import ProgressPrinter, StageContext
+from .callbacks.base import fire
 from .checks import nonfinite_tensors
 from .data.device_decode import decodable_on_device, require_torchvision_decoder
 from .data.images import ImageItems
@@ -33,10 +36,11 @@ from .data.loaders import EmbeddingView, LoaderPool, base_indices
 from .data.stages import check_stages, dataset_labels, split_by_stage
 from .drift import DRIFT_MODES, SIMILARITIES, DriftCompensator
 from .evaluation import extract_embeddings, stage_recalls, summarize_run, to_markdown
-from .evaluation.results import stage_result_from_json, stage_result_to_json
+from .evaluation.results import stage_result_from_json, stage_result_to_json, with_int_keys
 from .gallery import StoredGallery
 from .losses import BatchHardTripletLoss, GramCorrelationLoss, MutualGramLoss
-from .run_dir import RunDirectory, RunDirectoryError, save_json
+from .losses.state import load_training_state, own_copy, trainable_parameters, training_state
+from .run_dir import RunDirectory, RunDirectoryError, save_json, write_atomic
 from .trainers import IncrementalTrainer
 
 LOGGER = logging.getLogger("pml_mutual")
@@ -158,6 +162,16 @@ class OnlineConfig:
         return d
 
 
+def check_model_factory(model_factory) -> None:
+    """A factory, not a network: the run builds several networks (F_p, F_s, the teacher, old checkpoints)."""
+    if isinstance(model_factory, torch.nn.Module):
+        raise TypeError(f"model_factory must build a new network on each call, got a {type(model_factory).__name__} "
+                        "instance: pass its class or a function, e.g. model_factory=lambda: MyNet(...)")
+    if not callable(model_factory):
+        raise TypeError(f"model_factory must be callable (a class or a function returning a torch.nn.Module), "
+                        f"got {type(model_factory).__name__}")
+
+
 def seed_everything(*keys: int) -> None:
     """Seed Python, NumPy (PML's samplers use the global NumPy RNG) and torch from a tuple of keys."""
     seed = int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
@@ -176,15 +190,52 @@ def adam(params, lr: float, weight_decay: float) -> torch.optim.Adam:
 
 
 def epoch_checkpoint(stage: int, epoch: int, models: dict, optimizers: dict, epoch_losses: list[dict],
-                     last: bool = False) -> dict:
+                     last: bool = False, losses: dict | None = None, schedulers: dict | None = None) -> dict:
     """What the stage loop checkpoints after an epoch (``in_progress.pt``): the trained networks' and the
-    optimisers' states and the loss log so far. After the stage's ``last`` epoch no step follows, so a
-    resume from it needs only the networks: Adam's two moments would triple what is copied and written."""
+    optimisers' states, the metric losses' trained state (weights, memory queues) and the LR schedulers',
+    and the loss log so far. After the stage's ``last`` epoch no step follows, so a resume from it needs
+    only the networks and losses: Adam's two moments would triple what is copied and written."""
     state = {"stage": stage, "epoch": epoch, "models": {k: m.state_dict() for k, m in models.items()},
              "epoch_losses": epoch_losses}
+    kept = {k: training_state(m) for k, m in (losses or {}).items()}
+    if any(kept.values()):  # absent for stateless losses: checkpoints of earlier versions look the same
+        state["losses"] = kept
     if not last:
         state["optimizers"] = {k: o.state_dict() for k, o in optimizers.items()}
+        if schedulers:
+            state["lr_schedulers"] = {k: sch.state_dict() for k, sch in schedulers.items()}
     return state
+
+
+LR_SCHEDULER_STEPS = ("epoch", "iteration")
+
+
+def default_optimizer(config: OnlineConfig) -> Callable:
+    """The paper's optimiser: :func:`adam` with ``config.lr`` and ``config.weight_decay``."""
+    return functools.partial(adam, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _json_safe(d: dict) -> dict:
+    return {k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v) for k, v in sorted(d.items())}
+
+
+def describe_optimization(optimizer: Callable, lr_scheduler: Callable | None) -> dict:
+    """Build the optimizer (and scheduler) on a probe parameter: a factory that does not return a torch
+    optimizer (or scheduler) fails here, before training, and the settings they hold (class, defaults,
+    scheduler state) describe them in the run's identity."""
+    probe = torch.nn.Parameter(torch.zeros(1))
+    opt = optimizer([probe])
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a callable params → torch.optim.Optimizer (e.g. "
+                        f"functools.partial(torch.optim.SGD, lr=0.01)); it returned {type(opt).__name__}")
+    out = {"optimizer": {"class": type(opt).__qualname__, "defaults": _json_safe(opt.defaults)}}
+    if lr_scheduler is not None:
+        sch = lr_scheduler(opt)
+        if not (hasattr(sch, "step") and hasattr(sch, "state_dict") and hasattr(sch, "load_state_dict")):
+            raise TypeError(f"lr_scheduler must be a callable optimizer → torch.optim.lr_scheduler.LRScheduler (e.g. "
+                            f"functools.partial(CosineAnnealingLR, T_max=10)); it returned {type(sch).__name__}")
+        out["lr_scheduler"] = {"class": type(sch).__qualname__, "state": _json_safe(sch.state_dict())}
+    return out
 
 
 class OnlineLearner:
@@ -232,7 +283,14 @@ class OnlineLearner:
         quiet: bool = False,
         identity_tags: dict | None = None,
         fresh: bool = False,
+        optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
+        lr_scheduler_step: str = "epoch",
+        callbacks: Sequence = (),
     ):
+        check_model_factory(model_factory)
+        if config is not None and not isinstance(config, OnlineConfig):
+            raise TypeError(f"config must be an OnlineConfig, got {type(config).__name__}")
         self.config = config or OnlineConfig()
         self.method = METHODS[self.config.method]
         self.model_factory = model_factory
@@ -250,11 +308,28 @@ class OnlineLearner:
             metric_loss = BatchHardTripletLoss(margin=self.config.triplet_margin)
         elif metric_loss is None:
             metric_loss = pml_losses.TripletMarginLoss(margin=self.config.triplet_margin)
-        self_mining = isinstance(metric_loss, BatchHardTripletLoss)
-        if self_mining and miner is not None:
+        if isinstance(metric_loss, BatchHardTripletLoss) and miner is not None:
             raise ValueError("BatchHardTripletLoss mines its own triplets: pass miner=None with it")
-        self.metric_loss = metric_loss
-        self.miner = miner if miner is not None or self_mining else pml_miners.BatchHardMiner()
+        if trainable_parameters(miner):
+            raise ValueError(f"the miner ({type(miner).__name__}) has trainable parameters; the stage loop trains "
+                             "networks and the metric loss only: pass a miner without parameters")
+        # PML's semantics: a loss given without a miner sees every tuple of the batch
+        self.metric_loss, self.miner = metric_loss, miner
+        # F_s starts from the loss as given (support_init="fresh"): kept apart before any stage trains it
+        self._initial_metric_loss = own_copy(metric_loss)
+        lr_defaults = OnlineConfig()
+        if optimizer is not None and (self.config.lr, self.config.weight_decay) != (lr_defaults.lr, lr_defaults.weight_decay):
+            raise ValueError("OnlineConfig.lr and weight_decay configure the default Adam; with optimizer= set them in "
+                             "the optimizer factory (e.g. functools.partial(torch.optim.SGD, lr=0.01, weight_decay=5e-4))")
+        if lr_scheduler_step not in LR_SCHEDULER_STEPS:
+            raise ValueError(f"lr_scheduler_step must be one of {LR_SCHEDULER_STEPS}, got {lr_scheduler_step!r}")
+        self.optimizer_factory = optimizer if optimizer is not None else default_optimizer(self.config)
+        self.lr_scheduler_factory, self.lr_scheduler_step = lr_scheduler, lr_scheduler_step
+        self.optimization = describe_optimization(self.optimizer_factory, lr_scheduler) if optimizer or lr_scheduler else None
+        self.callbacks = list(callbacks) + ([] if quiet or not distributed.is_main() else [ProgressPrinter()])
+        for c in self.callbacks:
+            if not all(callable(getattr(c, e, None)) for e in ("before_stage", "after_stage", "after_run")):
+                raise TypeError(f"callbacks must be pml_mutual.callbacks.Callback instances, got {type(c).__name__}")
         self.initial_state_dict = initial_state_dict
         bad = nonfinite_tensors(initial_state_dict) if initial_state_dict is not None else []
         if bad:
@@ -355,32 +430,48 @@ class OnlineLearner:
         start = self._resume()
         self._start_loader_workers(start)
         for stage in range(start, len(self.train_stages)):
+            ctx = self.context = self._new_context(stage)
+            self._fire("before_stage")
             t0 = time.perf_counter()
             epoch_losses = self._train_stage(stage)
             t_train = time.perf_counter()
             self._measure_drift(stage)
             t_drift = time.perf_counter()
+            self._fire("after_drift")
             self.phase = "eval"
-            results = self._evaluate(stage)
+            results = ctx.results = self._evaluate(stage)
             t_eval = time.perf_counter()
             self.phase_seconds = {"train": t_train - t0, "drift": t_drift - t_train, "eval": t_eval - t_drift}
+            self._fire("after_eval")
             self._save_stage(stage, results, epoch_losses, t_eval - t0)
             self.phase_seconds["save"] = time.perf_counter() - t_eval
-            seconds = time.perf_counter() - t0
-            if not self.quiet:
-                fmt = lambda r: "  –  " if r is None else f"{100 * r[1]:5.1f}"  # noqa: E731
-                print(
-                    f"[{self.config.method}] stage {stage}: R@1 old {fmt(results['old'])} new {fmt(results['new'])} "
-                    f"all {fmt(results['all'])}  ({seconds:.1f}s)",
-                    flush=True,
-                )
+            ctx.seconds = dict(self.phase_seconds, total=time.perf_counter() - t0)
+            ctx.global_step = self._steps_before(stage + 1)
+            self._fire("after_stage")
         summary = summarize_run(self.stage_results, method=self.config.method, ks=self.config.ks)
         summary["stage_logs"] = self.stage_logs
         if distributed.is_main():
             save_json(summary, self.run_dir / "results.json")
-            (self.run_dir / "results.md").write_text(to_markdown(summary) + "\n")
+            write_atomic((to_markdown(summary) + "\n").encode(), self.run_dir / "results.md")
         distributed.barrier()
+        summary = with_int_keys(summary)
+        last = len(self.train_stages) - 1
+        self.context = dataclasses.replace(self._new_context(last), global_step=self._steps_before(last + 1),
+                                           summary=summary, results=self.stage_results[-1])
+        self._fire("after_run")
         return summary
+
+    # ----------------------------------------------------------------- callbacks
+    def _new_context(self, stage: int) -> StageContext:
+        return StageContext(learner=self, stage=stage, num_stages=len(self.train_stages), method=self.config.method,
+                            global_step=self._steps_before(stage))
+
+    def _fire(self, event: str) -> None:
+        fire(self.callbacks, event, self.context)
+
+    def _steps_before(self, stage: int) -> int:
+        """Training iterations of stages before ``stage``: the global step at its start."""
+        return sum(self._epochs(s) * self.config.iterations_per_epoch for s in range(stage) if self._trains(s))
 
     # ----------------------------------------------------------------- one stage
     def _train_stage(self, stage: int) -> list[dict]:
@@ -407,13 +498,17 @@ class OnlineLearner:
             self._student = student
             return []
         models = {"trunk": student}
-        loss_funcs = {"metric_loss": self.metric_loss}
+        loss_funcs = {"metric_loss": self.metric_loss.to(self.device)}
         weights = {"metric_loss": cfg.lambda_metric}
         if stage > 0 and method.support:
             support = self.new_model()
             if cfg.support_init == "teacher":
                 support.load_state_dict(teacher.state_dict())
             models["support_trunk"] = support
+            # F_s's own metric loss (and miner): from the loss as given when F_s starts fresh, from F_p's
+            # when it starts as the teacher
+            start_loss = self.metric_loss if cfg.support_init == "teacher" else self._initial_metric_loss
+            loss_funcs["support_metric_loss"] = own_copy(start_loss).to(self.device)
             loss_funcs["mutual_loss"] = MutualGramLoss(temperature=cfg.temperature, mode=cfg.mutual_mode)
             weights.update(support_metric_loss=cfg.lambda_metric, mutual_loss=cfg.lambda_mutual)
         if stage > 0 and method.teacher:
@@ -422,10 +517,19 @@ class OnlineLearner:
             weights["correlation_loss"] = cfg.lambda_corr
         del teacher  # held by ``models`` only if the method distils from it
         trained = [k for k in models if k != "teacher_trunk"]
-        optimizers = {
-            f"{k}_optimizer": adam(models[k].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-            for k in trained
-        }
+        trained_losses = [k for k in ("metric_loss", "support_metric_loss") if k in loss_funcs]
+        optimizers = {f"{k}_optimizer": self.optimizer_factory(models[k].parameters()) for k in trained}
+        # a loss's parameters (ArcFace's W, proxies) are trained with their network, by the same optimiser
+        optimizers.update({f"{k}_optimizer": self.optimizer_factory(trainable_parameters(loss_funcs[k]))
+                           for k in trained_losses if trainable_parameters(loss_funcs[k])})
+        suffix = f"_scheduler_by_{self.lr_scheduler_step}"  # PML's key for a scheduler stepped per epoch / iteration
+        schedulers = {} if self.lr_scheduler_factory is None else {
+            k.removesuffix("_optimizer") + suffix: self.lr_scheduler_factory(o) for k, o in optimizers.items()}
+        mining = {}
+        if self.miner is not None:
+            mining["tuple_miner"] = self.miner
+            if "support_trunk" in models:
+                mining["support_tuple_miner"] = own_copy(self.miner)
         dataset = self._training_dataset(stage)
         labels = dataset_labels(dataset)
 
@@ -435,7 +539,8 @@ class OnlineLearner:
                 return distributed.DistributedMPerClassSampler(labels, cfg.m_per_class, cfg.batch_size, length)
             return MPerClassSampler(labels, cfg.m_per_class, cfg.batch_size, length_before_new_iter=length)
         epochs = self._epochs(stage)
-        done_epochs, epoch_losses = self._load_epoch_checkpoint(stage, models, optimizers)
+        done_epochs, epoch_losses = self._load_epoch_checkpoint(stage, models, optimizers,
+                                                                {k: loss_funcs[k] for k in trained_losses}, schedulers)
         start_epoch = done_epochs + 1
         use_virtual = method.virtual and self.compensator.num_stages >= 2
 
@@ -448,17 +553,24 @@ class OnlineLearner:
         def epoch_end(trainer):
             epoch_losses.append(dict(trainer.epoch_losses, epoch=trainer.epoch))
             state = epoch_checkpoint(stage, trainer.epoch, {k: models[k] for k in trained}, optimizers, epoch_losses,
-                                     last=trainer.epoch == epochs)
+                                     last=trainer.epoch == epochs, losses={k: loss_funcs[k] for k in trained_losses},
+                                     schedulers=schedulers)
             # written by a background thread from a CPU snapshot: the next epoch does not wait for the disk
             self.directory.save_in_background(state)
+            ctx = self.context
+            ctx.epoch, ctx.epochs, ctx.epoch_losses = trainer.epoch, epochs, dict(trainer.epoch_losses)
+            ctx.learning_rates = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}
+            ctx.global_step = self._steps_before(stage) + trainer.epoch * cfg.iterations_per_epoch
+            self._fire("after_epoch")
 
         trainer = IncrementalTrainer(
             models=self._wrap_for_ranks(models, trained),
             optimizers=optimizers,
+            lr_schedulers=schedulers,
             batch_size=cfg.batch_size,
             loss_funcs=loss_funcs,
             dataset=dataset,
-            mining_funcs={"tuple_miner": self.miner} if self.miner else {},
+            mining_funcs=mining,
             iterations_per_epoch=cfg.iterations_per_epoch,
             sampler=new_sampler(),
             dataloader_num_workers=cfg.num_workers,
@@ -476,8 +588,12 @@ class OnlineLearner:
         )
         if self.trainer_hook is not None:
             self.trainer_hook(stage, trainer)
+        self.context.trainer = trainer
+        self._fire("before_train")
         if start_epoch <= epochs:
             trainer.train(start_epoch, epochs)
+        self._fire("after_train")
+        self.context.trainer = None
         # the last epoch's checkpoint goes on writing during drift and evaluation; save_stage waits for it
         self._student = student
         self._teacher = models.get("teacher_trunk")  # drift measurement embeds with it instead of reloading it
@@ -643,6 +759,12 @@ class OnlineLearner:
             "initial_weights": identity.state_dict_sha256(self.initial_state_dict),
             "tags": self.identity_tags,
         }
+        # added later, only where not the default: run directories of earlier versions stay resumable
+        if self.optimization is not None:
+            ident["optimization"] = dict(self.optimization, lr_scheduler_step=self.lr_scheduler_step)
+        if training_state(self._initial_metric_loss):
+            ident["metric_loss_state"] = identity.state_dict_sha256(
+                {k: v for k, v in training_state(self._initial_metric_loss).items() if torch.is_tensor(v)})
         if distributed.world_size() > 1:
             ident["world_size"] = distributed.world_size()
         return ident
@@ -659,6 +781,9 @@ class OnlineLearner:
 
     def _save_stage(self, stage: int, results: dict, epoch_losses: list[dict], seconds: float) -> None:
         files = {"model.pt": self._student.state_dict(), "drift.pt": self.compensator.state_dict()}
+        loss_state = training_state(self.metric_loss)
+        if loss_state:  # F_p's metric loss goes on training with it in the next stage
+            files["metric_loss.pt"] = loss_state
         if self.gallery is not None:
             files["gallery.pt"] = self.gallery.stage_state(stage)
         log = {"stage": stage, "epoch_losses": epoch_losses, "seconds": seconds, "phase_seconds": dict(self.phase_seconds)}
@@ -681,13 +806,16 @@ class OnlineLearner:
         stage = len(done)
         if stage > 0:
             self.compensator.load_state_dict(self.directory.load_stage_file(stage - 1, "drift.pt"))
+            if training_state(self.metric_loss):
+                load_training_state(self.metric_loss, self.directory.load_stage_file(stage - 1, "metric_loss.pt"))
             if self.gallery is not None:
                 self.gallery.load_stage_states([self.directory.load_stage_file(b, "gallery.pt") for b in range(stage)])
             if not self.quiet:
                 print(f"[{self.config.method}] resuming {self.run_dir} at stage {stage}", flush=True)
         return stage
 
-    def _load_epoch_checkpoint(self, stage: int, models: dict, optimizers: dict) -> tuple[int, list[dict]]:
+    def _load_epoch_checkpoint(self, stage: int, models: dict, optimizers: dict, losses: dict,
+                               schedulers: dict) -> tuple[int, list[dict]]:
         """Restore the last finished epoch of ``stage`` if the run was interrupted in it.
 
         Returns (that epoch, the per-epoch loss log so far); (0, []) when the stage starts afresh.
@@ -703,6 +831,11 @@ class OnlineLearner:
             models[k].load_state_dict(sd)
         for k, sd in state.get("optimizers", {}).items():  # none after the last epoch: no step follows
             optimizers[k].load_state_dict(sd)
+        for k, sd in state.get("losses", {}).items():
+            if sd:
+                load_training_state(losses[k], sd)
+        for k, sd in state.get("lr_schedulers", {}).items():
+            schedulers[k].load_state_dict(sd)
         if not self.quiet:
             print(f"[{self.config.method}] resuming stage {stage} after epoch {state['epoch']}", flush=True)
         return int(state["epoch"]), list(state["epoch_losses"])

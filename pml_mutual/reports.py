@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .evaluation.results import GALLERY_COLUMNS
+from .evaluation.results import GALLERY_COLUMNS, recall_at
 
 
 def _pyplot():
@@ -72,7 +72,7 @@ def plot_stage_curves(summary: dict, path: str | os.PathLike) -> Path:
     stages = np.arange(len(R))
     for j in range(len(R)):
         ax.plot(stages[j:], R[j:, j], marker="o", label=f"stage {j} classes")
-    ax.plot(stages, [100 * s["all"]["1"] for s in summary["stages"]], "k--", marker="s", label="all seen classes")
+    ax.plot(stages, [100 * recall_at(s["all"], 1) for s in summary["stages"]], "k--", marker="s", label="all seen classes")
     ax.set_xlabel("after training stage")
     ax.set_ylabel("Recall@1 (%)")
     ax.set_xticks(stages)
@@ -89,8 +89,8 @@ def plot_methods(summaries: Mapping[str, dict], path: str | os.PathLike) -> Path
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for method, summary in summaries.items():
         final = summary["stages"][-1]["per_stage"]
-        left.plot(range(len(final)), [100 * r["1"] for r in final], marker="o", label=method)
-        right.plot(range(len(summary["stages"])), [100 * s["all"]["1"] for s in summary["stages"]], marker="o", label=method)
+        left.plot(range(len(final)), [100 * recall_at(r, 1) for r in final], marker="o", label=method)
+        right.plot(range(len(summary["stages"])), [100 * recall_at(s["all"], 1) for s in summary["stages"]], marker="o", label=method)
     left.set_xlabel("classes of stage")
     left.set_ylabel("Recall@1 (%) of the final model")
     right.set_xlabel("after training stage")
@@ -121,7 +121,7 @@ def plot_gallery(summaries: Mapping[str, dict] | dict, path: str | os.PathLike) 
     for ax, (method, summary) in zip(axes[0], summaries.items()):
         stages = [s for s in summary["stages"] if "gallery" in s]
         for name, label in GALLERY_COLUMNS:
-            ax.plot([s["stage"] for s in stages], [100 * s["gallery"][name]["all"]["1"] for s in stages],
+            ax.plot([s["stage"] for s in stages], [100 * recall_at(s["gallery"][name]["all"], 1) for s in stages],
                     marker=GALLERY_MARKERS[name], label=label)
         ax.set_xlabel("after training stage")
         ax.set_ylabel("Recall@1 (%), all seen classes")

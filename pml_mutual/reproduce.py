@@ -35,6 +35,7 @@ from .models.backbones import BACKBONES, BATCH, INPUT_SPACE, backbone_factory, c
 from .drift import DRIFT_MODES
 from .online import EMBED_DECODES, METHODS, OnlineConfig
 from .published import ONE_TASK, TABLES, published
+from .evaluation.results import recall_at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +301,7 @@ def result_row(dataset: str, args, method: str, seed: int, summary: dict) -> dic
 def final_gallery_row(summary: dict) -> dict:
     """The last stage's gallery report: all-class Recall@1 (%) of each gallery, and the update seconds."""
     g = summary["stages"][-1]["gallery"]
-    return {**{name: 100 * g[name]["all"]["1"] for name in GALLERIES}, "seconds": g["seconds"]}
+    return {**{name: 100 * recall_at(g[name]["all"], 1) for name in GALLERIES}, "seconds": g["seconds"]}
 
 
 def format_gallery(rows: list[dict]) -> str:

@@ -83,7 +83,7 @@ def test_amp_run_on_cuda_scales_float16_only_and_learns(tmp_path):
         IncrementalTrainer.custom_setup = original
     bf16 = autocast_dtype(torch.device(DEVICE)) == torch.bfloat16
     assert scalers and all((s is None) == bf16 for s in scalers)
-    final = summary["stages"][-1]["all"]["1"]
+    final = summary["stages"][-1]["all"][1]
     assert np.isfinite(final) and final > 0.5  # 10 classes: chance is 0.1
 
 
@@ -173,9 +173,9 @@ def test_gallery_report_and_chained_learned_maps_on_cuda(tmp_path):
                                                   config=cfg, run_dir=tmp_path, quiet=True).run()
     for s in summary["stages"]:
         g = s["gallery"]
-        assert g["reembedded"]["all"]["1"] == pytest.approx(s["all"]["1"], abs=1 / 300)
-        assert all(0 <= g[n]["all"]["1"] <= 1 for n in GALLERIES)
-    assert np.isfinite(summary["stages"][-1]["all"]["1"])
+        assert g["reembedded"]["all"][1] == pytest.approx(s["all"][1], abs=1 / 300)
+        assert all(0 <= g[n]["all"][1] <= 1 for n in GALLERIES)
+    assert np.isfinite(summary["stages"][-1]["all"][1])
 
 
 def test_perf_e2e_perf_checkpoint_and_perf_extract_run_on_cuda(tmp_path):

@@ -16,6 +16,7 @@ from torch.utils.data import Subset, TensorDataset
 
 from pml_mutual import METHODS, IncrementalTrainer, OnlineConfig, OnlineLearner
 from pml_mutual.data import load_digits_splits, split_by_stage, stage_assignment
+from pml_mutual.evaluation.results import stage_results_from_summary
 from pml_mutual.models import EmbeddingMLP
 
 HELPER = Path(__file__).parent / "helpers" / "resumable_run.py"
@@ -45,7 +46,7 @@ def test_every_method_runs_one_task_and_multi_task(digits, tmp_path, method, fir
     assert len(summary["stages"]) == n_stages
     assert len(summary["accuracy_matrix"]) == n_stages
     final = summary["stages"][-1]
-    assert 0 < final["all"]["1"] <= final["all"]["2"] <= 1
+    assert 0 < final["all"][1] <= final["all"][2] <= 1
     assert (tmp_path / "results.json").is_file() and (tmp_path / "results.md").is_file()
     for s in range(n_stages):
         assert (tmp_path / f"stage_{s:03d}" / "model.pt").is_file()
@@ -109,7 +110,7 @@ def test_trainer_hook_sees_each_training_stage_trainer_before_it_trains(digits, 
     assert same(trainer.models["trunk"].state_dict(), final)  # the trainer that trained the saved model
 
 
-def test_default_metric_loss_mines_on_the_device_and_a_given_loss_keeps_pml_batch_hard_miner(digits, tmp_path):
+def test_default_metric_loss_mines_on_the_device_and_a_given_loss_gets_no_miner_it_was_not_given(digits, tmp_path):
     from pytorch_metric_learning import losses, miners
 
     from pml_mutual.losses import BatchHardTripletLoss
@@ -122,7 +123,9 @@ def test_default_metric_loss_mines_on_the_device_and_a_given_loss_keeps_pml_batc
     assert isinstance(default.metric_loss, BatchHardTripletLoss) and default.miner is None
     assert default.metric_loss.margin == 0.3
     given = make(metric_loss=losses.TripletMarginLoss(margin=0.2))
-    assert isinstance(given.miner, miners.BatchHardMiner)
+    assert given.miner is None  # PML's semantics: every triplet of the batch, not a miner nobody asked for
+    mined = make(metric_loss=losses.TripletMarginLoss(margin=0.2), miner=miners.MultiSimilarityMiner())
+    assert isinstance(mined.miner, miners.MultiSimilarityMiner)
     with pytest.raises(ValueError, match="mines its own triplets"):
         make(metric_loss=BatchHardTripletLoss(), miner=miners.BatchHardMiner())
 
@@ -257,7 +260,8 @@ def test_one_shared_initial_model(digits, tmp_path):
     )
     summary = other.run()
     assert same(torch.load(tmp_path / "b" / "stage_000" / "model.pt", weights_only=True), weights)
-    assert summary["stages"][0]["all"] == json.loads((tmp_path / "a" / "results.json").read_text())["stages"][0]["all"]
+    recorded = json.loads((tmp_path / "a" / "results.json").read_text())["stages"][0]["all"]
+    assert summary["stages"][0]["all"] == {int(k): v for k, v in recorded.items()}
 
 
 def _final_weights(run_dir):
@@ -333,7 +337,7 @@ def test_the_last_epochs_checkpoint_holds_only_the_networks_and_a_resume_from_it
     assert trained == []  # stage 1 resumed after its last epoch
     assert same(torch.load(run / "stage_001" / "model.pt", weights_only=True),
                 torch.load(tmp_path / "ref" / "stage_001" / "model.pt", weights_only=True))
-    assert summary["stages"] == json.loads((tmp_path / "ref" / "results.json").read_text())["stages"]
+    assert summary["stages"] == stage_results_from_summary(json.loads((tmp_path / "ref" / "results.json").read_text()))
 
     # a checkpoint without optimizer state before the last epoch is damaged: named, not trained from
     (run / "stage_001" / "stage.json").unlink()

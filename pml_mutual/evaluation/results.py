@@ -79,6 +79,14 @@ def summarize_run(stage_results: Sequence[dict], method: str = "", ks: Sequence[
     }
 
 
+def with_int_keys(summary: dict) -> dict:
+    """The results document as the Python API returns it: every Recall@K record keyed by integer K (JSON
+    files hold strings)."""
+    out = dict(summary)
+    out["stages"] = [map_recalls(s, _keys_to_int) for s in summary["stages"]]
+    return out
+
+
 def stage_results_from_summary(summary: dict) -> list[dict]:
     """The per-stage results back with integer K keys (inverse of :func:`summarize_run`)."""
     return [stage_result_from_json(s) for s in summary["stages"]]
@@ -104,7 +112,12 @@ def load_json(path: str | os.PathLike) -> dict:
 
 
 def _pct(rec, k=1):
-    return "–" if rec is None else f"{100 * rec[str(k)]:.2f}"
+    return "–" if rec is None else f"{100 * recall_at(rec, k):.2f}"
+
+
+def recall_at(rec: dict, k: int) -> float:
+    """Recall@k of a record keyed by integer K (Python) or by string K (JSON)."""
+    return rec[k] if k in rec else rec[str(k)]
 
 
 def to_markdown(summary: dict, k: int = 1) -> str:
@@ -125,8 +138,8 @@ def to_markdown(summary: dict, k: int = 1) -> str:
         "|---" * (len(final["per_stage"]) + 2) + "|",
         "| Recall@%d | " % k + " | ".join(_pct(r, k) for r in final["per_stage"]) + f" | {_pct(final['all'], k)} |",
         "",
-        f"average forgetting: {100 * summary['average_forgetting']:.2f} · "
-        f"backward transfer: {100 * summary['backward_transfer']:.2f}",
+        f"average forgetting: {100 * summary['average_forgetting']:.2f} pp · "
+        f"backward transfer: {100 * summary['backward_transfer']:+.2f} pp (Recall@1, percentage points)",
     ]
     if any("gallery" in s for s in summary["stages"]):
         lines += ["", *gallery_markdown(summary, k)]
@@ -149,8 +162,8 @@ def gallery_markdown(summary: dict, k: int = 1) -> list[str]:
         if g is None:
             continue
         cells = [_pct(g[name]["all"], k) for name, _ in GALLERY_COLUMNS]
-        gap = g["reembedded"]["all"][str(k)] - g["stored"]["all"][str(k)]
-        recovered = "–" if abs(gap) < 1e-12 else f"{100 * (g['learned']['all'][str(k)] - g['stored']['all'][str(k)]) / gap:.0f} %"
+        gap = recall_at(g["reembedded"]["all"], k) - recall_at(g["stored"]["all"], k)
+        recovered = "–" if abs(gap) < 1e-12 else f"{100 * (recall_at(g['learned']['all'], k) - recall_at(g['stored']['all'], k)) / gap:.0f} %"
         sec = g["seconds"]
         ratio = f"{sec['learned']:.3g} / {sec['reembed']:.3g}" if "reembed" in sec else f"{sec['learned']:.3g} / –"
         lines.append(f"| {s['stage']} | " + " | ".join(cells) + f" | {recovered} | {ratio} |")

@@ -12,6 +12,7 @@ from .. import distributed
 from ..data.loaders import train_loader
 from ..evaluation.stages import autocast_dtype
 from ..losses.gram_distillation import gram_distillation_losses
+from ..losses.state import own_copy, trainable_parameters
 
 LOGGER = logging.getLogger("pml_mutual")
 
@@ -86,7 +87,12 @@ class IncrementalTrainer(MetricLossOnly):
             if present:
                 self.models.setdefault(f"{prefix}_embedder", torch.nn.Identity())
         if self.has_support:
-            self.loss_funcs.setdefault("support_metric_loss", self.loss_funcs["metric_loss"])
+            # F_s trains its own copy: one ArcFace W updated by two networks, or one memory queue filled
+            # with both students' embeddings, would be another loss than the paper's two triplet terms
+            if "support_metric_loss" not in self.loss_funcs:
+                self.loss_funcs["support_metric_loss"] = own_copy(self.loss_funcs["metric_loss"])
+            if "tuple_miner" in self.mining_funcs and "support_tuple_miner" not in self.mining_funcs:
+                self.mining_funcs["support_tuple_miner"] = own_copy(self.mining_funcs["tuple_miner"])
         required = {"correlation_loss": self.has_teacher, "mutual_loss": self.has_support}
         for name, needed in required.items():
             if needed and name not in self.loss_funcs:
@@ -94,6 +100,7 @@ class IncrementalTrainer(MetricLossOnly):
             if not needed and name in self.loss_funcs:
                 raise ValueError(f"loss_funcs has {name!r} but models has no {'teacher' if name[0] == 'c' else 'support'}_trunk")
         self.loss_names = list(self.loss_funcs.keys())
+        self.refuse_untrained_loss_parameters()
         self.initialize_data_device()  # PML resolves data_device=None only after custom_setup
         self.device_type = torch.device(self.data_device).type
         self.autocast_dtype = autocast_dtype(torch.device(self.data_device))
@@ -103,19 +110,35 @@ class IncrementalTrainer(MetricLossOnly):
         if self.has_teacher:
             self.freeze_these = tuple(set(self.freeze_these) | set(TEACHER))
 
+    def refuse_untrained_loss_parameters(self):
+        """A loss with trainable parameters (ArcFace, ProxyAnchor, ...) needs an optimizer of its own
+        (``<loss name>_optimizer``, as in PML), or must be frozen: its weights would stay at their random
+        start."""
+        for name, loss in self.loss_funcs.items():
+            if trainable_parameters(loss) and f"{name}_optimizer" not in self.optimizers and name not in self.freeze_these:
+                raise ValueError(
+                    f"loss_funcs[{name!r}] ({type(loss).__name__}) has trainable parameters but optimizers has no "
+                    f"{name + '_optimizer'!r}: pass one (e.g. torch.optim.SGD(loss.parameters(), lr=...)) or name "
+                    f"{name!r} in freeze_these"
+                )
+
     def modify_schema(self):
         students = ["trunk", "embedder"] + list(SUPPORT)
+        losses = ["metric_loss", "support_metric_loss", "correlation_loss", "mutual_loss"]
         # Optional models and losses are absent on purpose (fine-tuning has only "trunk"): no warnings.
         self.schema["models"] = KeyChecker(students + list(TEACHER), essential=["trunk"], important=[])
-        self.schema["loss_funcs"] = KeyChecker(
-            ["metric_loss", "support_metric_loss", "correlation_loss", "mutual_loss"],
-            essential=["metric_loss"],
-            important=[],
-        )
+        self.schema["loss_funcs"] = KeyChecker(losses, essential=["metric_loss"], important=[])
+        self.schema["mining_funcs"] = KeyChecker(
+            ["subset_batch_miner", "tuple_miner", "support_tuple_miner"], warn_empty=False, important=[])
         trained = ["trunk"] + (["support_trunk"] if "support_trunk" in self.models else [])
+        # as PML's trainers: an optimizer and LR schedulers (by iteration, epoch or plateau) for any model
+        # or loss the trainer holds
         self.schema["optimizers"] = KeyChecker(
-            [f"{k}_optimizer" for k in students], important=[f"{k}_optimizer" for k in trained]
+            [f"{k}_optimizer" for k in students + losses], important=[f"{k}_optimizer" for k in trained]
         )
+        suffixes = self.allowed_lr_scheduler_key_suffixes.values()
+        self.schema["lr_schedulers"] = KeyChecker(
+            [k + s for s in suffixes for k in students + losses], warn_empty=False, important=[])
 
     def calculate_loss(self, curr_batch):
         # AMP: the networks run under autocast (bfloat16; float16 + GradScaler on GPUs without it);
@@ -170,7 +193,8 @@ class IncrementalTrainer(MetricLossOnly):
         self.grad_scaler.update()
 
     def metric_loss(self, embeddings, labels, name="metric_loss"):
-        indices_tuple = self.maybe_mine_embeddings(embeddings, labels)
+        miner = self.mining_funcs.get("support_tuple_miner" if name.startswith("support_") else "tuple_miner")
+        indices_tuple = miner(embeddings, labels) if miner is not None else None
         return self.loss_funcs[name](embeddings, labels, indices_tuple)
 
     def compute_embeddings(self, data, prefix: str = ""):
