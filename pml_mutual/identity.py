@@ -7,6 +7,9 @@ the numbers of an earlier run.
 from __future__ import annotations
 
 import hashlib
+import inspect
+import random
+import types
 import warnings
 
 import numpy as np
@@ -69,12 +72,17 @@ def factory_fingerprint(factory) -> str:
     and dtypes need no weights, and a random initialisation costs 0.3 s (ResNet-50) to 1.3 s (ViT-B/16)
     of CPU per run, 0.04–0.08 s there. A factory that cannot build there (it reads a weight's value,
     say) is called on the CPU instead."""
+    return model_fingerprint(build_for_fingerprint(factory))
+
+
+def build_for_fingerprint(factory) -> torch.nn.Module:
+    """One network from ``factory`` on the meta device (no weights), or on the CPU when it cannot build there."""
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")  # weights loaded into meta tensors: a no-op, warned once per tensor
-            return model_fingerprint(factory())
+            return factory()
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return model_fingerprint(factory())
+        return factory()
 
 
 def describe(obj) -> dict | None:
@@ -112,3 +120,105 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _code_parts(code: types.CodeType):
+    """A function's compiled code without its line numbers or file (moving code is not changing it)."""
+    yield code.co_code
+    yield repr(code.co_names)
+    yield repr(code.co_varnames)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            yield from _code_parts(c)
+        else:
+            yield repr(c)
+
+
+def _is_torch_class(cls: type) -> bool:
+    return cls.__module__.split(".")[0] in ("torch", "builtins", "torchvision")
+
+
+def class_code_fingerprint(cls: type) -> str:
+    """The compiled code of every function a class and its non-torch bases define (``forward`` and helpers):
+    an edited activation inside ``forward`` changes it. torch's own classes count by name only, so a torch
+    upgrade does not change it; the Python version does (bytecode)."""
+    parts = []
+    for klass in inspect.getmro(cls):
+        if klass is object or _is_torch_class(klass):
+            continue
+        parts.append(klass.__qualname__)
+        for name, attr in sorted(vars(klass).items()):
+            fn = getattr(attr, "__func__", attr)
+            if isinstance(fn, types.FunctionType):
+                parts += [name, *_code_parts(fn.__code__)]
+    return _sha(*parts)
+
+
+def model_code_fingerprint(model: torch.nn.Module, factory=None) -> str:
+    """What :func:`model_fingerprint` cannot see: every submodule's type and settings (``extra_repr``: an
+    activation swapped for another, a dropout rate) and the code of the non-torch module classes and of the
+    ``factory`` function that built ``model`` (e.g. by :func:`build_for_fingerprint`)."""
+    parts = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        parts += [name, f"{cls.__module__}.{cls.__qualname__}", module.extra_repr()]
+    classes = {type(m) for m in model.modules() if not _is_torch_class(type(m))}
+    parts += [class_code_fingerprint(c) for c in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}")]
+    fn = getattr(factory, "func", factory)  # functools.partial: its function (its arguments show in the shapes)
+    if isinstance(fn, types.FunctionType):
+        parts.append(_sha(*_code_parts(fn.__code__)))
+    return _sha(*parts)
+
+
+def _value_bytes(x, out: list) -> None:
+    if torch.is_tensor(x):
+        x = x.detach().cpu().contiguous()
+        out += [f"{x.dtype}{tuple(x.shape)}", x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b""]
+    elif isinstance(x, np.ndarray):
+        out += [f"{x.dtype}{x.shape}", np.ascontiguousarray(x).tobytes()]
+    elif isinstance(x, (list, tuple)):
+        out.append(f"{type(x).__name__}{len(x)}")
+        for v in x:
+            _value_bytes(v, out)
+    elif isinstance(x, dict):
+        for k in sorted(x, key=str):
+            out.append(str(k))
+            _value_bytes(x[k], out)
+    elif hasattr(x, "tobytes"):  # PIL images
+        out += [f"{type(x).__name__}{getattr(x, 'size', '')}{getattr(x, 'mode', '')}", x.tobytes()]
+    else:
+        out.append(repr(x))
+
+
+SAMPLE_ITEMS = 64
+
+
+def item_sample_fingerprint(dataset, n: int = SAMPLE_ITEMS, seed: int = 0) -> str:
+    """A hash of what ``dataset[i]`` returns for ``n`` items spread evenly over it (first and last included),
+    read with Python's, NumPy's and torch's generators seeded: an edit of ``__getitem__``'s preprocessing
+    changes it where the dataset's description (:func:`dataset_fingerprint`) does not. The generators'
+    states are restored afterwards. A dataset whose items differ between two seeded reads (randomness
+    from a source of its own) gets ``"nondeterministic"``: its content cannot be compared."""
+    size = len(dataset)
+    if size == 0:
+        return _sha("empty")
+    indices = sorted(set(np.linspace(0, size - 1, min(n, size)).round().astype(int).tolist()))
+
+    def read() -> str:
+        parts: list = []
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for i in indices:
+                    random.seed(seed + i)
+                    np.random.seed(seed + i)
+                    torch.default_generator.manual_seed(seed + i)  # the CPU generator only: CUDA's is untouched
+                    parts.append(str(i))
+                    _value_bytes(dataset[i], parts)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return _sha(*parts)
+
+    first = read()
+    return first if read() == first else "nondeterministic"

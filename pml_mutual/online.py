@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.samplers import MPerClassSampler
-from torch.utils.data import ConcatDataset, Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from . import distributed, identity
 from .callbacks import ProgressPrinter, StageContext
@@ -33,7 +33,7 @@ from .checks import nonfinite_tensors
 from .data.device_decode import decodable_on_device, require_torchvision_decoder
 from .data.images import ImageItems
 from .data.loaders import EmbeddingView, LoaderPool, base_indices
-from .data.stages import check_stages, dataset_labels, split_by_stage
+from .data.stages import check_class_to_stage, check_stages, dataset_labels, split_by_stage
 from .drift import DRIFT_MODES, SIMILARITIES, DriftCompensator
 from .evaluation import extract_embeddings, stage_recalls, summarize_run, to_markdown
 from .evaluation.results import stage_result_from_json, stage_result_to_json, with_int_keys
@@ -143,6 +143,9 @@ class OnlineConfig:
         for name in ("epochs", "iterations_per_epoch", "batch_size", "m_per_class", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.initial_epochs is not None and (isinstance(self.initial_epochs, bool) or self.initial_epochs < 1):
+            raise ValueError(f"initial_epochs must be at least 1 (or None: same as epochs), got {self.initial_epochs!r}; "
+                             "to start from weights you have, pass OnlineLearner(..., initial_state_dict=...)")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be at least 0, got {self.num_workers}")
         for name in ("lr", "weight_decay", "lambda_metric", "lambda_corr", "lambda_mutual", "triplet_margin"):
@@ -170,6 +173,35 @@ def check_model_factory(model_factory) -> None:
     if not callable(model_factory):
         raise TypeError(f"model_factory must be callable (a class or a function returning a torch.nn.Module), "
                         f"got {type(model_factory).__name__}")
+
+
+def check_label_range(metric_loss, class_to_stage) -> None:
+    """Classification-style losses (ArcFace, CosFace, ProxyAnchor, SoftTriple, NormalizedSoftmax, ...) hold
+    one weight row per class, indexed by label: every label must lie in [0, num_classes)."""
+    num_classes = getattr(metric_loss, "num_classes", None)
+    if not isinstance(num_classes, int):
+        return
+    labels = sorted(class_to_stage)
+    out = [c for c in labels if not 0 <= c < num_classes]
+    if out:
+        raise ValueError(f"{type(metric_loss).__name__}(num_classes={num_classes}) indexes its weights by label, but "
+                         f"labels {out[:10]} lie outside [0, {num_classes}): build it with num_classes={labels[-1] + 1} "
+                         "or map the labels to 0…C−1")
+
+
+def check_batch_layout(metric_loss, miner, batch_size: int, m_per_class: int) -> None:
+    """A pair or triplet loss needs a positive and a negative in every batch: MPerClassSampler's batch holds
+    batch_size / m_per_class classes of m_per_class items each. Classification-style losses (a ``num_classes``
+    attribute: ArcFace, ProxyAnchor, ...) compare rows with class weights and need neither."""
+    if isinstance(getattr(metric_loss, "num_classes", None), int):
+        return
+    what = type(metric_loss).__name__ + (f" with {type(miner).__name__}" if miner is not None else "")
+    if m_per_class < 2:
+        raise ValueError(f"m_per_class={m_per_class}: a batch holds one item per class, so {what} sees no positive "
+                         "pair and trains nothing; use m_per_class ≥ 2")
+    if batch_size // m_per_class < 2:
+        raise ValueError(f"batch_size={batch_size} with m_per_class={m_per_class}: a batch holds one class, so {what} "
+                         f"sees no negative and trains nothing; use batch_size ≥ {2 * m_per_class}")
 
 
 def seed_everything(*keys: int) -> None:
@@ -354,6 +386,13 @@ class OnlineLearner:
         missing = sorted(set(range(len(self.train_stages))) - {self.class_to_stage[int(c)] for c in np.unique(test_labels)})
         if missing:
             raise ValueError(f"the test set has no item of stage(s) {missing}: every stage must be evaluated")
+        unseen = sorted(set(self.class_to_stage) - set(np.unique(test_labels).tolist()))
+        if unseen:
+            raise ValueError(f"training classes {unseen[:10]}{' …' if len(unseen) > 10 else ''} have no item in the test "
+                             "set: they would be trained on and never evaluated; add their test items, or leave them "
+                             "out of the training stages (of the class assignment)")
+        check_label_range(self.metric_loss, self.class_to_stage)
+        check_batch_layout(self.metric_loss, self.miner, self.config.batch_size, self.config.m_per_class)
         self.test_labels = test_labels
         # one stat per listed image, now: a missing file must not surface hours into training; the sizes
         # tell a run directory whether its images were replaced under the same paths
@@ -387,7 +426,7 @@ class OnlineLearner:
     @classmethod
     def from_class_assignment(cls, model_factory, train_dataset, test_dataset, class_to_stage, **kwargs):
         """One training dataset and a class → stage mapping instead of a list of stage datasets."""
-        stages = split_by_stage(train_dataset, class_to_stage)
+        stages = split_by_stage(train_dataset, check_class_to_stage(class_to_stage))
         if "prototype_dataset" in kwargs:
             kwargs["prototype_stages"] = split_by_stage(kwargs.pop("prototype_dataset"), class_to_stage)
         return cls(model_factory, stages, test_dataset, **kwargs)
@@ -753,7 +792,7 @@ class OnlineLearner:
                 "prototype": [identity.dataset_fingerprint(d) for d in self.prototype_stages],
                 "test": identity.dataset_fingerprint(self.test_dataset),
             },
-            "model": identity.factory_fingerprint(self.model_factory),
+            "model": identity.model_fingerprint(self._fingerprint_model()),
             "metric_loss": identity.describe(self.metric_loss),
             "miner": identity.describe(self.miner),
             "initial_weights": identity.state_dict_sha256(self.initial_state_dict),
@@ -768,6 +807,28 @@ class OnlineLearner:
         if distributed.world_size() > 1:
             ident["world_size"] = distributed.world_size()
         return ident
+
+    def _fingerprint_model(self) -> torch.nn.Module:
+        """One network from the factory, on the meta device where it builds there, for both fingerprints."""
+        if getattr(self, "_meta_model", None) is None:
+            self._meta_model = identity.build_for_fingerprint(self.model_factory)
+        return self._meta_model
+
+    def content_records(self) -> dict:
+        """What the identity's descriptions cannot see, compared with the run directory's records
+        (``data_files.json``): the image files' sizes, the model's code, and a seeded sample of each
+        dataset's items as ``__getitem__`` returns them (a ``TensorDataset`` is in the identity whole)."""
+        records = dict(self.image_file_sizes)
+        records["model_code"] = identity.model_code_fingerprint(self._fingerprint_model(), self.model_factory)
+        samples: dict[int, str] = {}  # training and prototype datasets may share a base
+        for name, base in self._named_bases(("training", self.train_stages), ("prototype", self.prototype_stages),
+                                            ("test", [self.test_dataset])):
+            if isinstance(base, TensorDataset):
+                continue
+            if id(base) not in samples:
+                samples[id(base)] = identity.item_sample_fingerprint(base)
+            records.setdefault(f"items:{name}", []).append(samples[id(base)])
+        return records
 
     def _not_identity(self) -> tuple[str, ...]:
         # settings that do not change what is trained; gram_scope matters only with several ranks; a run
@@ -794,7 +855,8 @@ class OnlineLearner:
 
     def _resume(self) -> int:
         """Check the run directory against this run's identity and return the first stage still to train."""
-        self.directory.check_identity(self.run_identity(), fresh=self.fresh, data_files=self.image_file_sizes or None)
+        self.directory.check_identity(self.run_identity(), fresh=self.fresh, data_files=self.content_records())
+        self._meta_model = None  # a network held through the run would count against the memory guarantees
         done = self.directory.completed_stages(len(self.train_stages))
         for doc in done:
             try:

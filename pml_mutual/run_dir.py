@@ -50,6 +50,9 @@ def check_run_dir(path) -> Path:
     if path is None or str(path).strip() == "":
         raise ValueError("run_dir is empty: name a directory of its own for the run's checkpoints")
     p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(f"run_dir {str(path)!r} is a file, not a directory: name a directory for the run's "
+                                 "checkpoints (it is created if missing)")
     resolved = p.resolve()
     if resolved == Path.cwd().resolve() or resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
         raise ValueError(
@@ -166,10 +169,10 @@ class RunDirectory:
             changed = []
             if not diffs and data_files is not None and files_path.exists():
                 recorded = read_json(files_path)
-                changed = [k for k in sorted(set(recorded) | set(data_files)) if recorded.get(k) != data_files.get(k)]
+                # a kind of record added by a later version is recorded now, not counted as a change
+                changed = [k for k in sorted(set(recorded) & set(data_files)) if recorded[k] != data_files[k]]
             if (diffs or changed) and fresh:
-                aside = _free_name(self.path)
-                os.replace(self.path, aside)
+                self._move_run_aside(_free_name(self.path))
             elif diffs:
                 raise RunDirectoryError(
                     f"{self.path} holds a run with a different identity ({'; '.join(diffs[:8])}); use another "
@@ -177,19 +180,36 @@ class RunDirectory:
                 )
             elif changed:
                 raise RunDirectoryError(
-                    f"{self.path} holds a run of other image files: those of the {', '.join(changed)} dataset(s) "
-                    f"differ in size from when it was made ({files_path.name}; same paths, so replaced, "
-                    "re-encoded or resized in place?); its numbers are not this data's: use another run_dir, "
+                    f"{self.path} holds a run made with other data or code: {'; '.join(_describe_change(k) for k in changed)} "
+                    f"(recorded in {files_path.name}); its numbers are not this run's: use another run_dir, "
                     "remove it, or start fresh (OnlineLearner(..., fresh=True) / --fresh moves it aside)"
                 )
         distributed.barrier()
         if distributed.is_main():
             if not path.exists():
                 save_json(identity, path)
-            if data_files is not None and not files_path.exists():
-                save_json(data_files, files_path)
+            if data_files is not None:
+                recorded = read_json(files_path) if files_path.exists() else {}
+                if any(k not in recorded for k in data_files):
+                    save_json({**data_files, **recorded}, files_path)
             self._sweep_temporaries()
         distributed.barrier()
+
+    # what a run writes in its directory; fresh=True moves these aside and leaves anything else where it is
+    RUN_FILES = ("config.json", "data_files.json", "results.json", "results.md", "in_progress.pt")
+
+    def _run_entries(self) -> list[Path]:
+        named = [self.path / n for n in self.RUN_FILES if (self.path / n).exists()]
+        stages = sorted(p for p in self.path.glob("stage_[0-9][0-9][0-9]") if p.is_dir())
+        temporaries = sorted(self.path.glob(f"{TMP_PREFIX}*{TMP_SUFFIX}"))
+        return named + stages + temporaries
+
+    def _move_run_aside(self, aside: Path) -> None:
+        """The earlier run's files (and only those) into ``aside``: files of the user's own in the directory
+        (notes, logs, a dataset list) stay where they are."""
+        aside.mkdir()
+        for entry in self._run_entries():
+            os.replace(entry, aside / entry.name)
 
     def _sweep_temporaries(self) -> None:
         dirs = [self.path] + sorted(self.path.glob("stage_[0-9][0-9][0-9]"))
@@ -309,6 +329,18 @@ def _to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+def _describe_change(key: str) -> str:
+    """What a changed record of data_files.json means, for the refusal."""
+    if key == "model_code":
+        return ("the model's code differs (a submodule's type or settings, a module's forward, or the factory "
+                "function)")
+    if key.startswith("items:"):
+        return (f"the {key[6:]} dataset's items differ (a fixed sample read through __getitem__: its "
+                "preprocessing changed?)")
+    return (f"the image files of the {key} dataset differ in size (same paths, so replaced, re-encoded or resized "
+            "in place?)")
 
 
 def _free_name(path: Path) -> Path:

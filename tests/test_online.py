@@ -509,7 +509,7 @@ def test_images_replaced_under_the_same_paths_are_not_reported_with_the_old_numb
     first = _cub_run(tmp_path, "finetune")
     first.run()
     recorded = json.loads((first.run_dir / "data_files.json").read_text())
-    assert set(recorded) == {"training", "prototype", "test"}
+    assert set(recorded) == {"training", "prototype", "test", "model_code", "items:training", "items:prototype", "items:test"}
 
     (first.run_dir / "data_files.json").unlink()  # as a directory of an earlier version has it
     again = _cub_run(tmp_path, "finetune")
@@ -521,7 +521,7 @@ def test_images_replaced_under_the_same_paths_are_not_reported_with_the_old_numb
     Image.open(image).convert("RGB").save(image, "JPEG", quality=40)  # re-encoded: same path, same label
     assert image.stat().st_size != before
     replaced = _cub_run(tmp_path, "finetune")
-    with pytest.raises(RunDirectoryError, match=r"those of the prototype, training dataset\(s\) differ in size"):
+    with pytest.raises(RunDirectoryError, match=r"image files of the prototype dataset differ in size.*image files of the training dataset differ"):
         replaced.run()
     assert not (first.run_dir.parent / f"{first.run_dir.name}.old-1").exists()
     fresh = _cub_run(tmp_path, "finetune")

@@ -77,7 +77,7 @@ def test_data_files_are_recorded_once_and_a_change_is_refused_naming_the_dataset
     d.check_identity(identity, data_files=files)
     assert json.loads((d.path / "data_files.json").read_text()) == files
     d.check_identity(identity, data_files=files)  # the same files: accepted
-    with pytest.raises(RunDirectoryError, match=r"image files: those of the training dataset\(s\) differ in size"):
+    with pytest.raises(RunDirectoryError, match=r"image files of the training dataset differ in size"):
         d.check_identity(identity, data_files={"training": ["a2"], "test": ["t1"]})
     with pytest.raises(RunDirectoryError, match=r"different identity \(config.lr"):  # the identity is named first
         d.check_identity({"config": {"lr": 2}}, data_files={"training": ["a2"], "test": ["t1"]})

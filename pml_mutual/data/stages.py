@@ -25,7 +25,7 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     elif hasattr(dataset, "labels"):
         labels = np.asarray(dataset.labels)
     else:
-        labels = np.asarray([dataset[i][1] for i in range(len(dataset))])
+        labels = np.asarray([_label_of(dataset, i) for i in range(len(dataset))])
     if labels is None:
         raise ValueError("the dataset yields no labels: each item must be (input, label)")
     labels = np.asarray(labels)
@@ -34,11 +34,32 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     return labels.astype(np.int64, copy=False)
 
 
+def _label_of(dataset: Dataset, i: int):
+    item = dataset[i]
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise TypeError(
+            f"{type(dataset).__name__}[{i}] is a {type(item).__name__}, not an (input, label) pair: the stage loop "
+            "reads items as PML's trainers do; make __getitem__ return (input, label), or give the dataset a "
+            "`targets` / `labels` attribute and wrap it so that items are pairs"
+        )
+    return item[1]
+
+
+def check_class_to_stage(class_to_stage) -> Mapping[int, int]:
+    if not isinstance(class_to_stage, Mapping):
+        raise TypeError(f"class_to_stage must be a mapping class → stage, e.g. stage_assignment(classes, first=50, "
+                        f"per_stage=10) or {{0: 0, 1: 0, 2: 1}}; got a {type(class_to_stage).__name__}")
+    if not class_to_stage:
+        raise ValueError("class_to_stage is empty: map every training class to its stage")
+    return class_to_stage
+
+
 def split_by_stage(dataset: Dataset, class_to_stage: Mapping[int, int]) -> list[Subset]:
     """One ``Subset`` per stage (0, 1, ...) holding the items whose class ``class_to_stage`` maps to it.
 
     Items of classes missing from ``class_to_stage`` are left out.
     """
+    check_class_to_stage(class_to_stage)
     labels = dataset_labels(dataset)
     n_stages = max(class_to_stage.values()) + 1
     stage_of = np.array([class_to_stage.get(int(c), -1) for c in labels])

@@ -17,7 +17,9 @@ from ..checks import check_embeddings
 
 def check_pair(embeddings: torch.Tensor, ref_emb: torch.Tensor | None, ref_name: str = "ref_emb") -> None:
     if ref_emb is None:
-        raise ValueError(f"{ref_name} is required: pass the other network's embeddings of the same batch")
+        raise ValueError(f"{ref_name} is required: pass the other network's embeddings of the same batch "
+                         "(loss(emb, ref_emb=other_emb); inside a combination of losses use "
+                         "pml_mutual.losses.MultipleLossesWithRef, in a PML trainer pml_mutual.trainers.TeacherMixin)")
     check_embeddings(embeddings, "embeddings")
     check_embeddings(ref_emb, ref_name)
     if ref_emb.shape[0] != embeddings.shape[0]:
@@ -80,6 +82,15 @@ class PairedGramLoss(BaseMetricLossFunction):
         self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """``labels`` are accepted (so PML's trainers and combinators may pass them) and do not change the
+        value: the loss compares whole batches' Gram matrices, whatever their classes. A miner's
+        ``indices_tuple`` and ``ref_labels`` have no meaning here and are refused."""
+        if indices_tuple is not None:
+            raise ValueError(f"{type(self).__name__} compares the whole batch's Gram matrices: a miner's indices_tuple "
+                             "has no meaning for it; call it without one (mine for the metric loss only)")
+        if ref_labels is not None:
+            raise ValueError(f"{type(self).__name__} takes no ref_labels: ref_emb is the other network's embeddings of "
+                             "the same batch, row for row")
         check_pair(embeddings, ref_emb, self.ref_name)
         # Cast up front: PML's reducers allocate the sub-loss vector in the embeddings' dtype.
         return super().forward(embeddings.float(), labels, indices_tuple, ref_emb.float(), ref_labels)
@@ -99,5 +110,13 @@ class PairedGramLoss(BaseMetricLossFunction):
             reducers = [reducer.reducers[k] if k in reducer.reducers else reducer.default_reducer for k in self.sub_loss_names()]
         else:
             reducers = [reducer]
-        return all(type(r) is MeanReducer for r in reducers) and (
-            type(distance) is CosineSimilarity and (distance.p, distance.power) == (2, 1))
+        # anything else the stacked form does not compute takes the plain calls: an embedding regulariser
+        # (its sub-loss would be dropped), an unnormalised or powered distance, a changed forward
+        return (
+            all(type(r) is MeanReducer for r in reducers)
+            and type(distance) is CosineSimilarity
+            and (distance.p, distance.power, distance.normalize_embeddings) == (2, 1, True)
+            and getattr(self, "embedding_regularizer", None) is None
+            and type(self).forward is PairedGramLoss.forward
+            and type(self).log_probs is PairedGramLoss.log_probs
+        )
