@@ -268,10 +268,11 @@ def torch_neighbours(emb: np.ndarray, k: int, device: torch.device, chunk_size: 
 
 
 def torch_cross_neighbours(queries: np.ndarray, gallery: np.ndarray, k: int, device: torch.device,
-                           chunk_size: int | None = None) -> np.ndarray:
+                           chunk_size: int | None = None, normalize: bool = True) -> np.ndarray:
     """Row i of ``queries`` against every row of ``gallery`` except row i (the same item embedded by
-    another model), L2-normalised on ``device``; same ordering and tie rule as :func:`torch_neighbours`."""
-    return _chunked_topk(_on_device(queries, device, True), _on_device(gallery, device, True), k, chunk_size)
+    another model), L2-normalised on ``device`` unless ``normalize=False``; same ordering and tie rule as
+    :func:`torch_neighbours`."""
+    return _chunked_topk(_on_device(queries, device, normalize), _on_device(gallery, device, normalize), k, chunk_size)
 
 
 def make_index(dim: int, use_gpu: bool | None = None):

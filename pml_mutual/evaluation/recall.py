@@ -13,6 +13,10 @@ A query whose class has no other test item cannot be matched: its recall is 0 an
 queries out instead, so the two agree only when every class has at least two items.
 
 Ties at equal similarity are broken toward the lower gallery index, so results are deterministic.
+
+``recall_at_k(..., distance=...)`` also ranks by the raw inner product (``"inner_product"``) or the
+Euclidean distance of the raw rows (``"euclidean"``, PML's ``AccuracyCalculator`` default with its
+FAISS L2 search); on embeddings that are not unit-norm these give other neighbours than the cosine.
 """
 from __future__ import annotations
 
@@ -109,6 +113,9 @@ def _recalls(nbrs: np.ndarray, lab: np.ndarray, ks: tuple[int, ...]) -> dict[int
     return {k: float(np.mean(first_hit < k)) for k in ks}
 
 
+DISTANCES = ("cosine", "inner_product", "euclidean")
+
+
 def recall_at_k(
     embeddings,
     labels,
@@ -117,18 +124,41 @@ def recall_at_k(
     use_gpu: bool | None = None,
     backend: str = "auto",
     device=None,
+    distance: str = "cosine",
 ) -> dict[int, float]:
     """Exact Recall@K of ``embeddings`` (N, D) against themselves; fractions in [0, 1], keyed by K.
 
-    Accepts tensors or arrays. When N − 1 < K, every other item is a neighbour. ``backend``,
-    ``device``, ``chunk_size`` and ``use_gpu`` choose the search (see :func:`nearest_neighbours`);
-    every backend gives the same result.
+    ``distance``: ``"cosine"`` (the paper's protocol: rows L2-normalised, default), ``"inner_product"``
+    (raw rows) or ``"euclidean"`` (raw rows, as PML's ``AccuracyCalculator`` searches by default; exact
+    search by the torch kernel, in float64). Accepts tensors or arrays. When N − 1 < K, every other item
+    is a neighbour. ``backend``, ``device``, ``chunk_size`` and ``use_gpu`` choose the search (see
+    :func:`nearest_neighbours`); every backend gives the same result.
     """
     ks = check_ks(ks)
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
     chunk_size = knn.check_chunk_size(chunk_size)
     emb, lab = check_inputs(embeddings, labels)
-    nbrs = nearest_neighbours(emb, max(ks), chunk_size, use_gpu, backend, device, normalize=True)
+    if distance != "cosine" and not np.isfinite(emb).all():
+        raise ValueError("embeddings contain NaN or inf values")
+    if distance == "euclidean":
+        return _recalls(_euclidean_neighbours(emb, max(ks), chunk_size, device), lab, ks)
+    nbrs = nearest_neighbours(emb, max(ks), chunk_size, use_gpu, backend, device, normalize=distance == "cosine")
     return _recalls(nbrs, lab, ks)
+
+
+def _euclidean_neighbours(emb: np.ndarray, k: int, chunk_size: int | None, device) -> np.ndarray:
+    """Nearest rows by L2 distance, self excluded by index: ranking by −‖q − g‖² is ranking by
+    q·g − ‖g‖²/2, the inner product of [q, 1] with [g, −‖g‖²/2] (float64: no cancellation to speak of)."""
+    n = emb.shape[0]
+    k = min(k, n - 1)
+    if k <= 0:
+        return np.zeros((n, 0), dtype=np.int64)
+    x = emb.astype(np.float64)
+    queries = np.ascontiguousarray(np.concatenate([x, np.ones((n, 1))], axis=1))
+    gallery = np.ascontiguousarray(np.concatenate([x, -0.5 * (x * x).sum(1, keepdims=True)], axis=1))
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return knn.torch_cross_neighbours(queries, gallery, k, dev, chunk_size, normalize=False)
 
 
 def cross_recall_at_k(
