@@ -392,7 +392,9 @@ class OnlineLearner:
                              "set: they would be trained on and never evaluated; add their test items, or leave them "
                              "out of the training stages (of the class assignment)")
         check_label_range(self.metric_loss, self.class_to_stage)
-        check_batch_layout(self.metric_loss, self.miner, self.config.batch_size, self.config.m_per_class)
+        # under torchrun with gram_scope="global" every loss sees the batch of all ranks
+        seen_rows = self.config.batch_size * (distributed.world_size() if self.config.gram_scope == "global" else 1)
+        check_batch_layout(self.metric_loss, self.miner, seen_rows, self.config.m_per_class)
         self.test_labels = test_labels
         # one stat per listed image, now: a missing file must not surface hours into training; the sizes
         # tell a run directory whether its images were replaced under the same paths

@@ -204,3 +204,38 @@ def test_csv_logger_writes_every_epoch_and_stage_with_one_step_count(digits, tmp
                                          "recall@1/all", "recall@2/new"}
     recall = [(int(r["stage"]), int(r["step"])) for r in rows if r["name"] == "recall@1/all"]
     assert recall == [(0, 6), (1, 12), (2, 18)]
+
+
+def test_the_bring_your_own_example_runs_as_the_readme_walks_through_it(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "bring_your_own.py"
+    spec = importlib.util.spec_from_file_location("bring_your_own", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    summary = example.main(["--run-dir", str(tmp_path / "run"), "--log", str(tmp_path / "log.csv"), "--epochs", "2"])
+    assert len(summary["stages"]) == 3 and 0 < summary["stages"][-1]["all"][1] <= 1
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert {"lr/metric_loss_optimizer", "lr/support_metric_loss_optimizer", "loss/mutual_loss"} <= {r["name"] for r in rows}
+    assert (tmp_path / "run" / "stage_002" / "metric_loss.pt").exists()
+
+
+def test_a_pml_trainer_users_support_student_gets_its_own_loss_and_optimizer(digits):
+    train, _ = digits
+    student, support = EmbeddingMLP(), EmbeddingMLP()
+    loss = arcface()
+    loss_opt = torch.optim.SGD(loss.parameters(), lr=0.5, momentum=0.5)
+    from pml_mutual import MutualGramLoss
+
+    trainer = IncrementalTrainer(
+        models={"trunk": student, "support_trunk": support}, batch_size=16, dataset=train, quiet=True,
+        optimizers={"trunk_optimizer": torch.optim.Adam(student.parameters()), "metric_loss_optimizer": loss_opt,
+                    "support_trunk_optimizer": torch.optim.Adam(support.parameters())},
+        loss_funcs={"metric_loss": loss, "mutual_loss": MutualGramLoss()}, iterations_per_epoch=2)
+    copy_ = trainer.loss_funcs["support_metric_loss"]
+    opt = trainer.optimizers["support_metric_loss_optimizer"]
+    assert copy_ is not loss and type(opt) is torch.optim.SGD and opt.defaults == loss_opt.defaults
+    start = copy_.W.detach().clone()
+    trainer.train(1, 1)
+    assert not torch.equal(copy_.W.detach(), start) and not torch.equal(copy_.W.detach(), loss.W.detach())

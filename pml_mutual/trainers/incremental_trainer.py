@@ -45,6 +45,13 @@ class IncrementalTrainer(MetricLossOnly):
     trained models whose BatchNorm layers stay in eval mode (default, with PML's
     ``freeze_trunk_batchnorm=True``: both students).
 
+    As in PML's trainers, ``optimizers`` and ``lr_schedulers`` take a key per model or loss
+    (``metric_loss_optimizer``, ``support_metric_loss_optimizer``, ``<name>_scheduler_by_iteration`` /
+    ``_by_epoch`` / ``_by_plateau``). F_s trains its own copy of the metric loss and of the tuple miner unless
+    ``loss_funcs["support_metric_loss"]`` / ``mining_funcs["support_tuple_miner"]`` are given; a copied loss
+    with parameters gets an optimizer of the kind and settings of ``metric_loss_optimizer``. A loss with
+    trainable parameters and no optimizer is refused (its weights would never move).
+
     ``loader_pool`` (a :class:`~pml_mutual.data.loaders.LoaderPool`) supplies the training loader, so
     worker processes persist across stages; without it the trainer builds its own for its epochs.
 
@@ -90,7 +97,12 @@ class IncrementalTrainer(MetricLossOnly):
             # F_s trains its own copy: one ArcFace W updated by two networks, or one memory queue filled
             # with both students' embeddings, would be another loss than the paper's two triplet terms
             if "support_metric_loss" not in self.loss_funcs:
-                self.loss_funcs["support_metric_loss"] = own_copy(self.loss_funcs["metric_loss"])
+                copied = self.loss_funcs["support_metric_loss"] = own_copy(self.loss_funcs["metric_loss"])
+                given = self.optimizers.get("metric_loss_optimizer")
+                if given is not None and trainable_parameters(copied) and "support_metric_loss_optimizer" not in self.optimizers:
+                    # the copy's parameters did not exist when the optimizers were built: the same kind of
+                    # optimizer with the same settings
+                    self.optimizers["support_metric_loss_optimizer"] = type(given)(copied.parameters(), **given.defaults)
             if "tuple_miner" in self.mining_funcs and "support_tuple_miner" not in self.mining_funcs:
                 self.mining_funcs["support_tuple_miner"] = own_copy(self.mining_funcs["tuple_miner"])
         required = {"correlation_loss": self.has_teacher, "mutual_loss": self.has_support}
