@@ -201,8 +201,8 @@ def test_csv_logger_writes_every_epoch_and_stage_with_one_step_count(digits, tmp
     steps = [int(r["step"]) for r in rows if r["name"] == "loss/total_loss"]
     assert steps == [3, 6, 9, 12, 15, 18]
     assert {r["name"] for r in rows} >= {"loss/metric_loss", "loss/correlation_loss", "lr/trunk_optimizer",
-                                         "recall@1/all", "recall@2/new"}
-    recall = [(int(r["stage"]), int(r["step"])) for r in rows if r["name"] == "recall@1/all"]
+                                         "recall_at_1/all", "recall_at_2/new"}
+    recall = [(int(r["stage"]), int(r["step"])) for r in rows if r["name"] == "recall_at_1/all"]
     assert recall == [(0, 6), (1, 12), (2, 18)]
 
 
@@ -239,3 +239,22 @@ def test_a_pml_trainer_users_support_student_gets_its_own_loss_and_optimizer(dig
     start = copy_.W.detach().clone()
     trainer.train(1, 1)
     assert not torch.equal(copy_.W.detach(), start) and not torch.equal(copy_.W.detach(), loss.W.detach())
+
+
+def test_tensorboard_and_record_keeper_get_one_step_count_across_stages(digits, tmp_path):
+    from record_keeper import RecordKeeper, RecordWriter
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pml_mutual.callbacks import RecordKeeperLogger, TensorBoardLogger, TextLogger
+
+    keeper = RecordKeeper(record_writer=RecordWriter(folder=str(tmp_path / "records"), global_db_path=None))
+    learner(digits, tmp_path / "run", callbacks=[TensorBoardLogger(tmp_path / "tb"), RecordKeeperLogger(keeper),
+                                                 TextLogger()]).run()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/total_loss")] == [3, 6, 9, 12, 15, 18]  # not restarting at 0
+    assert [e.step for e in events.Scalars("recall_at_1/all")] == [6, 12, 18]
+    # the record writer's files hold every epoch without a save_records() by hand
+    lines = (tmp_path / "records" / "loss.csv").read_text().splitlines()
+    steps = [int(line.split(",")[0]) for line in lines if not line.startswith("~iteration~")]  # a header per new column set
+    assert steps == [3, 6, 9, 12, 15, 18]

@@ -10,6 +10,6 @@ stage 0, or stage 0 with ``initial_state_dict``, trains nothing). A resumed stag
 for the epochs it trains again. Callbacks observe; what they change in the networks is on them.
 """
 from .base import Callback, StageContext
-from .loggers import CSVLogger, ProgressPrinter, TensorBoardLogger, TextLogger
+from .loggers import CSVLogger, ProgressPrinter, RecordKeeperLogger, TensorBoardLogger, TextLogger
 
-__all__ = ["Callback", "StageContext", "CSVLogger", "TensorBoardLogger", "TextLogger", "ProgressPrinter"]
+__all__ = ["Callback", "StageContext", "CSVLogger", "TensorBoardLogger", "TextLogger", "ProgressPrinter", "RecordKeeperLogger"]

@@ -16,7 +16,7 @@ from .base import Callback, StageContext
 
 def scalars(ctx: StageContext, event: str) -> dict[str, float]:
     """The scalars an event reports: ``loss/<term>`` and ``lr/<optimizer>`` after an epoch,
-    ``recall@K/<old|new|all>`` (fractions in [0, 1]) after a stage."""
+    ``recall_at_<K>/<old|new|all>`` (fractions in [0, 1]) after a stage."""
     if event == "after_epoch":
         out = {f"loss/{k}": float(v) for k, v in (ctx.epoch_losses or {}).items() if k != "epoch"}
         out.update({f"lr/{k}": float(v) for k, v in (ctx.learning_rates or {}).items()})
@@ -25,7 +25,7 @@ def scalars(ctx: StageContext, event: str) -> dict[str, float]:
     for part in ("old", "new", "all"):
         rec = (ctx.results or {}).get(part)
         for k, v in (rec or {}).items():
-            out[f"recall@{k}/{part}"] = float(v)
+            out[f"recall_at_{k}/{part}"] = float(v)
     return out
 
 
@@ -83,6 +83,23 @@ class TensorBoardLogger(_ScalarLogger):
 
     def after_run(self, ctx: StageContext) -> None:
         self.writer.flush()
+
+
+class RecordKeeperLogger(_ScalarLogger):
+    """To PML's ``record_keeper.RecordKeeper`` (``pip install record-keeper``; its TensorBoard writer and/or
+    CSV/SQLite record writer): each ``group/series`` scalar appended at the global step, and the records
+    saved at every event, so its files are complete whenever the run stops."""
+
+    def __init__(self, record_keeper):
+        if not (hasattr(record_keeper, "append_primitive") and hasattr(record_keeper, "save_records")):
+            raise TypeError(f"record_keeper must be a record_keeper.RecordKeeper, got {type(record_keeper).__name__}")
+        self.record_keeper = record_keeper
+
+    def write(self, ctx: StageContext, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            group, series = name.split("/", 1)
+            self.record_keeper.append_primitive(group, series, value, ctx.global_step)
+        self.record_keeper.save_records()
 
 
 class TextLogger(_ScalarLogger):
