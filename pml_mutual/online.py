@@ -175,11 +175,26 @@ def check_model_factory(model_factory) -> None:
                         f"got {type(model_factory).__name__}")
 
 
+def classifier_classes(metric_loss) -> int | None:
+    """The number of classes a classification-style loss holds weights for, or None for pair/triplet losses.
+    PML's ``num_classes`` attribute where it is set (ProxyNCA and NormalizedSoftmax leave it 0: there the
+    width of ``W`` or the rows of ``proxies``)."""
+    num_classes = getattr(metric_loss, "num_classes", None)
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes > 0:
+        return num_classes
+    params = dict(metric_loss.named_parameters(recurse=False)) if isinstance(metric_loss, torch.nn.Module) else {}
+    if isinstance(num_classes, int) and params.get("W") is not None and params["W"].ndim == 2:
+        return int(params["W"].shape[1])
+    if isinstance(num_classes, int) and params.get("proxies") is not None and params["proxies"].ndim == 2:
+        return int(params["proxies"].shape[0])
+    return None
+
+
 def check_label_range(metric_loss, class_to_stage) -> None:
     """Classification-style losses (ArcFace, CosFace, ProxyAnchor, SoftTriple, NormalizedSoftmax, ...) hold
     one weight row per class, indexed by label: every label must lie in [0, num_classes)."""
-    num_classes = getattr(metric_loss, "num_classes", None)
-    if not isinstance(num_classes, int):
+    num_classes = classifier_classes(metric_loss)
+    if num_classes is None:
         return
     labels = sorted(class_to_stage)
     out = [c for c in labels if not 0 <= c < num_classes]
@@ -193,7 +208,7 @@ def check_batch_layout(metric_loss, miner, batch_size: int, m_per_class: int) ->
     """A pair or triplet loss needs a positive and a negative in every batch: MPerClassSampler's batch holds
     batch_size / m_per_class classes of m_per_class items each. Classification-style losses (a ``num_classes``
     attribute: ArcFace, ProxyAnchor, ...) compare rows with class weights and need neither."""
-    if isinstance(getattr(metric_loss, "num_classes", None), int):
+    if classifier_classes(metric_loss) is not None:
         return
     what = type(metric_loss).__name__ + (f" with {type(miner).__name__}" if miner is not None else "")
     if m_per_class < 2:

@@ -90,6 +90,7 @@ def test_fresh_moves_aside_only_what_the_run_wrote(digits, tmp_path):
     ("model instance", TypeError, r"got a EmbeddingMLP instance: pass its class or a function"),
     ("dict items", TypeError, r"Dicts\[0\] is a dict, not an \(input, label\) pair"),
     ("labels beyond num_classes", ValueError, r"ArcFaceLoss\(num_classes=5\).*labels \[5, 6, 7, 8, 9\].*num_classes=10"),
+    ("labels beyond W's width", ValueError, r"NormalizedSoftmaxLoss\(num_classes=5\).*labels \[5, 6, 7, 8, 9\]"),
     ("run_dir is a file", NotADirectoryError, r"is a file, not a directory"),
     ("untested classes", ValueError, r"training classes \[3\] have no item in the test set"),
     ("one class per batch", ValueError, r"a batch holds one class"),
@@ -108,6 +109,8 @@ def test_unhelpful_cases_fail_before_training_naming_the_fix(digits, tmp_path, c
         kw["train"] = Dicts(tr)
     elif case == "labels beyond num_classes":
         kw["metric_loss"] = losses.ArcFaceLoss(num_classes=5, embedding_size=64)
+    elif case == "labels beyond W's width":  # PML leaves its num_classes at 0: the weights' width counts
+        kw["metric_loss"] = losses.NormalizedSoftmaxLoss(num_classes=5, embedding_size=64)
     elif case == "run_dir is a file":
         (tmp_path / "file").write_text("")
         tmp_path = tmp_path / "file"
