@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
         learner = OnlineLearner.from_class_assignment(
             BNInception, train, test, stages_from_ends(range(args.classes), [args.classes // 2]),
             prototype_dataset=prototypes, config=OnlineConfig(device="cpu", min_images_per_class=2, m_per_class=2,
-                                                              batch_size=8), run_dir=Path(tmp) / "run", quiet=True)
+                                                              batch_size=4), run_dir=Path(tmp) / "run", quiet=True)
         t0 = time.perf_counter()
         records = learner.content_records()
         content = time.perf_counter() - t0
