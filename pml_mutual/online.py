@@ -900,9 +900,21 @@ class OnlineLearner:
         Returns (that epoch, the per-epoch loss log so far); (0, []) when the stage starts afresh.
         """
         state = self.directory.load_in_progress(map_location=self.device)
-        if state is None or state["stage"] != stage:
+        path = self.run_dir / "in_progress.pt"
+        if state is None:
             return 0, []
+        if not isinstance(state, dict) or not {"stage", "epoch", "models", "epoch_losses"} <= set(state):
+            raise RunDirectoryError(f"{path} is not an epoch checkpoint of this project; delete it to retrain stage {stage}")
+        if isinstance(state["stage"], int) and state["stage"] < stage:
+            return 0, []  # the previous stage's, left by a run killed as that stage completed
         epochs = self._epochs(stage)
+        if state["stage"] != stage or not isinstance(state["epoch"], int) or not 1 <= state["epoch"] <= epochs:
+            raise RunDirectoryError(
+                f"{path} holds stage {state['stage']!r}, epoch {state['epoch']!r}, but this run resumes stage {stage} "
+                f"of epochs 1–{epochs}; delete it to retrain stage {stage} from its start")
+        if set(state["models"]) != set(models) - {"teacher_trunk"}:
+            raise RunDirectoryError(f"{path} holds networks {sorted(state['models'])}, this stage trains "
+                                    f"{sorted(set(models) - {'teacher_trunk'})}; delete it to retrain stage {stage}")
         if "optimizers" not in state and state["epoch"] < epochs:
             raise RunDirectoryError(f"{self.run_dir / 'in_progress.pt'} has no optimizer state for epoch {state['epoch']} "
                                     f"of {epochs}; delete it to retrain stage {stage}")

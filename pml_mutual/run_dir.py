@@ -283,7 +283,7 @@ class RunDirectory:
             return
         snapshot = _to_cpu(state)
         refuse_nonfinite(snapshot, self.path / name)
-        self._in_background(lambda: write_atomic(_bytes_of(snapshot), self.path / name))
+        self._in_background(lambda: write_atomic(_checked_bytes(snapshot), self.path / name))
 
     def _in_background(self, write) -> None:
         """Run ``write`` in a thread of its own once the write queued before it has finished (files land
@@ -312,13 +312,42 @@ class RunDirectory:
             raise error
 
     def load_in_progress(self, map_location=None) -> dict | None:
+        """The epoch checkpoint, its SHA-256 checked (files of earlier versions carry none), or None."""
         path = self.path / "in_progress.pt"
-        return load_checked(path, map_location=map_location) if path.exists() else None
+        if not path.exists():
+            return None
+        doc = load_checked(path, map_location="cpu")
+        if not (isinstance(doc, dict) and doc.get("format") == CHECKED_FORMAT):
+            return load_checked(path, map_location=map_location)  # written before the digest was recorded
+        payload = doc["payload"].numpy().tobytes()
+        if hashlib.sha256(payload).hexdigest() != doc.get("sha256"):
+            raise RunDirectoryError(f"{path} does not match the SHA-256 recorded in it (damaged); delete it to "
+                                    "retrain the current stage from its start")
+        try:
+            state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+        except Exception as e:
+            raise RunDirectoryError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); delete it") from e
+        bad = nonfinite_tensors(state)
+        if bad:
+            raise RunDirectoryError(f"{path} holds non-finite values ({', '.join(bad[:5])}); delete it")
+        return state
 
     def remove(self, name: str) -> None:
         path = self.path / name
         if path.exists():
             path.unlink()
+
+
+CHECKED_FORMAT = "pml_mutual/checked/v1"
+
+
+def _checked_bytes(obj) -> bytes:
+    """``obj`` serialised, wrapped with the SHA-256 of its bytes: one file, written atomically, that tells
+    a flipped byte from a checkpoint (the stage files record theirs in stage.json instead)."""
+    payload = _bytes_of(obj)
+    digest = hashlib.sha256(payload).hexdigest()
+    return _bytes_of({"format": CHECKED_FORMAT, "sha256": digest,
+                      "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)})
 
 
 def _to_cpu(obj):

@@ -269,6 +269,8 @@ def _final_weights(run_dir):
 
 
 def test_kill_and_resume_reaches_the_same_weights(tmp_path):
+    from pml_mutual.run_dir import RunDirectory
+
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
     reference = tmp_path / "uninterrupted"
     subprocess.run([sys.executable, str(HELPER), str(reference)], check=True, env=env, timeout=300, capture_output=True)
@@ -280,7 +282,7 @@ def test_kill_and_resume_reaches_the_same_weights(tmp_path):
     while time.monotonic() < deadline and proc.poll() is None:  # a timeout, not a timing assertion
         ckpt = run / "in_progress.pt"
         try:
-            state = torch.load(ckpt, weights_only=True) if ckpt.exists() else None
+            state = RunDirectory(run).load_in_progress()
         except Exception:  # renamed away between exists() and load()
             state = None
         if state is not None and state["stage"] == 1 and 1 <= state["epoch"] < 6:
@@ -327,7 +329,7 @@ def test_the_last_epochs_checkpoint_holds_only_the_networks_and_a_resume_from_it
     crashing._measure_drift = crash_after_training
     with pytest.raises(KeyboardInterrupt):
         crashing.run()
-    state = torch.load(run / "in_progress.pt", weights_only=True)
+    state = RunDirectory(run).load_in_progress()
     assert (state["stage"], state["epoch"]) == (1, 2) and "optimizers" not in state
 
     trained = []
@@ -529,3 +531,47 @@ def test_images_replaced_under_the_same_paths_are_not_reported_with_the_old_numb
     fresh.run()
     assert (first.run_dir.parent / f"{first.run_dir.name}.old-1" / "stage_001" / "stage.json").exists()
     assert json.loads((first.run_dir / "data_files.json").read_text())["training"] != recorded["training"]
+
+
+def test_a_damaged_or_foreign_epoch_checkpoint_is_refused_naming_what_to_delete(digits, tmp_path):
+    from pml_mutual.run_dir import RunDirectory, RunDirectoryError, _checked_bytes, write_atomic
+
+    train, test = digits
+    c2s = stage_assignment(range(10), 5, None)
+    config = tiny("ours", epochs=3)
+    run = tmp_path / "run"
+
+    class Stop(Exception):
+        pass
+
+    from pml_mutual.callbacks import Callback
+
+    class StopAfter(Callback):
+        def after_epoch(self, ctx):
+            if (ctx.stage, ctx.epoch) == (1, 2):
+                raise Stop
+
+    make = lambda **kw: OnlineLearner.from_class_assignment(  # noqa: E731
+        EmbeddingMLP, train, test, c2s, config=config, run_dir=run, quiet=True, **kw)
+    with pytest.raises(Stop):
+        make(callbacks=[StopAfter()]).run()
+    path = run / "in_progress.pt"
+    good = path.read_bytes()
+    state = RunDirectory(run).load_in_progress()
+    assert (state["stage"], state["epoch"]) == (1, 2)
+
+    damaged = bytearray(good)
+    middle = len(damaged) // 2
+    damaged[middle:middle + 64] = bytes(b ^ 0x10 for b in damaged[middle:middle + 64])  # 64 flipped bytes
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(RunDirectoryError, match=r"in_progress\.pt (does not match the SHA-256|is not a readable)"):
+        make().run()  # 0e3a6e5 resumed from it silently
+    for field, value in (("epoch", 99), ("stage", 5), ("epoch", 0)):
+        write_atomic(_checked_bytes(dict(state, **{field: value})), path)
+        with pytest.raises(RunDirectoryError, match=r"in_progress\.pt holds stage .* delete it"):
+            make().run()
+    write_atomic(_checked_bytes(dict(state, models={"trunk": state["models"]["trunk"]})), path)
+    with pytest.raises(RunDirectoryError, match=r"holds networks \['trunk'\], this stage trains"):
+        make().run()
+    path.write_bytes(good)
+    make().run()  # the intact checkpoint resumes
