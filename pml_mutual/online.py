@@ -474,6 +474,7 @@ class OnlineLearner:
     # ----------------------------------------------------------------- the run
     def run(self) -> dict:
         """Train and evaluate every remaining stage; returns the results document (see evaluation.results)."""
+        self.directory.lock()  # before the identity check: two launches at one instant must not both pass it
         try:
             return self._run()
         except BaseException:
@@ -481,6 +482,7 @@ class OnlineLearner:
             raise
         finally:
             self.loaders.close()  # the run's worker processes end here, once
+            self.directory.unlock()
 
     def _run(self) -> dict:
         start = self._resume()

@@ -29,8 +29,10 @@ import hashlib
 import io
 import json
 import os
+import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -142,11 +144,45 @@ def load_checked(path: Path, sha256: str | None = None, map_location=None):
 class RunDirectory:
     """One run's directory (see the module docstring). Under torchrun rank 0 writes, every rank reads."""
 
+    LOCK = ".pml_mutual.lock"
+
     def __init__(self, path):
         self.path = check_run_dir(path)
+        self._lock_fd: int | None = None
         self._writer: threading.Thread | None = None  # the last queued background write
         self._writer_error: BaseException | None = None
         self._stage_sums: dict[tuple[int, str], str] = {}  # (stage, file) written in the background → SHA-256
+
+    # ------------------------------------------------------------------ the lock
+    def lock(self) -> None:
+        """Hold an advisory lock on the directory (``.pml_mutual.lock``, ``flock``) until :meth:`unlock`: a
+        second live process on the same directory is refused, naming the holder. The kernel drops the
+        lock when its process dies, so a killed run never blocks its resume. Rank 0 only; a no-op where
+        ``fcntl`` is missing (Windows)."""
+        if not distributed.is_main() or self._lock_fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / self.LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirectoryError(f"{self.path} is in use by a running process ({holder}): two runs in one "
+                                    "directory would mix their checkpoints; wait for it, stop it, or use another run_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     # ------------------------------------------------------------------ identity
     def check_identity(self, identity: dict, fresh: bool = False, data_files: dict | None = None) -> None:

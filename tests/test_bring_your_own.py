@@ -258,3 +258,20 @@ def test_tensorboard_and_record_keeper_get_one_step_count_across_stages(digits, 
     lines = (tmp_path / "records" / "loss.csv").read_text().splitlines()
     steps = [int(line.split(",")[0]) for line in lines if not line.startswith("~iteration~")]  # a header per new column set
     assert steps == [3, 6, 9, 12, 15, 18]
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused_before_it_checks_or_writes_anything(digits, tmp_path):
+    from pml_mutual.run_dir import RunDirectoryError
+
+    refused = []
+
+    class SecondLaunch(Callback):
+        def before_stage(self, ctx):
+            if ctx.stage == 0:
+                with pytest.raises(RunDirectoryError, match="in use by a running process"):
+                    learner(digits, tmp_path, config=config(seed=1)).run()
+                refused.append(True)
+
+    learner(digits, tmp_path, callbacks=[SecondLaunch()]).run()
+    assert refused == [True]
+    learner(digits, tmp_path).run()  # the lock ended with the first run: the same identity resumes (all done)

@@ -94,3 +94,23 @@ def test_a_directory_that_recorded_no_data_files_records_them_and_none_are_recor
     assert json.loads((d.path / "data_files.json").read_text()) == {"test": ["t1"]}
     with pytest.raises(RunDirectoryError, match="test dataset"):
         d.check_identity({"config": {}}, data_files={"test": ["t2"]})
+
+
+def test_a_second_live_process_on_the_directory_is_refused_naming_the_holder_and_a_dead_ones_lock_is_gone(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    first = RunDirectory(tmp_path / "run")
+    first.lock()
+    with pytest.raises(RunDirectoryError, match=rf"in use by a running process \(pid {os.getpid()} on "):
+        RunDirectory(tmp_path / "run").lock()  # another open file description: flock refuses it, in-process too
+    first.unlock()
+    second = RunDirectory(tmp_path / "run")
+    second.lock()
+    second.unlock()
+    # a process killed while holding the lock leaves no lock behind
+    code = ("import os, signal, sys; from pml_mutual.run_dir import RunDirectory; "
+            "RunDirectory(sys.argv[1]).lock(); os.kill(os.getpid(), signal.SIGKILL)")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], timeout=120)
+    RunDirectory(tmp_path / "run").lock()
