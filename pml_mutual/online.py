@@ -140,6 +140,16 @@ class OnlineConfig:
             raise ValueError(f"embed_decode must be one of {EMBED_DECODES}, got {self.embed_decode!r}")
         if self.support_init not in ("fresh", "teacher"):
             raise ValueError(f"support_init must be 'fresh' or 'teacher', got {self.support_init!r}")
+        for name in ("epochs", "iterations_per_epoch", "batch_size", "m_per_class", "eval_batch_size", "num_workers",
+                     "seed", "initial_epochs", "min_images_per_class"):
+            value = getattr(self, name)
+            if value is None and name in ("initial_epochs", "min_images_per_class"):
+                continue
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            setattr(self, name, int(value))  # numpy integers accepted, kept as Python ints (JSON, identity)
+        if self.seed < 0:
+            raise ValueError(f"seed must be ≥ 0 (NumPy's SeedSequence takes no negatives), got {self.seed}")
         for name in ("epochs", "iterations_per_epoch", "batch_size", "m_per_class", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -150,11 +160,13 @@ class OnlineConfig:
             raise ValueError(f"num_workers must be at least 0, got {self.num_workers}")
         for name in ("lr", "weight_decay", "lambda_metric", "lambda_corr", "lambda_mutual", "triplet_margin"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
-        # large T makes the KL a difference of nearly equal float32 logs: values below 1e-7 relative are noise
-        if not isinstance(self.temperature, (int, float)) or not 0 < self.temperature <= 1000:
-            raise ValueError(f"temperature must be a finite number in (0, 1000], got {self.temperature!r}")
+            setattr(self, name, float(value) if isinstance(value, (float, np.floating)) else int(value))
+        from .losses.gram import check_temperature
+
+        self.temperature = check_temperature(self.temperature)
         from .evaluation.recall import check_ks
 
         self.ks = check_ks(self.ks)

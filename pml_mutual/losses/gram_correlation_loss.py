@@ -39,7 +39,7 @@ class GramCorrelationLoss(PairedGramLoss):
             kl = rowwise_kl(log_student, log_teacher)
         return {
             "loss": {
-                "losses": kl * self.temperature**2,
+                "losses": (kl * self.temperature**2).float(),  # computed in float64, reduced as PML does
                 "indices": c_f.torch_arange_from_size(embeddings),
                 "reduction_type": "element",
             }

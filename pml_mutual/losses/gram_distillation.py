@@ -77,8 +77,11 @@ def gram_distillation_losses(
     scale = temperature**2 / student.shape[0]
 
     def log_probs(rows: list[torch.Tensor]) -> torch.Tensor:  # log σ_T(G) of each (B, D) slice, one computation
-        z = F.normalize(rows[0] if len(rows) == 1 else torch.cat(rows), dim=2)
-        return F.log_softmax(z @ z.transpose(1, 2) / temperature, dim=2)
+        x = rows[0] if len(rows) == 1 else torch.cat(rows)
+        scale = x.detach().abs().amax(dim=2, keepdim=True)  # as gram.rescale_rows: no overflow, no epsilon
+        z = F.normalize(x / torch.where(scale > 0, scale, torch.ones_like(scale)), dim=2)
+        # G in float32, the softmax and KL in float64 (gram's module docstring: float32 cancels at large T)
+        return F.log_softmax((z @ z.transpose(1, 2)).double() / temperature, dim=2)
 
     out = {}
     with torch.autocast(device_type=student.device.type, enabled=False):
@@ -89,7 +92,7 @@ def gram_distillation_losses(
         (log_p, *log_s), (probs_p, *probs_s) = log_students.unbind(0), log_students.exp().unbind(0)
         if support is not None:
             kl_both = (probs_p - probs_s[0]) * (log_p - log_s[0])
-            out["mutual_loss"] = kl_both.sum() * (scale / 2)
+            out["mutual_loss"] = (kl_both.sum() * (scale / 2)).float()
         if teacher_rows:
             with torch.no_grad():
                 log_teachers = log_probs([t.float() for t in teacher_stacks if t.shape[0]])
@@ -97,5 +100,5 @@ def gram_distillation_losses(
                 terms = log_teachers.exp() * (log_teachers - log_p)
             else:
                 terms = probs_p * (log_p - log_teachers)
-            out["correlation_loss"] = terms.sum() * scale
+            out["correlation_loss"] = (terms.sum() * scale).float()
     return out

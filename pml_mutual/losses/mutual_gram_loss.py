@@ -33,8 +33,8 @@ class MutualGramLoss(PairedGramLoss):
         scale = 0.5 * self.temperature**2
         indices = c_f.torch_arange_from_size(embeddings)
         return {
-            "kl_p_s": {"losses": scale * rowwise_kl(target_p, log_s), "indices": indices, "reduction_type": "element"},
-            "kl_s_p": {"losses": scale * rowwise_kl(target_s, log_p), "indices": indices, "reduction_type": "element"},
+            "kl_p_s": {"losses": (scale * rowwise_kl(target_p, log_s)).float(), "indices": indices, "reduction_type": "element"},
+            "kl_s_p": {"losses": (scale * rowwise_kl(target_s, log_p)).float(), "indices": indices, "reduction_type": "element"},
         }
 
     def fusable(self) -> bool:
