@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pml_mutual.checks import check_output_file
 from pml_mutual.data.cpu_benchmark import load_cpu_benchmark
 from pml_mutual.drift import DRIFT_MODES, SIMILARITIES
 from pml_mutual.evaluation import gap_closed
@@ -155,6 +156,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.methods is None:
         args.methods = ALL_METHODS + (MULTI_TASK_ONLY if args.setting == "multi-task" else [])
+    # known before any training: refused now, not after the runs
+    if args.out is not None:
+        check_output_file(args.out, "--out")
+    if args.runs.exists() and not args.runs.is_dir():
+        raise SystemExit(f"--runs {args.runs} is a file: name a directory for the checkpoints")
+    if args.fidelity and ("ours" not in args.methods or args.setting != "multi-task"):
+        raise SystemExit("--fidelity measures the `ours` run's virtual features: it needs --methods with ours and "
+                         "--setting multi-task")
+    if args.gallery and (args.setting != "multi-task" or not set(args.methods) - {"initial"}):
+        raise SystemExit("--gallery measures the checkpoints of a trained method over several stages: it needs "
+                         "--setting multi-task and a method other than initial")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = args.seeds[:1] if args.quick else args.seeds
     train, test, stages = load_cpu_benchmark(args.dataset, args.validation, args.quick, DATASETS[args.dataset]["per_class_train"])

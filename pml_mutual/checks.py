@@ -1,6 +1,9 @@
 """Input checks shared by the losses and the drift math: one clear error naming the problem."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 
@@ -51,3 +54,19 @@ def nonfinite_tensors(obj, prefix: str = "") -> list[str]:
         finite = torch.isfinite(extremes).all(dim=1).tolist()
         bad += [i for i, ok in zip(members, finite) if not ok]
     return [leaves[i][0] for i in sorted(bad)]
+
+
+def check_output_file(path, flag: str = "--out") -> Path:
+    """A file a command will write at its end, checked before any work: not a directory, every existing
+    ancestor a directory, the nearest one writable. Raises ``SystemExit`` naming the flag."""
+    path = Path(path)
+    if path.is_dir():
+        raise SystemExit(f"{flag} {path} is a directory: name a file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SystemExit(f"{flag} {path}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+                raise SystemExit(f"{flag} {path} is not writable")
+            break
+    return path

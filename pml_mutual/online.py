@@ -8,7 +8,6 @@ from its last epoch with the same command and ends with the same weights.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import logging
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.samplers import MPerClassSampler
-from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
+from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 from . import distributed, identity
 from .callbacks import ProgressPrinter, StageContext

@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from .models.backbones import BACKBONES, BATCH, INPUT_SPACE, backbone_factory, c
 from .drift import DRIFT_MODES
 from .online import EMBED_DECODES, METHODS, OnlineConfig
 from .published import ONE_TASK, TABLES, published
+from .checks import check_output_file
 from .evaluation.results import recall_at
 
 
@@ -154,12 +154,9 @@ def resolve(args: argparse.Namespace, dataset: str) -> argparse.Namespace:
         if args.weights is not None and not args.weights.is_file():
             raise SystemExit(f"--weights: no such file {args.weights}")
     if args.out is not None:  # known before training: say so now, not after hours of it
-        if args.out.is_dir():
-            raise SystemExit(f"--out {args.out} is a directory: name a JSON file")
-        parent = args.out.parent if str(args.out.parent) else Path(".")
-        existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
-        if not os.access(existing, os.W_OK) or (args.out.exists() and not os.access(args.out, os.W_OK)):
-            raise SystemExit(f"--out {args.out} is not writable")
+        check_output_file(args.out, "--out")
+    if args.runs.exists() and not args.runs.is_dir():
+        raise SystemExit(f"--runs {args.runs} is a file: name a directory for the checkpoints")
     return args
 
 

@@ -97,3 +97,24 @@ def test_embed_decode_device_smoke_runs_in_a_run_directory_of_its_own(tmp_path, 
     rows = json.loads((tmp_path / "device.json").read_text())["results"]
     assert [r["method"] for r in rows] == ["initial", "ours"]
     assert len({p.parent for p in runs.rglob("config.json")}) == 4  # initial and ours, once per decode setting
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pml_mutual.checks import check_output_file
+
+    (tmp_path / "file").write_text("")
+    for bad, message in ((tmp_path, "is a directory"), (tmp_path / "file" / "x.json", "is a file, not a directory")):
+        with pytest.raises(SystemExit, match=message):
+            check_output_file(bad)
+    assert check_output_file(tmp_path / "new" / "deeper" / "r.json") == tmp_path / "new" / "deeper" / "r.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_realdata.py"
+    for extra, message in ((["--out", str(tmp_path)], "is a directory"),
+                           (["--methods", "finetune", "--fidelity"], "--fidelity measures the `ours` run"),
+                           (["--runs", str(tmp_path / "file")], "is a file")):
+        done = subprocess.run([sys.executable, str(script), "--dataset", "glyphs", "--setting", "multi-task", "--quick",
+                               *extra], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and message in done.stderr, done.stderr[-1000:]
