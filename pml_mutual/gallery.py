@@ -22,7 +22,7 @@ import torch
 from .checks import check_embeddings
 from .drift import DriftCompensator
 from .evaluation import cross_stage_recalls
-from .evaluation.results import GALLERY_COLUMNS, map_recalls
+from .evaluation.results import GALLERY_COLUMNS
 
 # gallery name → (the compensator's drift mode, the update_gallery method that moves it)
 UPDATES = {"translation": ("direct", "translation"), "learned": ("learned", "learned")}
@@ -121,18 +121,19 @@ class StoredGallery:
     ) -> dict:
         """Recall@K of ``latest`` (the latest model's features of the test items at ``positions``, every
         one stored) as queries against each gallery: ``{"stored" | "translation" | "learned" |
-        "reembedded": cross_stage_recalls(...), "seconds": {update: s, "reembed": s}}``. ``reembedded``:
-        the :func:`~pml_mutual.evaluation.stage_recalls` of ``latest`` when the caller has it already (the
-        same numbers; its K of ``ks`` are taken), instead of a second search."""
+        "reembedded": cross_stage_recalls(...), "seconds": {update: s, "reembed": s}}``.
+
+        Every column is searched by the same kernel (:func:`~pml_mutual.evaluation.cross_recall_at_k`), so
+        galleries holding the same vectors score the same (a model that does not change reports stored =
+        re-embedded), also where near-collapsed embeddings tie to float32 resolution and two search
+        backends would order the ties differently. ``reembedded`` is accepted for compatibility and not
+        used: the run's own evaluation may search with FAISS."""
         galleries, seconds = self.galleries(positions, device=device)
         if reembed_seconds is not None:
             seconds["reembed"] = float(reembed_seconds)
+        galleries["reembedded"] = latest
         report = {name: cross_stage_recalls(latest, galleries[name], labels, class_to_stage, stage, ks)
-                  for name in GALLERIES if name != "reembedded"}
-        if reembedded is not None and set(ks) <= set(reembedded["all"]):
-            report["reembedded"] = map_recalls(reembedded, lambda rec: None if rec is None else {k: rec[k] for k in ks})
-        else:
-            report["reembedded"] = cross_stage_recalls(latest, latest, labels, class_to_stage, stage, ks)
+                  for name in GALLERIES}
         report["seconds"] = seconds
         return report
 

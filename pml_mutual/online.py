@@ -789,10 +789,9 @@ class OnlineLearner:
         if distributed.is_main():  # one search, its result sent to every rank
             results = stage_recalls(emb, labels, self.class_to_stage, stage, self.config.ks)
             if self.gallery is not None:
-                # (d), the re-embedded gallery, is this evaluation itself: not searched a second time
+                # every column, (d) included, by one kernel: the run's own search above may be FAISS's
                 results["gallery"] = self.gallery.report(emb, seen, labels, self.class_to_stage, stage, ks=(1,),
-                                                         reembed_seconds=embed_seconds, device=self.device,
-                                                         reembedded=results)
+                                                         reembed_seconds=embed_seconds, device=self.device)
         return distributed.broadcast_object(results)
 
     # ----------------------------------------------------------------- models and checkpoints

@@ -154,3 +154,21 @@ def test_a_resumed_run_reports_the_same_gallery(reported_run):
     resumed = OnlineLearner.from_class_assignment(*args, config=config, run_dir=copy, quiet=True).run()
     want, got = summary["stages"][-1]["gallery"], resumed["stages"][-1]["gallery"]
     assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in want.items() if k != "seconds"}
+
+
+def test_a_model_that_never_changes_reports_the_stored_gallery_as_re_embedded(tmp_path):
+    """On 0e3a6e5 (d) came from the run's own search (FAISS on the CPU) and (a)–(c) from the torch kernel:
+    on near-collapsed embeddings the two ordered float32 ties differently (stored 48.44, re-embedded 43.75
+    for one and the same model)."""
+    train, test = load_digits_splits()
+    x = test.tensors[0]
+    # near-collapsed: every test item one shared direction plus a tiny, class-free perturbation
+    collapsed = torch.utils.data.TensorDataset(torch.ones_like(x) * 8 + 1e-3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)),
+                                               test.tensors[1])
+    config = OnlineConfig(method="initial", epochs=1, iterations_per_epoch=2, batch_size=16, m_per_class=8, device="cpu",
+                          gallery_report=True)
+    summary = OnlineLearner.from_class_assignment(EmbeddingMLP, train, collapsed, stage_assignment(range(10), 4, 3),
+                                                  config=config, run_dir=tmp_path, quiet=True).run()
+    for s in summary["stages"]:
+        g = s["gallery"]
+        assert g["stored"] == g["reembedded"], s["stage"]  # the same vectors, the same kernel: the same numbers
