@@ -18,6 +18,7 @@ indices among those tied at it), so memory stays O(chunk·N + N·k) whatever the
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import faiss
 import numpy as np
@@ -201,11 +202,20 @@ def _lowest_tied(scores: _ScoreBlocks, rows: torch.Tensor, kth: torch.Tensor, k:
 
 
 def normalized_rows(emb: np.ndarray) -> np.ndarray:
-    """Float32 rows scaled to unit L2 norm (zero rows stay zero); NaN or inf is a ValueError."""
+    """Float32 rows scaled to unit L2 norm in float64 (rows of 1e20 or 1e-30 keep their direction; zero
+    rows stay zero, with a warning); NaN or inf is a ValueError."""
     if not np.isfinite(emb).all():
         raise ValueError("embeddings contain NaN or inf values")
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    return np.ascontiguousarray(emb / np.maximum(norms, 1e-12), dtype=np.float32)
+    x = emb.astype(np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    warn_zero_rows(int((norms == 0).sum()))
+    return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+
+
+def warn_zero_rows(n: int) -> None:
+    if n:
+        warnings.warn(f"{n} embedding row(s) are all zero: they have no direction, so every item ties with them "
+                      "(a collapsed model?); Recall@K counts them by index order", RuntimeWarning, stacklevel=3)
 
 
 def _on_device(emb: np.ndarray, device: torch.device, normalize: bool) -> torch.Tensor:
@@ -215,6 +225,11 @@ def _on_device(emb: np.ndarray, device: torch.device, normalize: bool) -> torch.
     if normalize:
         if not bool(torch.isfinite(x).all()):  # one read per evaluation
             raise ValueError("embeddings contain NaN or inf values")
+        # scaled by the largest entry first: a row of 1e20 would overflow float32's norm, one of 1e-30 fall
+        # under the clamp
+        scale = x.abs().amax(dim=1, keepdim=True)
+        warn_zero_rows(int((scale == 0).sum()))  # one read per evaluation
+        x = x / torch.where(scale > 0, scale, torch.ones_like(scale))
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return x
 

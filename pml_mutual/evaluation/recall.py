@@ -31,8 +31,13 @@ from .knn import make_index  # noqa: F401  (public since the first release)
 
 def _to_numpy(x, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise TypeError(f"{name} must be real, got a {x.dtype} tensor")
         x = x.detach().cpu().float().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
-    return np.asarray(x)
+    x = np.asarray(x)
+    if np.iscomplexobj(x):
+        raise TypeError(f"{name} must be real, got {x.dtype}")
+    return x
 
 
 def check_ks(ks: Iterable[int]) -> tuple[int, ...]:
@@ -56,6 +61,8 @@ def check_inputs(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"embeddings must be 2-D (N, D), got shape {emb.shape}")
     if emb.shape[0] == 0:
         raise ValueError("embeddings is an empty set: nothing to evaluate")
+    if emb.shape[1] == 0:
+        raise ValueError(f"embeddings have no dimension (shape {emb.shape}): nothing to compare")
     if lab.ndim != 1 or lab.shape[0] != emb.shape[0]:
         raise ValueError(f"labels must be 1-D with one entry per embedding ({emb.shape[0]}), got shape {lab.shape}")
     if not np.issubdtype(lab.dtype, np.integer):

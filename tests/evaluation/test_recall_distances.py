@@ -55,3 +55,28 @@ def test_euclidean_recall_at_1_is_pml_accuracy_calculators_precision_at_1():
 def test_an_unknown_distance_is_refused():
     with pytest.raises(ValueError, match="distance must be one of"):
         recall_at_k(np.eye(3, dtype=np.float32), np.arange(3), (1,), distance="l2")
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_rows_of_extreme_scale_keep_their_neighbours_and_zero_rows_are_warned(backend):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 300)
+    base = recall_at_k(x, y, (1, 2), backend=backend)
+    scaled = x.copy()
+    scaled[:2] *= 1e20  # 0e3a6e5: these rows' squared norms overflowed float32 and they got other neighbours
+    scaled[5] *= 1e-30
+    assert recall_at_k(scaled, y, (1, 2), backend=backend) == base
+    zero = x.copy()
+    zero[0] = 0
+    with pytest.warns(RuntimeWarning, match="1 embedding row"):
+        recall_at_k(zero, y, (1,), backend=backend)
+
+
+def test_complex_and_dimensionless_embeddings_are_refused():
+    with pytest.raises(TypeError, match="must be real"):
+        recall_at_k(np.ones((3, 2), dtype=np.complex64), np.arange(3), (1,))
+    with pytest.raises(TypeError, match="must be real"):
+        recall_at_k(torch.ones(3, 2, dtype=torch.complex64), np.arange(3), (1,))
+    with pytest.raises(ValueError, match="no dimension"):
+        recall_at_k(np.zeros((3, 0), dtype=np.float32), np.arange(3), (1,))
