@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -228,6 +229,15 @@ def fit_linear_map(source: torch.Tensor, target: torch.Tensor, ridges=RIDGES, ho
     return w.float(), b.float()
 
 
+def check_stage_index(stage, num_stages: int) -> int:
+    """``stage`` as an index of one of ``num_stages`` stages (numpy integers accepted), or a ValueError."""
+    if isinstance(stage, (bool, np.bool_)) or not isinstance(stage, (int, np.integer)):
+        raise ValueError(f"stage must be an integer index of the {num_stages} stages added, got {stage!r}")
+    if not 0 <= stage < num_stages:
+        raise ValueError(f"stage must be one of the {num_stages} stages added (0–{max(num_stages - 1, 0)}), got {stage!r}")
+    return int(stage)
+
+
 class DriftCompensator:
     """Per-stage prototypes and their accumulated drift: what stage i needs of stages < i−1.
 
@@ -270,8 +280,12 @@ class DriftCompensator:
             raise ValueError(f"mode must be one of {DRIFT_MODES}, got {mode!r}")
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-        if not sigma > 0:
-            raise ValueError(f"sigma must be positive, got {sigma!r}")
+        for name, value in (("sigma", sigma), ("eps", eps)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r} (eps keeps the similarity weights' "
+                                 "sums away from 0: eps=0 divides by zero when no prototype is similar)")
+        sigma, eps = float(sigma), float(eps)
         self.mode, self.similarity, self.sigma, self.eps, self.normalize = mode, similarity, sigma, eps, normalize
         self.loss_fn = GramCorrelationLoss() if loss_fn is None else loss_fn
         self.class_ids: list[torch.Tensor] = []
@@ -447,8 +461,15 @@ class DriftCompensator:
         learned mode). The latest stage's own embeddings are returned as they are. O(N·K·D) or O(N·D²),
         on the embeddings' device; float32, re-normalised when the compensator normalises."""
         check_embeddings(embeddings, "embeddings")
-        if not 0 <= stage < self.num_stages:
-            raise ValueError(f"stage must be one of the {self.num_stages} stages added, got {stage!r}")
+        stage = check_stage_index(stage, self.num_stages)
+        if method not in ("translation", "learned"):
+            raise ValueError(f"method must be 'translation' or 'learned', got {method!r}")
+        if embeddings.shape[1] != self.stage_prototypes[0].shape[1]:
+            raise ValueError(f"embeddings have {embeddings.shape[1]} columns, the compensator's stages "
+                             f"{self.stage_prototypes[0].shape[1]}: pass embeddings of the models it measured")
+        if method == "translation" and self.mode == "none":
+            raise ValueError("a compensator of mode='none' measures no drift: 'translation' would return the "
+                             "embeddings unchanged; use mode='direct' or 'chained' to move a gallery")
         feats = embeddings.detach().float()
         if stage == self.num_stages - 1:
             return feats

@@ -17,7 +17,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -388,6 +388,10 @@ class OnlineLearner:
         for c in self.callbacks:
             if not all(callable(getattr(c, e, None)) for e in ("before_stage", "after_stage", "after_run")):
                 raise TypeError(f"callbacks must be pml_mutual.callbacks.Callback instances, got {type(c).__name__}")
+        if initial_state_dict is not None and not (
+                isinstance(initial_state_dict, Mapping) and all(torch.is_tensor(v) for v in initial_state_dict.values())):
+            raise TypeError(f"initial_state_dict must be a state dict (name → tensor, e.g. model.state_dict() or "
+                            f"torch.load(path, weights_only=True)), got a {type(initial_state_dict).__name__}")
         self.initial_state_dict = initial_state_dict
         bad = nonfinite_tensors(initial_state_dict) if initial_state_dict is not None else []
         if bad:

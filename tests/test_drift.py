@@ -405,3 +405,37 @@ def test_gallery_update_by_the_learned_map_is_exact_for_a_linear_drift():
     restored = DriftCompensator(mode="learned")
     restored.load_state_dict(comp.state_dict())
     assert torch.equal(restored.update_gallery(probe, 0, "learned"), comp.update_gallery(probe, 0, "learned"))
+
+
+def test_arguments_are_checked_with_messages_that_say_what_to_pass():
+    import numpy as np
+
+    from pml_mutual.evaluation import stage_recalls
+
+    for kw in (dict(eps=0), dict(eps=float("nan")), dict(sigma=float("inf")), dict(sigma=True)):
+        with pytest.raises(ValueError, match=r"must be a finite number > 0"):
+            DriftCompensator(**kw)
+    g = torch.Generator().manual_seed(0)
+    comp = DriftCompensator(mode="direct")
+    labels = torch.arange(12) % 3
+    comp.add_stage(torch.randn(12, 4, generator=g), labels)
+    comp.add_stage(torch.randn(12, 4, generator=g), labels + 3)
+    comp.update_drift(torch.randn(12, 4, generator=g), torch.randn(12, 4, generator=g), stage=0)
+    x = torch.randn(5, 4, generator=g)
+    assert comp.update_gallery(x, np.int64(0)).shape == (5, 4)  # numpy integers are stages too
+    for stage in (True, 0.5, "0", None, 2, -1):
+        with pytest.raises(ValueError, match="stage must be"):
+            comp.update_gallery(x, stage)
+    with pytest.raises(ValueError, match="method must be 'translation' or 'learned'"):
+        comp.update_gallery(x, 0, method="bogus")
+    with pytest.raises(ValueError, match="5 columns"):
+        comp.update_gallery(torch.randn(5, 5), 0)
+    none = DriftCompensator(mode="none")
+    none.add_stage(torch.randn(12, 4, generator=g), labels)
+    none.add_stage(torch.randn(12, 4, generator=g), labels + 3)
+    with pytest.raises(ValueError, match="mode='none' measures no drift"):
+        none.update_gallery(x, 0)
+    emb, lab = torch.randn(24, 4, generator=g), torch.cat([labels, labels + 3])
+    for stage in (5, -1, 0.5):
+        with pytest.raises(ValueError, match=r"stage must be an integer of the class → stage map's stages \(0–1\)"):
+            stage_recalls(emb, lab, {c: c // 3 for c in range(6)}, stage, ks=(1,))

@@ -97,6 +97,7 @@ def test_fresh_moves_aside_only_what_the_run_wrote(digits, tmp_path):
     ("one item per class", ValueError, r"m_per_class=1: a batch holds one item per class"),
     ("no initial epochs", ValueError, r"initial_epochs must be at least 1"),
     ("config of another type", TypeError, r"config must be an OnlineConfig"),
+    ("a tensor as initial weights", TypeError, r"initial_state_dict must be a state dict \(name → tensor"),
 ])
 def test_unhelpful_cases_fail_before_training_naming_the_fix(digits, tmp_path, case, error, message):
     tr, te = digits
@@ -121,6 +122,8 @@ def test_unhelpful_cases_fail_before_training_naming_the_fix(digits, tmp_path, c
         kw["config"] = tiny(batch_size=8, m_per_class=8)
     elif case == "one item per class":
         kw["config"] = tiny(batch_size=4, m_per_class=1)
+    elif case == "a tensor as initial weights":
+        kw["initial_state_dict"] = torch.zeros(3)
     elif case == "config of another type":
         kw["config"] = {"method": "ours"}
     with pytest.raises(error, match=message):

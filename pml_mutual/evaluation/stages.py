@@ -87,9 +87,11 @@ def _recall_on(emb, lab, mask, ks, backend):
     return recall_at_k(emb[mask], lab[mask], ks, backend=backend)
 
 
-def _by_stage(item_stage: np.ndarray, stage: int, recall_on) -> dict:
+def _by_stage(item_stage: np.ndarray, stage: int, recall_on, last: int) -> dict:
     """The per-stage layout of a stage's results: ``recall_on(mask)`` on old / new / all seen classes and
-    on each stage's classes."""
+    on each stage's classes; ``last``: the last stage of the class → stage map."""
+    if isinstance(stage, (bool, np.bool_)) or not isinstance(stage, (int, np.integer)) or not 0 <= stage <= last:
+        raise ValueError(f"stage must be an integer of the class → stage map's stages (0–{last}), got {stage!r}")
     return {
         "stage": int(stage),
         "old": recall_on(item_stage < stage),
@@ -123,7 +125,8 @@ def stage_recalls(
     ks = check_ks(ks)
     emb = _to_numpy(embeddings, "embeddings")
     lab = _to_numpy(labels, "labels")
-    return _by_stage(_item_stages(lab, class_to_stage), stage, lambda mask: _recall_on(emb, lab, mask, ks, backend))
+    return _by_stage(_item_stages(lab, class_to_stage), stage, lambda mask: _recall_on(emb, lab, mask, ks, backend),
+                     max(class_to_stage.values()))
 
 
 def cross_stage_recalls(
@@ -146,4 +149,4 @@ def cross_stage_recalls(
     def on(mask):
         return cross_recall_at_k(q[mask], g[mask], lab[mask], ks) if mask.any() else None
 
-    return _by_stage(_item_stages(lab, class_to_stage), stage, on)
+    return _by_stage(_item_stages(lab, class_to_stage), stage, on, max(class_to_stage.values()))
