@@ -176,6 +176,31 @@ class OnlineConfig:
         return d
 
 
+def _tensors_of(x, out: list) -> None:
+    if torch.is_tensor(x):
+        out.append(x)
+    elif isinstance(x, np.ndarray) and x.dtype.kind == "f":
+        out.append(torch.from_numpy(x))
+    elif isinstance(x, float):
+        out.append(torch.tensor(x))
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            _tensors_of(v, out)
+    elif isinstance(x, dict):
+        for v in x.values():
+            _tensors_of(v, out)
+
+
+def _finite_flags(items: list) -> list[bool]:
+    """Collate function of the finite-input check: whether each item's floating-point values are finite."""
+    flags = []
+    for item in items:
+        parts: list = []
+        _tensors_of(item, parts)
+        flags.append(all(bool(torch.isfinite(p).all()) for p in parts if p.is_floating_point()))
+    return flags
+
+
 def check_model_factory(model_factory) -> None:
     """A factory, not a network: the run builds several networks (F_p, F_s, the teacher, old checkpoints)."""
     if isinstance(model_factory, torch.nn.Module):
@@ -847,6 +872,36 @@ class OnlineLearner:
             self._meta_model = identity.build_for_fingerprint(self.model_factory)
         return self._meta_model
 
+    def check_inputs_finite(self) -> None:
+        """Every item the run will train on or embed has finite inputs, checked before the first stage trains
+        (a NaN in the test set, in a class the sampler never draws or in the prototype dataset would
+        otherwise surface stages later, without the dataset's name). A ``TensorDataset`` is checked whole
+        at once; an ``ImageListDataset`` decodes pixels, finite by construction; any other dataset is read
+        once through ``__getitem__`` (one pass of its items, as one evaluation decodes them)."""
+        checked: set[int] = set()
+        for name, base in self._named_bases(("training", self.train_stages), ("prototype", self.prototype_stages),
+                                            ("test", [self.test_dataset])):
+            if id(base) in checked or isinstance(getattr(base, "items", None), ImageItems):
+                continue
+            checked.add(id(base))
+            if isinstance(base, TensorDataset):
+                for t in base.tensors:
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        bad = int(torch.nonzero(~torch.isfinite(t.reshape(len(t), -1)).all(1))[0, 0])
+                        raise ValueError(f"the {name} dataset holds NaN or inf inputs (item {bad} first): nothing "
+                                         "non-finite is trained on or embedded; clean or drop those items")
+                continue
+            # in the run's worker processes when it has them: the pass decodes what an evaluation decodes
+            loader = torch.utils.data.DataLoader(base, batch_size=64, num_workers=self.config.num_workers,
+                                                 collate_fn=_finite_flags)
+            start = 0
+            for flags in loader:
+                if not all(flags):
+                    i = start + flags.index(False)
+                    raise ValueError(f"the {name} dataset ({type(base).__name__}) yields NaN or inf at item {i}: "
+                                     "nothing non-finite is trained on or embedded; clean or drop those items")
+                start += len(flags)
+
     def content_records(self) -> dict:
         """What the identity's descriptions cannot see, compared with the run directory's records
         (``data_files.json``): the image files' sizes, the model's code, and a seeded sample of each
@@ -890,6 +945,7 @@ class OnlineLearner:
         """Check the run directory against this run's identity and return the first stage still to train."""
         self.directory.check_identity(self.run_identity(), fresh=self.fresh, data_files=self.content_records())
         self._meta_model = None  # a network held through the run would count against the memory guarantees
+        self.check_inputs_finite()
         done = self.directory.completed_stages(len(self.train_stages))
         for doc in done:
             try:

@@ -136,3 +136,28 @@ def test_unhelpful_cases_fail_before_training_naming_the_fix(digits, tmp_path, c
 def test_a_classification_loss_may_see_one_item_per_class(digits, tmp_path):
     make(digits, tmp_path, metric_loss=losses.ArcFaceLoss(num_classes=10, embedding_size=64),
          config=tiny(batch_size=4, m_per_class=1, method="finetune"))  # no positive pair needed: accepted
+
+
+@pytest.mark.parametrize("where", ["test", "prototype", "untrained class", "custom test"])
+def test_non_finite_inputs_anywhere_are_refused_before_the_first_stage_trains(digits, tmp_path, where):
+    tr, te = digits
+    x_tr, y_tr = tr.tensors[0].clone(), tr.tensors[1]
+    x_te, y_te = te.tensors[0].clone(), te.tensors[1]
+    kw = {}
+    if where == "test":
+        x_te[7, 3] = float("nan")
+    elif where == "untrained class":  # stage 1's classes: no stage before the refusal trains
+        x_tr[int(np.flatnonzero(y_tr.numpy() == 9)[0]), 0] = float("inf")
+    elif where == "prototype":
+        x_p = tr.tensors[0].clone()
+        x_p[0, 0] = float("nan")
+        kw["prototype_dataset"] = torch.utils.data.TensorDataset(x_p, y_tr)
+    train = torch.utils.data.TensorDataset(x_tr, y_tr)
+    test = torch.utils.data.TensorDataset(x_te, y_te)
+    if where == "custom test":
+        x_te[3, 3] = float("nan")
+        test = Scaled(torch.utils.data.TensorDataset(x_te, y_te))
+    name = {"untrained class": "training", "custom test": "test"}.get(where, where)
+    with pytest.raises(ValueError, match=rf"the {name} dataset .*(NaN or inf)"):
+        make(digits, tmp_path, train=train, test=test, **kw).run()
+    assert not (tmp_path / "stage_000").exists()
