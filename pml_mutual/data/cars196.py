@@ -32,7 +32,11 @@ def _loadmat(path: Path) -> dict:
         from scipy.io import loadmat
     except ImportError as e:  # pragma: no cover - scipy is in the vision and test extras
         raise ImportError("reading Cars196 .mat files needs scipy: pip install 'pml-mutual[vision]'") from e
-    return loadmat(require(path, "Cars196 annotation file"), squeeze_me=True, struct_as_record=True)
+    try:
+        return loadmat(require(path, "Cars196 annotation file"), squeeze_me=True, struct_as_record=True)
+    except (ValueError, TypeError, OSError, EOFError, IndexError, KeyError) as e:  # scipy's messages name no file
+        raise ValueError(f"{path} is not a readable .mat file ({type(e).__name__}: {e}); replace it with the "
+                         "dataset's own cars_annos.mat") from None
 
 
 def _records(mat: dict, path: Path) -> np.ndarray:

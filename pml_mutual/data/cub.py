@@ -17,18 +17,32 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import ImageItems, check_split, read_list_file, require, split_items
+from .images import ImageItems, check_split, read_list_file, read_text_utf8, require, split_items
 
 NUM_CLASSES = 200
 STAGE_ENDS = {"one-task": (100,), "multi-task": (100, 125, 150, 175)}
 TRAIN_FRACTION = 0.6
 
 
-def _read_table(path: Path, what: str) -> list[list[str]]:
-    rows = [line.split(maxsplit=1) for line in require(path, what).read_text().splitlines() if line.strip()]
-    for n, r in enumerate(rows, start=1):
+def _read_table(path: Path, what: str, integer_values: bool = False) -> list[list[str]]:
+    """``<id> <value>`` rows of one of CUB's tables; a bad line (not two fields, an id or a class that is not
+    an integer, an id given twice) or a file that is not UTF-8 is named with its line."""
+    text = read_text_utf8(require(path, what))
+    rows, seen = [], {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        r = line.split(maxsplit=1)
         if len(r) != 2:
-            raise ValueError(f"{path}:{n}: expected '<id> <value>', got {' '.join(r)!r}")
+            raise ValueError(f"{path}:{n}: expected '<id> <value>', got {line.strip()!r}")
+        if not r[0].isdigit():
+            raise ValueError(f"{path}:{n}: the image id {r[0]!r} is not a non-negative integer")
+        if integer_values and not r[1].strip().lstrip("-").isdigit():
+            raise ValueError(f"{path}:{n}: {r[1].strip()!r} is not an integer")
+        if r[0] in seen:
+            raise ValueError(f"{path}:{n}: image id {r[0]} given twice (first on line {seen[r[0]]}): one image would be dropped")
+        seen[r[0]] = n
+        rows.append(r)
     return rows
 
 
@@ -38,7 +52,8 @@ def read_cub(root: str | os.PathLike, allow_outside_root: bool = False) -> tuple
     root = Path(root)
     require(root, "CUB-200-2011 directory (the one holding images.txt)")
     paths = dict(_read_table(root / "images.txt", "CUB images.txt"))
-    labels = {i: int(c) - 1 for i, c in _read_table(root / "image_class_labels.txt", "CUB image_class_labels.txt")}
+    labels = {i: int(c) - 1 for i, c in _read_table(root / "image_class_labels.txt", "CUB image_class_labels.txt",
+                                                    integer_values=True)}
     official = {i: v.strip() == "1" for i, v in _read_table(root / "train_test_split.txt", "CUB train_test_split.txt")}
     missing = set(paths) - set(labels)
     if missing:

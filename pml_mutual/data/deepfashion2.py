@@ -46,22 +46,30 @@ def read_deepfashion2(root: str | os.PathLike, min_items: int = 2) -> ImageItems
     for split in _split_dirs(root):
         for anno in sorted((split / "annos").glob("*.json")):
             try:
-                doc = json.loads(anno.read_text())
+                doc = json.loads(anno.read_text(encoding="utf-8"))
                 pair_id = int(doc["pair_id"])
-            except (ValueError, KeyError) as e:
+            except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{anno}: not a DeepFashion2 annotation ({e!r})") from None
             image = (split / "image" / anno.stem).with_suffix(".jpg").relative_to(root).as_posix()
             for name, item in doc.items():
                 if not (name.startswith("item") and isinstance(item, dict)):
                     continue
-                if int(item.get("style", 0)) <= 0:
+                try:
+                    style = int(item.get("style", 0))
+                except (TypeError, ValueError):
+                    raise ValueError(f"{anno}: {name}'s style {item.get('style')!r} is not an integer") from None
+                if style <= 0:
                     continue
                 box = item.get("bounding_box")
-                if box is None or len(box) != 4:
+                if not isinstance(box, list) or len(box) != 4:
                     raise ValueError(f"{anno}: {name} has no [x1, y1, x2, y2] bounding_box")
+                try:
+                    box = [float(v) for v in box]
+                except (TypeError, ValueError):
+                    raise ValueError(f"{anno}: {name}'s bounding_box {item['bounding_box']!r} holds a value that is not a number") from None
                 paths.append(image)
-                keys.append((pair_id, int(item["style"])))
-                boxes.append([float(v) for v in box])
+                keys.append((pair_id, style))
+                boxes.append(box)
     if not paths:
         raise ValueError(f"no items with style > 0 under {root}")
     identities, inverse, counts = np.unique(np.array(keys), axis=0, return_inverse=True, return_counts=True)

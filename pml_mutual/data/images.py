@@ -34,6 +34,12 @@ class ImageItems:
             self.boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
             if len(self.boxes) != len(self.paths):
                 raise ValueError(f"{len(self.paths)} paths but {len(self.boxes)} boxes")
+            # known now, not when the image is decoded mid-run: an inverted or non-finite box, named
+            bad = ~np.isfinite(self.boxes).all(1) | (self.boxes[:, 2] <= self.boxes[:, 0]) | (self.boxes[:, 3] <= self.boxes[:, 1])
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"item {i + 1} ({self.paths[i]}) has the box {tuple(self.boxes[i].tolist())}: a box is "
+                                 f"(x1, y1, x2, y2) with x2 > x1 and y2 > y1 ({int(bad.sum())} such box(es))")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -148,6 +154,15 @@ def box_pixels(width: int, height: int, box: Sequence[float]) -> tuple[int, int,
     return x1, y1, x2, y2
 
 
+def read_text_utf8(path: Path) -> str:
+    """A text file as UTF-8, or a ValueError naming its first undecodable line."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the file as UTF-8") from None
+
+
 def require(path: Path, what: str) -> Path:
     """``path`` if it exists, else a FileNotFoundError saying which file of which dataset was expected."""
     if not path.exists():
@@ -165,7 +180,7 @@ def read_list_file(path: str | os.PathLike, root: str | os.PathLike | None = Non
     """
     path = require(Path(path), "list file")
     paths, labels, boxes = [], [], []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(read_text_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         tokens = line.split()

@@ -139,3 +139,44 @@ def test_image_dataset_applies_the_transform_and_names_a_missing_image(tmp_path)
     (items.root / items.paths[0]).unlink()
     with pytest.raises(FileNotFoundError, match="image file missing"):
         ds[0]
+
+
+def test_annotation_files_with_bad_lines_are_refused_naming_the_file_and_line(tmp_path):
+    import json as _json
+
+    from pml_mutual.data.cars196 import read_cars196
+    from pml_mutual.data.cub import read_cub
+    from pml_mutual.data.deepfashion2 import read_deepfashion2
+    from pml_mutual.data.fixtures import write_cars196_fixture, write_cub_fixture, write_deepfashion2_fixture
+    from pml_mutual.data.images import ImageItems, read_list_file
+
+    root = write_cub_fixture(tmp_path / "CUB", [3] * 2)
+    lines = (root / "images.txt").read_text().splitlines()
+    for bad, message in (([lines[0].replace("1 ", "abc ", 1)] + lines[1:], r"images.txt:1: the image id 'abc'"),
+                         (lines + [lines[0]], r"images.txt:7: image id 1 given twice \(first on line 1\)")):
+        (root / "images.txt").write_text("\n".join(bad) + "\n")
+        with pytest.raises(ValueError, match=message):
+            read_cub(root)
+    (root / "images.txt").write_bytes(("\n".join(lines) + "\n").encode() + "7 café.jpg\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"images.txt:7: not UTF-8 text"):
+        read_cub(root)
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("a.jpg 0\n".encode() + "é.jpg 1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"list.txt:2: not UTF-8 text"):
+        read_list_file(listing)
+    with pytest.raises(ValueError, match=r"item 2 \(b.jpg\) has the box \(5.0, 0.0, 1.0, 4.0\)"):
+        ImageItems(tmp_path, ["a.jpg", "b.jpg"], [0, 1], [[0, 0, 4, 4], [5, 0, 1, 4]])
+    cars = write_cars196_fixture(tmp_path / "cars", [2, 2])
+    mat = next(cars.rglob("*.mat"))
+    mat.write_bytes(mat.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"{mat.name} is not a readable \.mat file"):
+        read_cars196(cars)
+    df2 = write_deepfashion2_fixture(tmp_path / "df2", 2)
+    anno = sorted(df2.rglob("annos/*.json"))[0]
+    doc = _json.loads(anno.read_text())
+    item = next(k for k in doc if k.startswith("item"))
+    doc[item]["bounding_box"] = [0, "x", 3, 4]
+    doc[item]["style"] = 1
+    anno.write_text(_json.dumps(doc))
+    with pytest.raises(ValueError, match=rf"{anno.name}: {item}'s bounding_box .* not a number"):
+        read_deepfashion2(df2)
