@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -160,6 +161,22 @@ def resolve(args: argparse.Namespace, dataset: str) -> argparse.Namespace:
     return args
 
 
+def check_batch_memory(batch: int, size: int, device: torch.device) -> None:
+    """Refuse crops whose batch of float32 inputs alone would take over an eighth of the device's memory
+    (activations take many times the input): ``--image-size 100000`` would grow to tens of GB before the
+    kernel killed it."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = batch * 3 * size * size * 4
+    if need > total / 8:
+        fits = int((total / 8 / (batch * 3 * 4)) ** 0.5)
+        raise SystemExit(f"--image-size {size}: a batch of {batch} crops is {need / 2**30:.1f} GiB of inputs alone, over "
+                         f"an eighth of the {total / 2**30:.0f} GiB of {device}; use a size of at most {fits} (the "
+                         "protocol's is 224)")
+
+
 def data_and_model_flags(args) -> dict:
     """The command-line settings that change the data or the model (the weights file by its SHA-256)."""
     flags = {k: getattr(args, k, None) for k in ("backbone", "setting", "split_seed", "image_size", "cub_split", "crop",
@@ -211,16 +228,20 @@ def _run(dataset: str, args, device: torch.device) -> list[dict]:
         args.device = str(device)
     tmp = None
     if args.smoke:
-        # rank 0 writes the tiny dataset; every rank reads it (and the checkpoints) from the same directory
-        tmp = tempfile.TemporaryDirectory(prefix=f"pml_mutual_smoke_{dataset}_") if distributed.is_main() else None
-        root = Path(distributed.broadcast_object(tmp.name if tmp else None))
-        if distributed.is_main():
+        # rank 0 writes the tiny dataset; every rank reads it (and the checkpoints) from the same directory.
+        # With --runs DIR it goes beside the checkpoints, written once with fixed seeds, so a rerun finds the
+        # same files under the same paths and resumes; without, into a temporary directory gone at exit.
+        if args.runs == Path("runs") / dataset:
+            tmp = tempfile.TemporaryDirectory(prefix=f"pml_mutual_smoke_{dataset}_") if distributed.is_main() else None
+            root = Path(distributed.broadcast_object(tmp.name if tmp else None))
+            args.runs = root / "runs"
+        else:
+            root = args.runs / "smoke_data"
+        if distributed.is_main() and not (root / dataset).exists():
             spec.write_fixture(root / dataset)
         distributed.barrier()
         args.data_root = root / dataset
         args.weights, args.no_pretrained, args.num_workers = None, True, 0
-        if args.runs == Path("runs") / dataset:
-            args.runs = root / "runs"
     # flags left unset take the paper's values, or tiny ones for a smoke run
     defaults = dict(epochs=30, iterations=100, image_size=224, classes_per_batch=BATCH[args.backbone][0],
                     images_per_class=BATCH[args.backbone][1])
@@ -238,7 +259,9 @@ def _run(dataset: str, args, device: torch.device) -> list[dict]:
     try:
         train_items, test_items = spec.load(args.data_root, args.split_seed, args)
         # known before training: the backbone takes this crop size (OnlineLearner checks every image file)
+        # and a batch of such crops fits in memory
         check_image_size(args.backbone, size)
+        check_batch_memory(batch, size, device)
         classes = np.unique(train_items.labels)
         # the paper's stage boundaries; moved proportionally when a subset (or smoke data) has fewer classes
         ends = scale_stage_ends(spec.stage_ends[args.setting], spec.num_classes, len(classes))

@@ -70,11 +70,23 @@ def _bytes_of(obj) -> bytes:
     return buffer.getvalue()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# read once, at import: os.umask can only be read by setting it, which is not safe once threads write
+FILE_MODE = 0o666 & ~_umask()
+
+
 def write_atomic(data: bytes, path: Path) -> None:
-    """``data`` to a temp file of this project's pattern beside ``path``, then renamed to ``path``."""
+    """``data`` to a temp file of this project's pattern beside ``path``, then renamed to ``path``; the file
+    gets the mode a plain ``open()`` would give it (the umask's), not mkstemp's 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.", suffix=TMP_SUFFIX)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -212,13 +224,13 @@ class RunDirectory:
             elif diffs:
                 raise RunDirectoryError(
                     f"{self.path} holds a run with a different identity ({'; '.join(diffs[:8])}); use another "
-                    "run_dir, remove it, or start fresh (OnlineLearner(..., fresh=True) / --fresh moves it aside)"
+                    "run_dir, remove it, or start fresh (OnlineLearner(..., fresh=True), or --fresh of the reproduction scripts cub200.py / cars196.py / deepfashion2.py, moves its files aside)"
                 )
             elif changed:
                 raise RunDirectoryError(
                     f"{self.path} holds a run made with other data or code: {'; '.join(_describe_change(k) for k in changed)} "
                     f"(recorded in {files_path.name}); its numbers are not this run's: use another run_dir, "
-                    "remove it, or start fresh (OnlineLearner(..., fresh=True) / --fresh moves it aside)"
+                    "remove it, or start fresh (OnlineLearner(..., fresh=True), or --fresh of the reproduction scripts cub200.py / cars196.py / deepfashion2.py, moves its files aside)"
                 )
         distributed.barrier()
         if distributed.is_main():

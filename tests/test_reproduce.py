@@ -118,3 +118,17 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path):
         done = subprocess.run([sys.executable, str(script), "--dataset", "glyphs", "--setting", "multi-task", "--quick",
                                *extra], capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and message in done.stderr, done.stderr[-1000:]
+
+
+def test_a_smoke_run_with_runs_resumes_when_rerun_and_huge_crops_are_refused(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    argv = [str(BENCHMARKS / "cub200.py"), "--smoke", "--methods", "finetune", "--device", "cpu", "--runs", str(runs)]
+    stamps = []
+    for _ in range(2):  # on 0e3a6e5 the second was refused as another identity (a new temporary fixture)
+        monkeypatch.setattr(sys, "argv", argv)
+        runpy.run_path(argv[0], run_name="__main__")
+        stamps.append({p: p.stat().st_mtime_ns for p in runs.rglob("model.pt")})
+    assert stamps[0] and stamps[0] == stamps[1]  # the rerun resumed its completed run: nothing retrained
+    monkeypatch.setattr(sys, "argv", argv[:-2] + ["--runs", str(tmp_path / "other"), "--image-size", "100000"])
+    with pytest.raises(SystemExit, match=r"--image-size 100000: a batch of .* GiB of inputs alone"):
+        runpy.run_path(argv[0], run_name="__main__")

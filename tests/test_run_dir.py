@@ -114,3 +114,16 @@ def test_a_second_live_process_on_the_directory_is_refused_naming_the_holder_and
             "RunDirectory(sys.argv[1]).lock(); os.kill(os.getpid(), signal.SIGKILL)")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], timeout=120)
     RunDirectory(tmp_path / "run").lock()
+
+
+def test_every_file_a_run_writes_gets_the_umasks_mode(tmp_path):
+    import os
+    import stat
+
+    from pml_mutual.run_dir import FILE_MODE, save_json, write_atomic
+
+    write_atomic(b"x", tmp_path / "a.pt")
+    save_json({"a": 1}, tmp_path / "b.json")
+    (tmp_path / "c.md").write_text("plain open()")
+    modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in tmp_path.iterdir()}
+    assert modes["a.pt"] == modes["b.json"] == modes["c.md"] == FILE_MODE  # 0e3a6e5: 0600 beside 0644
