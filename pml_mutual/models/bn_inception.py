@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import nonfinite_tensors
+
 # name: (in, 1x1, 3x3 reduce, 3x3, double 3x3 reduce, double 3x3, pool kind, pool projection)
 # A block without a 1x1 branch (3c, 4e) halves the resolution: stride-2 3x3 convs and a stride-2 max pool.
 # These are the widths of the released Caffe model (4c–4d project the pool to 128, so 4d and 4e see 608
@@ -103,13 +105,21 @@ def load_checkpoint_into(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} weights not found: expected a PyTorch state dict file at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a text file, a truncated download, a pickle that weights_only refuses
+        raise ValueError(f"{path} is not a PyTorch state dict file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         f"pass the {what} weights saved with torch.save(state_dict); files that need "
+                         "weights_only=False are not loaded (they could run code)") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise ValueError(f"{path} holds NaN or inf values ({', '.join(bad[:5])}): not usable {what} weights")
     state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

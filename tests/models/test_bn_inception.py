@@ -75,3 +75,20 @@ def test_bad_checkpoints_are_named(tmp_path):
 def test_unknown_backbone():
     with pytest.raises(ValueError, match="backbone must be one of"):
         build_backbone("alexnet")
+
+
+def test_weights_files_that_are_not_state_dicts_or_not_finite_are_named(tmp_path):
+    import torch
+
+    from pml_mutual.models.bn_inception import bn_inception
+
+    text = tmp_path / "weights.txt"
+    text.write_text("not weights")
+    with pytest.raises(ValueError, match=r"weights.txt is not a PyTorch state dict file"):
+        bn_inception(text)
+    state = bn_inception().state_dict()
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+    nan = tmp_path / "nan.pth"
+    torch.save(state, nan)
+    with pytest.raises(ValueError, match=r"nan.pth holds NaN or inf values"):
+        bn_inception(nan)
