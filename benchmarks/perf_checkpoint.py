@@ -64,7 +64,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="SmallCNN, 2 repeats")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_checkpoint.json")
+    p.add_argument("--out", type=Path, default=Path("runs") / "benchmarks" / "perf_checkpoint.json")  # git-ignored
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.repeats = "small_cnn", 2

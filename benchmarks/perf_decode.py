@@ -47,7 +47,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the device-decoding pass decodes (and where both embedding passes deliver)")
     p.add_argument("--quick", action="store_true", help="4 classes × 8 images, batch 8, 2 workers")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_decode.json")
+    p.add_argument("--out", type=Path, default=Path("runs") / "benchmarks" / "perf_decode.json")  # git-ignored
     args = p.parse_args(argv)
     if args.quick:
         args.classes, args.images_per_class, args.batch, args.workers = 4, 8, 8, min(args.workers, 2)

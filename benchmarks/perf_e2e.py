@@ -168,7 +168,7 @@ def main(argv=None):
                         "is reported (3 or more where the machine's speed drifts between minutes)")
     p.add_argument("--quick", action="store_true", help="CPU-sized: 8 classes × 12 images of 96×72, crop 32, 4 steps")
     p.add_argument("--profile", type=Path, help="write a cProfile summary of the end-to-end stage to this file")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_e2e.json")
+    p.add_argument("--out", type=Path, default=Path("runs") / "benchmarks" / "perf_e2e.json")  # git-ignored
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1 (got {args.rounds})")

@@ -127,7 +127,7 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="for the torch variants (default: cuda if available, else cpu)")
     p.add_argument("--ties", action="store_true", help="also run every variant on all-equal embeddings")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_eval.json")
+    p.add_argument("--out", type=Path, default=Path("runs") / "benchmarks" / "perf_eval.json")  # git-ignored
     p.add_argument("--child", nargs=4, metavar=("VARIANT", "N", "DATA", "DEVICE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

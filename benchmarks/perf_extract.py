@@ -97,7 +97,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-sleep-ms", type=float, help="sleep this long per image instead of decoding JPEGs")
     p.add_argument("--quick", action="store_true", help="4 classes × 40 images of 200×150, batch 32, 2 workers")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_extract.json")
+    p.add_argument("--out", type=Path, default=Path("runs") / "benchmarks" / "perf_extract.json")  # git-ignored
     args = p.parse_args(argv)
     if args.quick:
         args.classes, args.images_per_class, args.image_width, args.image_height = 4, 40, 200, 150

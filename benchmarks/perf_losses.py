@@ -49,7 +49,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--teachers", type=int, default=5, help="teachers of the stage-5 case (1 real + virtual)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_losses.json")
+    p.add_argument("--out", type=Path, default=Path("runs") / "benchmarks" / "perf_losses.json")  # git-ignored
     args = p.parse_args(argv)
     corr, mutual = GramCorrelationLoss(), MutualGramLoss()
     triplet, miner = losses.TripletMarginLoss(margin=0.1), miners.BatchHardMiner()

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from pml_mutual import OnlineConfig, OnlineLearner
+from pml_mutual.callbacks import Callback
 from pml_mutual.models import EmbeddingMLP
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -30,19 +31,22 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
-class ProbedLearner(OnlineLearner):
-    current_stage = -1
+class MemoryProbe(Callback):
+    """Which stage runs (for the RSS sampler) and, on CUDA, each stage's peak allocation up to its checkpoint
+    (reset as the stage starts, read after its evaluation): public callbacks, no private hook."""
 
-    def _train_stage(self, stage):
-        self.current_stage = stage
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return super()._train_stage(stage)
+    def __init__(self):
+        self.current_stage = -1
+        self.cuda_peaks: dict[int, int] = {}
 
-    def _save_stage(self, stage, *args, **kwargs):
-        if self.device.type == "cuda":
-            self.cuda_peaks[stage] = torch.cuda.max_memory_allocated(self.device)
-        return super()._save_stage(stage, *args, **kwargs)
+    def before_stage(self, ctx):
+        self.current_stage = ctx.stage
+        if ctx.learner.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.learner.device)
+
+    def after_eval(self, ctx):
+        if ctx.learner.device.type == "cuda":
+            self.cuda_peaks[ctx.stage] = torch.cuda.max_memory_allocated(ctx.learner.device)
 
 
 def synthetic(n_classes, per_class, dim=64, seed=0):
@@ -59,7 +63,8 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=40)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_memory.json")
+    p.add_argument("--out", type=Path, default=Path("runs") / "benchmarks" / "perf_memory.json",
+                   help="result JSON (default: under runs/, git-ignored; never the source tree unless asked)")
     args = p.parse_args(argv)
     if args.quick:
         args.stages, args.iterations = 4, 5
@@ -69,14 +74,15 @@ def main(argv=None):
     config = OnlineConfig(method="ours", epochs=1, initial_epochs=1, iterations_per_epoch=args.iterations, batch_size=32,
                           m_per_class=4, lr=1e-3, device=args.device)
     with tempfile.TemporaryDirectory() as run_dir:
-        learner = ProbedLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=config, run_dir=run_dir, quiet=True)
-        learner.cuda_peaks = {}
+        probe = MemoryProbe()
+        learner = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=config, run_dir=run_dir,
+                                                      quiet=True, callbacks=[probe])
         peaks: dict[int, int] = {}
         done = threading.Event()
 
         def sample():
             while not done.is_set():
-                s = learner.current_stage
+                s = probe.current_stage
                 if s >= 0:
                     peaks[s] = max(peaks.get(s, 0), rss_bytes())
                 time.sleep(0.002)
@@ -87,7 +93,7 @@ def main(argv=None):
         done.set()
         thread.join()
     mb = {s: v / 2**20 for s, v in sorted(peaks.items())}
-    doc = {"stages": args.stages, "peak_rss_mb": mb, "cuda_peak_mb": {s: v / 2**20 for s, v in learner.cuda_peaks.items()}}
+    doc = {"stages": args.stages, "peak_rss_mb": mb, "cuda_peak_mb": {s: v / 2**20 for s, v in probe.cuda_peaks.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2))
     for s, v in mb.items():

@@ -127,7 +127,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sync-audit", action="store_true", help="CUDA: list the host syncs of one step of each method")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "perf_step.json")
+    p.add_argument("--out", type=Path, default=Path("runs") / "benchmarks" / "perf_step.json")  # git-ignored
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.batch_size, args.classes_per_batch = 3, 1, 16, 4
