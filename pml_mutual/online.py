@@ -332,9 +332,12 @@ class OnlineLearner:
         test_dataset: test items of all classes; after stage i the classes of stages ≤ i are evaluated.
         config: :class:`OnlineConfig`.
         run_dir: where checkpoints and results go; an existing run there with the same config resumes.
-        metric_loss, miner: any PML loss / miner. Default: :class:`~pml_mutual.losses.BatchHardTripletLoss`
-            (PML's TripletMarginLoss on BatchHardMiner's triplets without host syncs) and no miner; a
-            ``metric_loss`` given without a miner gets PML's ``BatchHardMiner``.
+        metric_loss: any PML loss. Default: :class:`~pml_mutual.losses.BatchHardTripletLoss` (PML's
+            TripletMarginLoss on BatchHardMiner's triplets without host syncs). Its parameters (ArcFace's
+            ``W``, proxies) are trained with F_p by the run's optimizer kind and carried from stage to stage;
+            F_s trains its own copy.
+        miner: any PML miner without parameters, or None (a loss given without a miner sees every tuple of
+            the batch, as in PML).
         prototype_stages: the training stages with the deterministic test transform, for prototypes
             and drift (default: ``train_stages``).
         initial_state_dict: weights of an already trained F_0 (skips training stage 0), so several
@@ -342,8 +345,15 @@ class OnlineLearner:
         quiet: no progress bars.
         identity_tags: extra fields of the run's identity (e.g. command-line flags that change the data
             or the model, the weights file's SHA-256): a run_dir holding other tags is refused.
-        fresh: a run_dir holding a run of another identity is moved aside (``<run_dir>.old-N``) instead
-            of refused.
+        fresh: a run_dir holding a run of another identity has its files moved aside (``<run_dir>.old-N``)
+            instead of being refused; files of the user's own there stay.
+        optimizer: ``params → torch.optim.Optimizer`` for every trained network and loss (e.g.
+            ``functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)``). Default: the paper's Adam with
+            ``config.lr`` and ``config.weight_decay`` (which are refused with an optimizer of one's own).
+        lr_scheduler: ``optimizer → LR scheduler``, one per optimizer, fresh each stage, checkpointed.
+        lr_scheduler_step: ``"epoch"`` or ``"iteration"``: when the schedulers step.
+        callbacks: :class:`~pml_mutual.callbacks.Callback` instances, fired in order at each event
+            (``before_stage`` … ``after_run``) with a :class:`~pml_mutual.callbacks.StageContext`.
 
     Hook: ``trainer_hook(stage, trainer)``, if set (an attribute, default None), is called with each
     stage's :class:`IncrementalTrainer` once it is built, before it trains (e.g. to time the stage's

@@ -226,6 +226,18 @@ def _run(dataset: str, args, device: torch.device) -> list[dict]:
     spec = DATASETS[dataset]
     if args.device is None and distributed.is_active():
         args.device = str(device)
+    # flags left unset take the paper's values, or tiny ones for a smoke run
+    defaults = dict(epochs=30, iterations=100, image_size=224, classes_per_batch=BATCH[args.backbone][0],
+                    images_per_class=BATCH[args.backbone][1])
+    if args.smoke:
+        defaults.update(epochs=1, iterations=2, image_size=32, classes_per_batch=2, images_per_class=2)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    # known before anything is written or trained: the backbone takes this crop size and a batch of such
+    # crops fits in memory (OnlineLearner checks every image file later)
+    check_image_size(args.backbone, args.image_size)
+    check_batch_memory(args.classes_per_batch * args.images_per_class, args.image_size, device)
     tmp = None
     if args.smoke:
         # rank 0 writes the tiny dataset; every rank reads it (and the checkpoints) from the same directory.
@@ -242,14 +254,6 @@ def _run(dataset: str, args, device: torch.device) -> list[dict]:
         distributed.barrier()
         args.data_root = root / dataset
         args.weights, args.no_pretrained, args.num_workers = None, True, 0
-    # flags left unset take the paper's values, or tiny ones for a smoke run
-    defaults = dict(epochs=30, iterations=100, image_size=224, classes_per_batch=BATCH[args.backbone][0],
-                    images_per_class=BATCH[args.backbone][1])
-    if args.smoke:
-        defaults.update(epochs=1, iterations=2, image_size=32, classes_per_batch=2, images_per_class=2)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
     m_per_class = args.images_per_class
     batch = args.classes_per_batch * m_per_class
     space = INPUT_SPACE[args.backbone]
@@ -258,10 +262,6 @@ def _run(dataset: str, args, device: torch.device) -> list[dict]:
     rows, t_all = [], time.perf_counter()
     try:
         train_items, test_items = spec.load(args.data_root, args.split_seed, args)
-        # known before training: the backbone takes this crop size (OnlineLearner checks every image file)
-        # and a batch of such crops fits in memory
-        check_image_size(args.backbone, size)
-        check_batch_memory(batch, size, device)
         classes = np.unique(train_items.labels)
         # the paper's stage boundaries; moved proportionally when a subset (or smoke data) has fewer classes
         ends = scale_stage_ends(spec.stage_ends[args.setting], spec.num_classes, len(classes))

@@ -84,11 +84,32 @@ def test_the_working_directory_is_refused_as_run_dir(bad, tmp_path, monkeypatch)
         learner(bad)
 
 
-def test_nan_data_stops_training_naming_stage_epoch_iteration_and_term_and_writes_nothing(tmp_path):
+class NaNAfterFirstStep(torch.nn.Module):
+    """A network whose outputs turn NaN from its second forward in training mode (a diverging run)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = EmbeddingMLP()
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > 1:
+                out = out * float("nan")
+        return out
+
+
+def test_nan_data_is_refused_before_training_and_a_nan_loss_stops_training_naming_where_and_writing_nothing(tmp_path):
     run = tmp_path / "r"
-    with pytest.raises(NonFiniteLossError, match=r"stage 0, epoch 1, iteration \d+: non-finite loss \(.*metric_loss"):
+    with pytest.raises(ValueError, match=r"the training dataset holds NaN or inf inputs \(item 6 first\)"):
         learner(run, train=data(nan_class=1)).run()
     assert not (run / "in_progress.pt").exists() and not list(run.glob("stage_*/*.pt"))
+    with pytest.raises(NonFiniteLossError, match=r"stage 0, epoch 1, iteration \d+: non-finite loss \(.*metric_loss"):
+        learner(tmp_path / "diverging", factory=NaNAfterFirstStep).run()
+    assert not (tmp_path / "diverging" / "in_progress.pt").exists()
+    assert not list((tmp_path / "diverging").glob("stage_*/*.pt"))
     with pytest.raises(ValueError, match="different identity.*data.train"):
         learner(run, train=data()).run()  # fixed data is other data: never mixed with the old run
     learner(run, train=data(), fresh=True).run()
