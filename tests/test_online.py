@@ -320,13 +320,14 @@ def test_the_last_epochs_checkpoint_holds_only_the_networks_and_a_resume_from_it
 
     run = tmp_path / "run"
     crashing = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=config, run_dir=run, quiet=True)
-    measure = crashing._measure_drift
+    from pml_mutual.callbacks import Callback
 
-    def crash_after_training(stage):
-        if stage == 1:
-            raise KeyboardInterrupt("killed after stage 1 trained")
-        measure(stage)
-    crashing._measure_drift = crash_after_training
+    class CrashAfterTraining(Callback):
+        def after_train(self, ctx):
+            if ctx.stage == 1:
+                raise KeyboardInterrupt("killed after stage 1 trained")
+
+    crashing.callbacks.append(CrashAfterTraining())
     with pytest.raises(KeyboardInterrupt):
         crashing.run()
     state = RunDirectory(run).load_in_progress()

@@ -10,7 +10,11 @@ EVENTS = ("before_stage", "before_train", "after_epoch", "after_train", "after_d
 
 @dataclasses.dataclass
 class StageContext:
-    """What a callback may read at an event. Fields not yet known at that event are ``None``.
+    """What the stage's steps hand each other and a callback may read at an event. Fields not yet known
+    at that event are ``None``.
+
+    ``student``: F_i once the train step has built it (trained from ``after_train`` on); ``teacher``: F_{i−1}
+    as training held it, until the drift step releases it.
 
     ``global_step``: training iterations of the whole run up to this point (one step count across
     stages, so a logger's curves continue from stage to stage; equal after a resume).
@@ -26,6 +30,8 @@ class StageContext:
     method: str
     global_step: int = 0
     trainer: Any = None
+    student: Any = None
+    teacher: Any = None
     epoch: int | None = None
     epochs: int | None = None
     epoch_losses: dict | None = None

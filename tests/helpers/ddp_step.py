@@ -121,12 +121,12 @@ def wrap_then_shutdown(world: int, rank: int, out: str, gram_scope: str = "globa
     leaves the process without a group; rank 0 writes what it saw."""
     from types import SimpleNamespace
 
-    from pml_mutual import OnlineLearner
+    from pml_mutual.steps.train import wrap_for_ranks
 
     models = {"trunk": EmbeddingMLP(in_features=8, hidden=8, embedding_size=4),
               "teacher_trunk": EmbeddingMLP(in_features=8, hidden=8, embedding_size=4)}
     learner = SimpleNamespace(device=torch.device("cpu"))
-    wrapped = OnlineLearner._wrap_for_ranks(learner, models, ["trunk"])
+    wrapped = wrap_for_ranks(learner, models, ["trunk"])
     seen = {k: type(m).__name__ for k, m in wrapped.items()}
     del wrapped
     distributed.shutdown()
