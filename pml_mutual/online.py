@@ -23,7 +23,6 @@ from torch.utils.data import Dataset
 from . import distributed, identity
 from .callbacks import ProgressPrinter, StageContext
 from .callbacks.base import EVENTS, fire
-from .data.device_decode import decodable_on_device, require_torchvision_decoder
 from .data.loaders import LoaderPool
 from .data.stages import check_class_to_stage, check_stages, dataset_labels, split_by_stage
 from .drift import DriftCompensator
@@ -34,12 +33,14 @@ from .losses.state import own_copy
 from .online_config import EMBED_DECODES, METHODS, Method, OnlineConfig
 from .optimization import (LR_SCHEDULER_STEPS, adam, default_optimizer, describe_optimization, epoch_checkpoint,
                            optimization_settings, seed_everything)
-from .run_checks import (check_batch_layout, check_initial_state_dict, check_inputs_finite, check_label_range,
-                         check_model_factory, check_test_classes, metric_loss_and_miner, named_bases)
+from .run_checks import (check_batch_layout, check_decodable_on_device, check_initial_state_dict, check_inputs_finite,
+                         check_label_range, check_model_factory, check_test_classes, metric_loss_and_miner,
+                         named_bases)
 from .run_dir import RunDirectory, save_json, write_atomic
 from .run_identity import content_records, image_file_sizes, run_identity
 from .steps import STEPS
 from .steps.checkpoint import resume
+from .steps.train import start_loader_workers
 from .trainers import IncrementalTrainer
 
 LOGGER = logging.getLogger("pml_mutual")
@@ -166,7 +167,7 @@ class OnlineLearner:
         cuda = self.device.type == "cuda"
         decode_on_device = cfg.embed_decode == "device"
         if decode_on_device:
-            self._check_decodable_on_device()
+            check_decodable_on_device(named_bases(("prototype", self.prototype_stages), ("test", [test_dataset])))
         # on a GPU, drift and evaluation wait on decoding: finer worker tasks keep every worker busy to the
         # end of a pass (the model still embeds eval_batch_size at a time; see EmbeddingLoader)
         self.loaders = LoaderPool(cfg.batch_size, cfg.eval_batch_size, cfg.num_workers, pin_memory=cuda,
@@ -186,18 +187,6 @@ class OnlineLearner:
         return named_bases(("training", self.train_stages), ("prototype", self.prototype_stages),
                            ("test", [self.test_dataset]))
 
-    def _check_decodable_on_device(self) -> None:
-        """embed_decode="device": torchvision present and every embedded dataset made of image files read
-        through the test transform, or an error now, before any training."""
-        for name, base in named_bases(("prototype", self.prototype_stages), ("test", [self.test_dataset])):
-            if not decodable_on_device(base):
-                raise ValueError(
-                    f"embed_decode='device' needs the {name} dataset to be an ImageListDataset with a test "
-                    f"ProtocolTransform (train=False); got {type(base).__name__} with transform "
-                    f"{getattr(base, 'transform', None)!r}. Use embed_decode='workers' for it"
-                )
-        require_torchvision_decoder()
-
     # ----------------------------------------------------------------- the run
     def run(self) -> dict:
         """Train and evaluate every remaining stage; returns the results document (see evaluation.results)."""
@@ -216,7 +205,7 @@ class OnlineLearner:
         self._meta_model = None  # a network held through the run would count against the memory guarantees
         self.check_inputs_finite()
         start = resume(self)
-        self._start_loader_workers(start)
+        start_loader_workers(self, start)
         for stage in range(start, len(self.train_stages)):
             ctx = self.context = self._new_context(stage)
             self.fire("before_stage")
@@ -266,19 +255,6 @@ class OnlineLearner:
     def epochs_of(self, stage: int) -> int:
         cfg = self.config
         return cfg.initial_epochs if stage == 0 and cfg.initial_epochs is not None else cfg.epochs
-
-    def _start_loader_workers(self, start: int) -> None:
-        """Fork every worker process the run will use now, before the first network is built: memory
-        written later (weights, gradients, optimiser state) is then never shared with a worker, so the
-        training process does not copy it page by page on its first write (see LoaderPool.start_workers)."""
-        if start >= len(self.train_stages):
-            return
-        from .steps.drift import drift_users
-        from .steps.train import training_dataset
-
-        first = next((s for s in range(start, len(self.train_stages)) if self.trains(s)), None)
-        embedded = [self.test_dataset] + ([self.prototype_stages[start]] if drift_users(self) else [])
-        self.loaders.start_workers(train=training_dataset(self, first) if first is not None else None, embed=embedded)
 
     def seen_test_positions(self, stage: int) -> np.ndarray:
         """Positions in the test set of the items whose classes arrived in stages ≤ ``stage``."""

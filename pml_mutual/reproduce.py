@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from .data.transforms import ProtocolTransform
 from .experiment import final_row, mean_std, per_stage_row, run_methods
 from .gallery import GALLERIES
 from .identity import file_sha256
-from .models.backbones import BACKBONES, BATCH, INPUT_SPACE, backbone_factory, check_image_size
+from .models.backbones import BACKBONES, BATCH, INPUT_SPACE, backbone_factory, check_batch_memory, check_image_size
 from .drift import DRIFT_MODES
 from .online import EMBED_DECODES, METHODS, OnlineConfig
 from .published import ONE_TASK, TABLES, published
@@ -159,22 +158,6 @@ def resolve(args: argparse.Namespace, dataset: str) -> argparse.Namespace:
     if args.runs.exists() and not args.runs.is_dir():
         raise SystemExit(f"--runs {args.runs} is a file: name a directory for the checkpoints")
     return args
-
-
-def check_batch_memory(batch: int, size: int, device: torch.device) -> None:
-    """Refuse crops whose batch of float32 inputs alone would take over an eighth of the device's memory
-    (activations take many times the input): ``--image-size 100000`` would grow to tens of GB before the
-    kernel killed it."""
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    need = batch * 3 * size * size * 4
-    if need > total / 8:
-        fits = int((total / 8 / (batch * 3 * 4)) ** 0.5)
-        raise SystemExit(f"--image-size {size}: a batch of {batch} crops is {need / 2**30:.1f} GiB of inputs alone, over "
-                         f"an eighth of the {total / 2**30:.0f} GiB of {device}; use a size of at most {fits} (the "
-                         "protocol's is 224)")
 
 
 def data_and_model_flags(args) -> dict:

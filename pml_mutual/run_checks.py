@@ -174,3 +174,18 @@ def check_inputs_finite(bases, num_workers: int = 0) -> None:
                                  f"{start + flags.index(False)}: nothing non-finite is trained on or embedded; "
                                  "clean or drop those items")
             start += len(flags)
+
+
+def check_decodable_on_device(bases) -> None:
+    """embed_decode="device": torchvision present and every embedded dataset made of image files read
+    through the test transform, or an error now, before any training."""
+    from .data.device_decode import decodable_on_device, require_torchvision_decoder
+
+    for name, base in bases:
+        if not decodable_on_device(base):
+            raise ValueError(
+                f"embed_decode='device' needs the {name} dataset to be an ImageListDataset with a test "
+                f"ProtocolTransform (train=False); got {type(base).__name__} with transform "
+                f"{getattr(base, 'transform', None)!r}. Use embed_decode='workers' for it"
+            )
+    require_torchvision_decoder()

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from pml_mutual import run_dir
+from pml_mutual import run_dir, run_files
 from pml_mutual.run_dir import RunDirectory, RunDirectoryError
 
 
@@ -31,7 +31,7 @@ def test_a_stage_file_written_in_the_background_is_the_snapshot_taken_at_the_cal
     assert torch.equal(directory.load_stage_file(0, "support.pt")["w"], expected)  # loaded against its SHA-256
     assert not (directory.path / "in_progress.pt").exists()  # the stage is complete: its epoch checkpoint goes
 
-    (directory.stage_dir(0) / "support.pt").write_bytes(run_dir._bytes_of({"w": expected + 1}))
+    (directory.stage_dir(0) / "support.pt").write_bytes(run_files._bytes_of({"w": expected + 1}))
     with pytest.raises(RunDirectoryError, match="support.pt does not match the SHA-256"):
         directory.load_stage_file(0, "support.pt")
 
@@ -44,6 +44,7 @@ def test_a_failed_background_write_surfaces_at_save_stage_and_the_stage_stays_in
             raise OSError(28, "No space left on device")
         write(data, path)
     monkeypatch.setattr(run_dir, "write_atomic", full_disk)
+    monkeypatch.setattr(run_files, "write_atomic", full_disk)  # the stage files' writer
     directory.save_stage_file_in_background(0, "support.pt", {"w": torch.ones(3)})
     with pytest.raises(OSError, match="No space left"):
         directory.save_stage(0, {"model.pt": {"v": torch.zeros(3)}}, record())
@@ -64,6 +65,7 @@ def test_background_writes_land_in_the_order_queued(directory, monkeypatch):
         write(data, path)
         landed.append(path.name)
     monkeypatch.setattr(run_dir, "write_atomic", logged)
+    monkeypatch.setattr(run_files, "write_atomic", logged)
     directory.save_in_background({"epoch": 1, "models": {"w": torch.randn(1000, 1000)}})  # the larger, first
     directory.save_stage_file_in_background(0, "support.pt", {"w": torch.ones(3)})
     directory.save_stage_file_in_background(0, "extra.pt", {"w": torch.ones(3)})

@@ -139,3 +139,19 @@ def backbone_factory(name: str, weights: str | os.PathLike | None = None, embedd
         return model
 
     return factory
+
+
+def check_batch_memory(batch: int, size: int, device: torch.device) -> None:
+    """Refuse crops whose batch of float32 inputs alone would take over an eighth of the device's memory
+    (activations take many times the input): ``--image-size 100000`` would grow to tens of GB before the
+    kernel killed it."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = batch * 3 * size * size * 4
+    if need > total / 8:
+        fits = int((total / 8 / (batch * 3 * 4)) ** 0.5)
+        raise SystemExit(f"--image-size {size}: a batch of {batch} crops is {need / 2**30:.1f} GiB of inputs alone, over "
+                         f"an eighth of the {total / 2**30:.0f} GiB of {device}; use a size of at most {fits} (the "
+                         "protocol's is 224)")

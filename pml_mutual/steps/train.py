@@ -216,3 +216,16 @@ def load_epoch_checkpoint(learner, stage: int, models: dict, optimizers: dict, l
     if not learner.quiet:
         print(f"[{learner.config.method}] resuming stage {stage} after epoch {state['epoch']}", flush=True)
     return int(state["epoch"]), list(state["epoch_losses"])
+
+
+def start_loader_workers(learner, start: int) -> None:
+    """Fork every worker process the run will use now, before the first network is built: memory
+    written later (weights, gradients, optimiser state) is then never shared with a worker, so the
+    training process does not copy it page by page on its first write (see LoaderPool.start_workers)."""
+    from .drift import drift_users
+
+    if start >= len(learner.train_stages):
+        return
+    first = next((s for s in range(start, len(learner.train_stages)) if learner.trains(s)), None)
+    embedded = [learner.test_dataset] + ([learner.prototype_stages[start]] if drift_users(learner) else [])
+    learner.loaders.start_workers(train=training_dataset(learner, first) if first is not None else None, embed=embedded)

@@ -9,10 +9,11 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils.key_checker import KeyChecker
 
 from .. import distributed
-from ..data.loaders import train_loader
 from ..evaluation.stages import autocast_dtype
 from ..losses.gram_distillation import gram_distillation_losses
 from ..losses.state import own_copy, trainable_parameters
+from .loss_log import LossLog, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: public here since the first release)
+from .stage_loader import StageLoaderMixin
 
 LOGGER = logging.getLogger("pml_mutual")
 
@@ -20,7 +21,7 @@ SUPPORT = ("support_trunk", "support_embedder")
 TEACHER = ("teacher_trunk", "teacher_embedder")
 
 
-class IncrementalTrainer(MetricLossOnly):
+class IncrementalTrainer(StageLoaderMixin, MetricLossOnly):
     """One stage of online metric learning by mutual distillation (paper Eq. 1, with Eq. 6 for L_corr).
 
     A PML trainer: ``models`` holds the student F_p as ``trunk`` (+ ``embedder``), and optionally the
@@ -212,34 +213,6 @@ class IncrementalTrainer(MetricLossOnly):
     def compute_embeddings(self, data, prefix: str = ""):
         return self.models[f"{prefix}embedder"](self.models[f"{prefix}trunk"](data))
 
-    def initialize_dataloader(self):
-        """One loader for the whole stage: its workers persist from epoch to epoch, and each epoch's
-        batches come from ``self.sampler`` (set by ``epoch_start_hook``) with augmentations seeded per
-        batch from torch's generator as the epoch starts (see :mod:`pml_mutual.data.loaders`)."""
-        if self.dataloader is None:
-            if self.loader_pool is not None:  # the run's loader: its workers outlive this stage
-                if self.loader_pool.batch_size != self.batch_size:
-                    raise ValueError(f"loader_pool batches {self.loader_pool.batch_size} items, the trainer {self.batch_size}")
-                self.dataloader, self.batch_sampler, self.index_map = self.loader_pool.train(self.dataset, self.collate_fn)
-            else:
-                self.dataloader, self.batch_sampler = train_loader(
-                    self.dataset, self.batch_size, self.dataloader_num_workers,
-                    pin_memory=self.device_type == "cuda", collate_fn=self.collate_fn,
-                )
-                self.index_map = None
-        sampler = self.sampler if self.sampler is not None else torch.utils.data.RandomSampler(self.dataset)  # PML: shuffle
-        self.batch_sampler.set_epoch(sampler, int(torch.randint(2**62, ()).item()), self.index_map)  # CPU generator: no GPU sync
-        self.dataloader_iter = iter(self.dataloader)
-
-    def get_batch(self):
-        self.dataloader_iter, curr_batch = c_f.try_next_on_generator(self.dataloader_iter, self.dataloader)
-        data, labels = self.data_and_label_getter(curr_batch)
-        labels = c_f.process_label(labels, self.label_hierarchy_level, self.label_mapper)
-        # pinned host memory → device without blocking the host; the step queues behind the copy
-        data = data.to(self.data_device, dtype=self.dtype, non_blocking=True) if self.dtype else data.to(self.data_device, non_blocking=True)
-        labels = labels.to(self.data_device, non_blocking=True)
-        return self.maybe_do_batch_mining(data, labels)
-
     def maybe_freeze_trunk_batchnorm(self):
         # The paper freezes BatchNorm in every trained network, not only PML's "trunk".
         names = self.freeze_batchnorm_in
@@ -283,13 +256,6 @@ class IncrementalTrainer(MetricLossOnly):
                 break
         self.close_dataloader()
 
-    def close_dataloader(self) -> None:
-        """Let go of the loader: its workers end now (or stay with the ``loader_pool`` that owns them).
-        Left to the garbage collector, their shutdown would run inside a later ``gc.collect``, where
-        each worker is only terminated after DataLoader's 5 s status interval."""
-        self.dataloader_iter = None
-        self.dataloader = None
-
     def raise_if_not_finite(self, log: LossLog) -> None:
         """Raise naming the epoch, the first iteration and the loss terms that were NaN or inf."""
         bad = {k: i for k, i in log.first_not_finite().items() if i >= 0}
@@ -300,55 +266,3 @@ class IncrementalTrainer(MetricLossOnly):
                 f"{self.context}epoch {self.epoch}, iteration {it + 1}: non-finite loss ({terms}); "
                 "training stopped before anything was checkpointed"
             )
-
-
-class LossLog:
-    """An epoch's loss terms, kept on their device: per term, the sum and the first iteration at which it
-    was not finite. The tensor terms of a step are stacked into one vector, so a step adds a fixed
-    handful of ops (kernel launches on a GPU) however many terms there are, and nothing is read back
-    until :meth:`sums` or :meth:`first_not_finite` (one read each). Sums accumulate in the terms' own
-    order and float32, as adding each term to its own sum would."""
-
-    def __init__(self):
-        self._groups: dict[tuple[str, ...], list] = {}  # names of a step's tensor terms → [sums, first bad]
-        self._plain: dict[str, float] = {}  # terms that were not tensors (PML's 0 before a term is computed)
-
-    def add(self, losses: dict, iteration: int) -> None:
-        names = tuple(k for k, v in losses.items() if torch.is_tensor(v))
-        for k, v in losses.items():
-            if not torch.is_tensor(v):
-                self._plain[k] = self._plain.get(k, 0.0) + float(v)
-        if not names:
-            return
-        values = torch.stack([losses[k].detach().reshape(()).float() for k in names])
-        # x − x is 0 for finite x and NaN for NaN and ±inf: 2 ops, where torch.isfinite dispatches 4
-        bad = (values - values) != 0
-        group = self._groups.get(names)
-        if group is None:
-            self._groups[names] = [values, torch.where(bad, iteration, -1)]
-            return
-        sums, first_bad = group
-        group[0] = sums + values
-        group[1] = torch.where(bad & (first_bad < 0), iteration, first_bad)
-
-    def sums(self) -> dict[str, float]:
-        out = dict(self._plain)
-        for names, (sums, _) in self._groups.items():
-            for k, v in zip(names, sums.tolist()):  # one read per group of terms (one group in practice)
-                out[k] = out.get(k, 0.0) + v
-        return out
-
-    def first_not_finite(self) -> dict[str, int]:
-        """Term → the first iteration at which it was NaN or inf, or −1."""
-        out: dict[str, int] = {}
-        for names, (_, first) in self._groups.items():
-            for k, i in zip(names, first.tolist()):
-                if i >= 0 and (out.get(k, -1) < 0 or i < out[k]):
-                    out[k] = i
-                else:
-                    out.setdefault(k, -1)
-        return out
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or inf during training."""
