@@ -51,6 +51,21 @@ class Recorder(Callback):
         self._log("before_train", ctx)
 
 
+class Stop(Exception):
+    pass
+
+
+class StopAt(Callback):
+    """Interrupt the run after ``epoch`` of ``stage`` (as a kill would, once that epoch's checkpoint is queued)."""
+
+    def __init__(self, stage, epoch):
+        self.at = (stage, epoch)
+
+    def after_epoch(self, ctx):
+        if (ctx.stage, ctx.epoch) == self.at:
+            raise Stop
+
+
 for _event in EVENTS:
     if _event != "before_train":
         setattr(Recorder, _event, lambda self, ctx, _e=_event: self._log(_e, ctx))
@@ -143,17 +158,9 @@ def test_pml_trainer_keys_for_losses_and_schedulers_are_accepted_and_loss_parame
 
 
 def test_callbacks_fire_in_order_with_one_global_step_also_across_a_resume(digits, tmp_path):
-    class Stop(Exception):
-        pass
-
-    class StopAfter(Callback):
-        def after_epoch(self, ctx):
-            if (ctx.stage, ctx.epoch) == (1, 1):
-                raise Stop
-
     first = Recorder()
     with pytest.raises(Stop):
-        learner(digits, tmp_path, callbacks=[first, StopAfter()]).run()
+        learner(digits, tmp_path, callbacks=[first, StopAt(1, 1)]).run()
     resumed = Recorder()
     learner(digits, tmp_path, callbacks=[resumed]).run()
     per_stage = ["before_stage", "before_train", "after_epoch", "after_epoch", "after_train", "after_drift",
@@ -174,18 +181,10 @@ def test_exact_resume_holds_with_a_parametrised_loss_sgd_and_a_scheduler(digits,
         return learner(digits, run_dir, metric_loss=arcface(), optimizer=sgd, lr_scheduler=cosine,
                        miner=miners.MultiSimilarityMiner(), callbacks=list(callbacks))
 
-    class Stop(Exception):
-        pass
-
-    class StopAfter(Callback):
-        def after_epoch(self, ctx):
-            if (ctx.stage, ctx.epoch) == (1, 1):
-                raise Stop
-
     reference = make(tmp_path / "ref")
     reference.run()
     with pytest.raises(Stop):
-        make(tmp_path / "run", [StopAfter()]).run()
+        make(tmp_path / "run", [StopAt(1, 1)]).run()
     resumed = make(tmp_path / "run")
     resumed.run()
     for name in ("model.pt", "metric_loss.pt"):
