@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from . import knn
+from . import knn, rescore
 from .knn import make_index  # noqa: F401  (public since the first release)
 
 
@@ -85,7 +85,8 @@ def nearest_neighbours(
     device=None,
     normalize: bool = False,
 ) -> np.ndarray:
-    """Indices (N, min(k, N−1)) of each row's nearest other rows, self excluded by index, ties → lower index.
+    """Indices (N, min(k, N−1)) of each row's nearest other rows, self excluded by index, ranked by float64
+    similarity with ties → lower index, the same whichever backend searched (:mod:`.rescore`).
 
     ``backend``: ``"auto"`` (FAISS GPU, else torch on CUDA, else FAISS CPU), ``"faiss"`` or ``"torch"``
     (``device`` picks the torch device; default CUDA when present). Queries go in chunks
@@ -105,9 +106,14 @@ def nearest_neighbours(
     if k <= 0:
         return np.zeros((n, 0), dtype=np.int64)
     backend, torch_device = knn.resolve_backend(backend, use_gpu, device)
+    # float32 candidates with a margin, then one float64 ranking (ties by index) whatever the backend
+    k_search = min(k + rescore.MARGIN, n - 1)
     if backend == "torch":
-        return knn.torch_neighbours(emb, k, torch_device, chunk_size, normalize=normalize)
-    return knn.faiss_neighbours(knn.normalized_rows(emb) if normalize else emb, k, chunk_size, use_gpu)
+        candidates = knn.torch_neighbours(emb, k_search, torch_device, chunk_size, normalize=normalize)
+    else:
+        candidates = knn.faiss_neighbours(knn.normalized_rows(emb) if normalize else emb, k_search, chunk_size, use_gpu)
+        torch_device = torch.device("cpu")
+    return rescore.certified_neighbours(emb, candidates, k, normalize, torch_device)
 
 
 def _recalls(nbrs: np.ndarray, lab: np.ndarray, ks: tuple[int, ...]) -> dict[int, float]:
