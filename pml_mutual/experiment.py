@@ -89,15 +89,12 @@ def _replay_drift(learner: OnlineLearner, users: Sequence, embed):
     user (a :class:`~pml_mutual.DriftCompensator` or :class:`~pml_mutual.gallery.StoredGallery`) gets
     ``add_stage`` and the ``update_drift`` calls it asks for; each earlier model that any of them needs
     embeds stage i's images once, one model loaded at a time. Yields i once its users are up to F_i."""
+    from .steps.drift import feed_drift
+
     for i in range(len(learner.train_stages)):
         new, labels = embed(i, learner.prototype_stages[i])
-        for user in users:
-            user.add_stage(new, labels)
-        for t in sorted(set().union(*(user.stages_to_measure() for user in users))):
-            old = embed(t, learner.prototype_stages[i])[0]
-            for user in users:
-                if t in user.stages_to_measure():
-                    user.update_drift(old, new, stage=t)
+        earlier = sorted(set().union(*(user.stages_to_measure(after_adding=1) for user in users)))
+        feed_drift(users, new, labels, earlier, lambda t: embed(t, learner.prototype_stages[i])[0])  # noqa: B023
         yield i
 
 

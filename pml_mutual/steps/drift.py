@@ -36,18 +36,29 @@ class DriftStep:
         models = [ctx.student] + ([first_model] if first_model is not None else [])
         (new_feats, *first_feats), labels = extract(learner, models, loader)
         del first_model, models
-        for user in users:
-            user.add_stage(new_feats, labels)
-        for t in earlier:
+
+        def old_features(t):
             if t == first:
-                old = first_feats[0]
-            else:
-                old_model = learner.load_stage_model(t)
-                (old,), _ = extract(learner, [old_model], loader)
-                del old_model
-            for user in users:
-                if t in user.stages_to_measure():
-                    user.update_drift(old, new_feats, stage=t)
+                return first_feats.pop()
+            old_model = learner.load_stage_model(t)
+            (old,), _ = extract(learner, [old_model], loader)
+            return old  # the model is freed here, before the next one loads
+
+        feed_drift(users, new_feats, labels, earlier, old_features)
+
+
+def feed_drift(users, new_feats, labels, earlier, old_features) -> None:
+    """Eq. 3's bookkeeping after a stage, shared by the drift step and :mod:`pml_mutual.experiment`'s replays:
+    ``add_stage(new_feats, labels)`` for every user, then for each earlier stage t of ``earlier`` (ascending)
+    the old model's features ``old_features(t)`` (one call per stage, so one old model at a time) and
+    ``update_drift`` for the users that measure t."""
+    for user in users:
+        user.add_stage(new_feats, labels)
+    for t in earlier:
+        old = old_features(t)
+        for user in users:
+            if t in user.stages_to_measure():
+                user.update_drift(old, new_feats, stage=t)
 
 
 def drift_users(learner) -> list:
