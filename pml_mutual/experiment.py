@@ -131,7 +131,8 @@ def measure_fidelity(learner: OnlineLearner, modes: Sequence[str] = ("direct", "
     rows = []
     for i, comps, latest, real, labels in _stagewise_features(learner, modes, batch_size):
         virtual = {m: c.virtual_feature_stack(latest) for m, c in comps.items()}
-        rows.extend(dict(row, after_stage=i) for row in fidelity_rows(latest, virtual, real, labels))
+        rows.extend(dict(row, after_stage=i)
+                    for row in fidelity_rows(latest, virtual, real, labels, temperature=learner.config.temperature))
     return rows
 
 

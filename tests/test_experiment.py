@@ -26,6 +26,9 @@ def test_fidelity_rows_bracket_every_mode_between_the_teacher_and_the_real_model
     assert [(r["after_stage"], r["stage"]) for r in rows] == [(i, b) for i in (1, 2, 3) for b in range(i)]
     for r in rows:
         assert r["real"]["cosine"] == pytest.approx(1.0, abs=1e-5)  # the ceiling is the model itself
+        # Eq. 6's extra targets: the teacher's own Gram target is 0 away from itself, any other estimate ≥ 0
+        assert abs(r["teacher"]["gram_kl"]) < 1e-6 and r["real"]["gram_kl"] > 0
+        assert all(r[m]["gram_kl"] >= -1e-6 for m in ("none", "direct", "learned"))
         # zero drift distils from the teacher feature itself (re-normalised: float32 rounding, ~1e-7 per value)
         assert r["none"]["cosine"] == pytest.approx(r["teacher"]["cosine"], rel=1e-6)
         # a nearest neighbour may flip only on a tie within that rounding: at most a query of the smallest

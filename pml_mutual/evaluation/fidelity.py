@@ -7,6 +7,11 @@ the real F_b features as queries against the virtual features as gallery (each q
 excluded), i.e. whether the virtual features sit where F_b would put them *relative to F_b's own
 features*. The same two numbers for the teacher feature itself (what ``drift_mode="none"`` distils from)
 and for the real F_b features (the ceiling: cosine 1, F_b's own Recall@1) bracket every estimate.
+
+``gram_kl`` is what an estimate changes in Eq. 6: the mean over fixed batches of the held-out images of
+KL(σ_T(G_estimate) ‖ σ_T(G_teacher)) · T² (``GramCorrelationLoss``), the distance between the Gram target
+the estimate gives and the teacher's own. For the real F_b it is what a perfect estimate would add; for
+the teacher itself it is 0.
 """
 from __future__ import annotations
 
@@ -24,11 +29,24 @@ def fidelity_rows(
     virtual: Mapping[str, torch.Tensor],
     real: Sequence[torch.Tensor],
     labels,
+    temperature: float = 4.0,
+    batch_size: int = 80,
 ) -> list[dict]:
     """One row per earlier stage b (``real[b]`` = F_b's features of the held-out images, ``teacher`` =
     the latest model's, ``virtual[mode]`` = (stages − 1, N, D) virtual features of each drift mode):
-    ``{"stage": b, "<mode>": {"cosine", "recall@1"}, ..., "teacher": {...}, "real": {...}}``."""
+    ``{"stage": b, "<mode>": {"cosine", "recall@1", "gram_kl"}, ..., "teacher": {...}, "real": {...}}``;
+    ``gram_kl`` over batches of ``batch_size`` held-out images (a fixed permutation) at ``temperature``."""
+    from ..losses import GramCorrelationLoss
+
     labels = np.asarray(labels)
+    corr = GramCorrelationLoss(temperature=temperature)
+    order = torch.from_numpy(np.random.default_rng(0).permutation(len(labels)))
+    batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)] or [order]
+    teacher = teacher.float()
+
+    def gram_kl(estimate: torch.Tensor) -> float:
+        return float(np.mean([corr(teacher[b], ref_emb=estimate[b]).item() for b in batches]))
+
     rows = []
     for b, real_b in enumerate(real):
         target = F.normalize(real_b.float(), dim=1)
@@ -36,7 +54,7 @@ def fidelity_rows(
         def score(estimate: torch.Tensor) -> dict:
             estimate = F.normalize(estimate.float(), dim=1)
             return {"cosine": float((estimate * target).sum(1).mean()),
-                    "recall@1": cross_recall_at_k(target, estimate, labels, (1,))[1]}
+                    "recall@1": cross_recall_at_k(target, estimate, labels, (1,))[1], "gram_kl": gram_kl(estimate)}
 
         row = {"stage": b, "teacher": score(teacher), "real": score(real_b)}
         for mode, stack in virtual.items():
