@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from . import distributed, identity
+from .data.images import ImageItems
 from .losses.state import training_state
 from .run_checks import named_bases
 
@@ -68,8 +69,6 @@ def content_records(learner) -> dict:
 def image_file_sizes(bases) -> dict[str, list[str]]:
     """One stat per listed image of each image-list dataset, now: a missing file must not surface hours into
     training; the sizes tell a run directory whether its images were replaced under the same paths."""
-    from .data.images import ImageItems
-
     sizes: dict[str, list[str]] = {}
     digests: dict[int, str] = {}  # id(items) → digest: training and prototype datasets share their items
     for name, base in bases:

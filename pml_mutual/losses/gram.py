@@ -48,10 +48,10 @@ def check_temperature(temperature: float) -> float:
 
 
 def rescale_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with each row divided by its largest absolute entry (detached; zero rows kept): the same
-    directions, norms near 1, so that a normalisation neither overflows (rows of 1e19) nor falls under its
-    epsilon (rows of 1e-13). The gradient of a scale-invariant loss is unchanged."""
-    scale = x.detach().abs().amax(dim=1, keepdim=True)
+    """``x`` with each row (along the last dimension) divided by its largest absolute entry (detached; zero
+    rows kept): the same directions, norms near 1, so that a normalisation neither overflows (rows of 1e19)
+    nor falls under its epsilon (rows of 1e-13). The gradient of a scale-invariant loss is unchanged."""
+    scale = x.detach().abs().amax(dim=-1, keepdim=True)
     return x / torch.where(scale > 0, scale, torch.ones_like(scale))
 
 

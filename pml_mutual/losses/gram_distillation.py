@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .gram import check_pair
+from .gram import check_pair, rescale_rows
 
 
 def _teacher_stacks(teachers) -> list[torch.Tensor]:
@@ -77,9 +77,7 @@ def gram_distillation_losses(
     scale = temperature**2 / student.shape[0]
 
     def log_probs(rows: list[torch.Tensor]) -> torch.Tensor:  # log σ_T(G) of each (B, D) slice, one computation
-        x = rows[0] if len(rows) == 1 else torch.cat(rows)
-        scale = x.detach().abs().amax(dim=2, keepdim=True)  # as gram.rescale_rows: no overflow, no epsilon
-        z = F.normalize(x / torch.where(scale > 0, scale, torch.ones_like(scale)), dim=2)
+        z = F.normalize(rescale_rows(rows[0] if len(rows) == 1 else torch.cat(rows)), dim=2)
         # G in float32, the softmax and KL in float64 (gram's module docstring: float32 cancels at large T)
         return F.log_softmax((z @ z.transpose(1, 2)).double() / temperature, dim=2)
 

@@ -73,11 +73,8 @@ class TrainStep:
         suffix = f"_scheduler_by_{learner.lr_scheduler_step}"  # PML's key: stepped per epoch or per iteration
         schedulers = {} if learner.lr_scheduler_factory is None else {
             k.removesuffix("_optimizer") + suffix: learner.lr_scheduler_factory(o) for k, o in optimizers.items()}
-        mining = {}
-        if learner.miner is not None:
-            mining["tuple_miner"] = learner.miner
-            if "support_trunk" in models:
-                mining["support_tuple_miner"] = own_copy(learner.miner)
+        # F_s's own copy of the miner is the trainer's to make (IncrementalTrainer.custom_setup)
+        mining = {"tuple_miner": learner.miner} if learner.miner is not None else {}
         dataset = training_dataset(learner, stage)
         labels = dataset_labels(dataset)
 
