@@ -18,16 +18,15 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pml_mutual.checks import check_output_file
 from pml_mutual.data.cpu_benchmark import load_cpu_benchmark
 from pml_mutual.drift import DRIFT_MODES, SIMILARITIES
-from pml_mutual.evaluation import gap_closed
-from pml_mutual.experiment import final_row, mean_std, measure_fidelity, measure_gallery_update, per_stage_row, run_methods
+from pml_mutual.experiment import final_row, measure_fidelity, measure_gallery_update, per_stage_row, run_methods
 from pml_mutual.models import SmallCNN
 from pml_mutual.online import METHODS, OnlineConfig
+from pml_mutual.tables import format_fidelity, format_gallery, format_recall_table
 
 ALL_METHODS = ["initial", "finetune", "joint", "fecd", "mutual_only", "fecd_mutual", "ours"]
 # with one earlier stage there is no virtual feature: ours_no_drift would repeat fecd_mutual
@@ -65,68 +64,16 @@ def make_config(dataset: str, method: str, seed: int, quick: bool, args) -> Onli
     )
 
 
-def fmt(mean, std):
-    return f"{mean:6.2f} ± {std:4.2f}"
-
-
 def print_tables(rows, setting, methods):
-    by_method = {}
-    for r in rows:
-        by_method.setdefault(r["method"], []).append(r)
     if setting == "one-task":
-        print("\nTable 2 layout — one-task, Recall@1 (%) of the final model, mean ± std over seeds")
-        print(f"{'method':<12} {'old':>15} {'new':>15} {'all':>15}")
-        for m in methods:
-            if m in by_method:
-                mean, std = mean_std([[r["recall@1"][k] for k in ("old", "new", "all")] for r in by_method[m]])
-                print(f"{m:<12} " + " ".join(fmt(a, b) for a, b in zip(mean, std)))
+        print(format_recall_table(rows, setting, "Table 2 layout — one-task, Recall@1 (%) of the final model, "
+                                  "mean ± std over seeds", methods))
         return
-    n_stages = len(rows[0]["recall@1"]["per_stage"])
-    for title, cols in (("Table 3 layout — multi-task", [m for m in methods if m in by_method]),
+    for title, cols in (("Table 3 layout — multi-task", methods),
                         ("Table 5 layout — ablation (no L_corr / no L_mutual / no virtual / no drift estimate / all)",
-                         [m for m in ABLATION if m in by_method])):
-        print(f"\n{title}: final model's Recall@1 (%) on each stage's classes, mean ± std over seeds")
-        print(f"{'classes':<10} " + " ".join(f"{m:>15}" for m in cols))
-        stats = {m: mean_std([r["recall@1"]["per_stage"] + [r["recall@1"]["all"]] for r in by_method[m]]) for m in cols}
-        for i in range(n_stages + 1):
-            label = f"stage {i}" if i < n_stages else "all"
-            print(f"{label:<10} " + " ".join(f"{fmt(stats[m][0][i], stats[m][1][i]):>15}" for m in cols))
-
-
-def print_fidelity(rows):
-    """Per stage i, the mean over earlier stages b (and seeds) of cos(virtual, real F_b) and the cross-model
-    Recall@1 (real F_b queries against the virtual gallery); "gap" = share of teacher → real closed."""
-    modes = [m for m in ("teacher", "none", "direct", "learned", "real") if m in rows[0]]
-    print("\nFidelity of the virtual features (the `ours` run's checkpoints): mean cos(virtual, real F_b) / "
-          "cross-model Recall@1 (%), mean over earlier stages b and seeds")
-    print(f"{'after':<7} " + " ".join(f"{'teacher (none)' if m == 'teacher' else m:>15}" for m in modes) + f" {'gap closed: direct':>20} {'learned':>9}")
-    for i in sorted({r["after_stage"] for r in rows}):
-        rs = [r for r in rows if r["after_stage"] == i]
-        cells = [f"{np.mean([r[m]['cosine'] for r in rs]):.3f} / {100 * np.mean([r[m]['recall@1'] for r in rs]):5.1f}" for m in modes]
-        gaps = [np.nanmean([gap_closed(r, m) for r in rs]) if m in rs[0] else float("nan") for m in ("direct", "learned")]
-        print(f"stage {i:<2} " + " ".join(f"{c:>15}" for c in cells) + f" {gaps[0]:>20.2f} {gaps[1]:>9.2f}")
-    print("\nWhat the estimates change in Eq. 6: mean KL(σ_T(G_estimate) ‖ σ_T(G_teacher))·T² over batches of 80 "
-          "held-out images (the real F_b: what a perfect estimate would add; teacher = 0)")
-    print(f"{'after':<7} " + " ".join(f"{m:>12}" for m in modes if m != "teacher"))
-    for i in sorted({r["after_stage"] for r in rows}):
-        rs = [r for r in rows if r["after_stage"] == i]
-        print(f"stage {i:<2} " + " ".join(f"{np.mean([r[m]['gram_kl'] for r in rs]):>12.2e}" for m in modes if m != "teacher"))
-
-
-def print_gallery(rows):
-    """Final stage: all-class Recall@1 of F_final's queries against the gallery (a)–(d), mean ± std over seeds,
-    the share of the (a) → (d) gap each update recovers and its time against re-embedding."""
-    last = max(r["after_stage"] for r in rows)
-    print("\nGallery without re-embedding, after the last stage: Recall@1 (%) of the final model's queries against "
-          "(a) the stored gallery, (b) moved by translation, (c) moved by the learned maps, (d) re-embedded")
-    print(f"{'method':<14} {'(a) stored':>15} {'(b) translation':>15} {'(c) learned':>15} {'(d) re-embedded':>15} "
-          f"{'gap (b)':>8} {'gap (c)':>8} {'time (c)/(d)':>13}")
-    for m in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == m and r["after_stage"] == last]
-        cells = [fmt(*[v[0] for v in mean_std([[100 * r[k]] for r in rs])]) for k in ("stored", "translation", "learned", "reembedded")]
-        gap = lambda k: np.mean([(r[k] - r["stored"]) / max(r["reembedded"] - r["stored"], 1e-12) for r in rs])  # noqa: E731
-        ratio = np.mean([r["learned_seconds"] / max(r["reembed_seconds"], 1e-12) for r in rs])
-        print(f"{m:<14} " + " ".join(f"{c:>15}" for c in cells) + f" {gap('translation'):>8.2f} {gap('learned'):>8.2f} {ratio:>13.4f}")
+                         ABLATION)):
+        print(format_recall_table(rows, setting, f"{title}: final model's Recall@1 (%) on each stage's classes, "
+                                  "mean ± std over seeds", cols))
 
 
 def main(argv=None):
@@ -209,9 +156,9 @@ def main(argv=None):
         print(f"seed {seed}: {len(names)} methods in {elapsed:.0f}s", flush=True)
     print_tables(rows, args.setting, names)
     if fidelity:
-        print_fidelity(fidelity)
+        print(format_fidelity(fidelity))
     if gallery:
-        print_gallery(gallery)
+        print(format_gallery(gallery))
     total = time.perf_counter() - t_all
     print(f"\ntotal time: {total:.0f}s ({len(seeds)} seed(s), {len(train)} training / {len(test)} "
           f"{'validation' if args.validation else 'test'} images)")

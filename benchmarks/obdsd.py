@@ -34,7 +34,7 @@ from torch.utils.data import TensorDataset
 from pml_mutual.data import ImageListDataset, ProtocolTransform, fixtures, read_cars196, read_cub
 from pml_mutual.data.cpu_benchmark import load_cpu_benchmark
 from pml_mutual.evaluation import extract_embeddings, recall_at_k
-from pml_mutual.experiment import mean_std
+from pml_mutual.tables import mean_std
 from pml_mutual.losses import OBDSD_DEFAULTS, BatchDiffusionSelfDistillationLoss
 from pml_mutual.models import BACKBONES, SmallCNN, backbone_factory
 from pml_mutual.models.backbones import INPUT_SPACE

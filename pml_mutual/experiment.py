@@ -63,11 +63,6 @@ def per_stage_row(summary: dict) -> list[float]:
     return [100 * recall_at(r, 1) for r in final["per_stage"]] + [100 * recall_at(final["all"], 1)]
 
 
-def mean_std(values: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
-    v = np.asarray(values, dtype=float)
-    return v.mean(0), (v.std(0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1:]))
-
-
 def _embedder(learner: OnlineLearner, batch_size: int):
     from .evaluation import extract_embeddings
 

@@ -27,13 +27,14 @@ from .data import fixtures
 from .data.images import ImageItems, ImageListDataset
 from .data.stages import scale_stage_ends, stages_from_ends
 from .data.transforms import ProtocolTransform
-from .experiment import final_row, mean_std, per_stage_row, run_methods
+from . import tables
+from .experiment import final_row, per_stage_row, run_methods
 from .gallery import GALLERIES
 from .identity import file_sha256
 from .models.backbones import BACKBONES, BATCH, INPUT_SPACE, backbone_factory, check_batch_memory, check_image_size
 from .drift import DRIFT_MODES
 from .online import EMBED_DECODES, METHODS, OnlineConfig
-from .published import ONE_TASK, TABLES, published
+from .published import TABLES, published
 from .checks import check_output_file
 from .evaluation.results import recall_at
 
@@ -308,36 +309,15 @@ def final_gallery_row(summary: dict) -> dict:
 
 
 def format_gallery(rows: list[dict]) -> str:
-    lines = ["\nGallery without re-embedding, after the last stage: all-class Recall@1 (%), mean over seeds",
-             f"{'method':<14} " + " ".join(f"{n:>12}" for n in GALLERIES)]
-    for m in dict.fromkeys(r["method"] for r in rows if "gallery" in r):
-        values = [r["gallery"] for r in rows if r["method"] == m and "gallery" in r]
-        lines.append(f"{m:<14} " + " ".join(f"{np.mean([v[n] for v in values]):>12.2f}" for n in GALLERIES))
-    return "\n".join(lines)
+    """:func:`pml_mutual.tables.format_gallery` of the rows' last-stage gallery reports."""
+    return tables.format_gallery([
+        {"method": r["method"], **{n: r["gallery"][n] / 100 for n in GALLERIES},
+         **{f"{k}_seconds": v for k, v in r["gallery"]["seconds"].items()}}
+        for r in rows if "gallery" in r])
 
 
 def format_table(rows: list[dict], dataset: str, backbone: str, setting: str) -> str:
-    """The paper's layout: one line per method (one-task) or per stage (multi-task), measured mean ± std,
-    the published value and measured − published."""
-    by_method: dict[str, list[dict]] = {}
-    for r in rows:
-        by_method.setdefault(r["method"], []).append(r)
-    n = len(rows[0]["measured_columns"])
-    columns = list(ONE_TASK) if setting == "one-task" else [f"stage {i}" for i in range(n - 1)] + ["all"]
-    lines = [f"\n{dataset} · {backbone} · {setting}: Recall@1 (%) measured (mean ± std over seeds) | published | Δ"]
-
-    def cell(values, j, pub):
-        mean, std = mean_std([v["measured_columns"] for v in values])
-        p = pub[j] if pub is not None and j < len(pub) else None
-        return f"{mean[j]:6.2f} ± {std[j]:4.2f} | " + ("   –  |    –  " if p is None else f"{p:6.2f} | {mean[j] - p:+6.2f}")
-
-    if setting == "one-task":
-        lines.append(f"{'method':<12} " + " ".join(f"{c:^32}" for c in columns))
-        for m, values in by_method.items():
-            pub = values[0]["published"]
-            lines.append(f"{m:<12} " + " ".join(f"{cell(values, j, pub):>32}" for j in range(n)))
-    else:
-        lines.append(f"{'classes':<10} " + " ".join(f"{m:^32}" for m in by_method))
-        for j, c in enumerate(columns):
-            lines.append(f"{c:<10} " + " ".join(f"{cell(v, j, v[0]['published']):>32}" for v in by_method.values()))
-    return "\n".join(lines)
+    """The paper's layout (:func:`pml_mutual.tables.format_recall_table`): measured mean ± std, the
+    published value and measured − published."""
+    title = f"{dataset} · {backbone} · {setting}: Recall@1 (%) measured (mean ± std over seeds) | published | Δ"
+    return tables.format_recall_table(rows, setting, title)

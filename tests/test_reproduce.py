@@ -41,8 +41,11 @@ def test_benchmark_script_smoke(tmp_path, monkeypatch, capsys, dataset, setting,
 
 
 def test_table_formatting_shows_published_and_delta():
-    rows = [{"method": "ours", "measured_columns": [70.0, 80.0, 75.0], "published": [77.29, 78.07, 73.73]},
-            {"method": "ours", "measured_columns": [72.0, 78.0, 73.0], "published": [77.29, 78.07, 73.73]}]
+    def row(old, new, all_):
+        return {"method": "ours", "recall@1": {"old": old, "new": new, "all": all_, "per_stage": [old, new]},
+                "published": [77.29, 78.07, 73.73]}
+
+    rows = [row(70.0, 80.0, 75.0), row(72.0, 78.0, 73.0)]
     text = format_table(rows, "cub200", "bninception", "one-task")
     assert "71.00 ± 1.41 |  77.29 |  -6.29" in text and "74.00 ± 1.41 |  73.73 |  +0.27" in text
 
