@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import RESULTS, rss_bytes, write_result
 
 VARIANTS = ("ours@1", "ours@1248", "faiss@1", "faiss@1248", "pml@1", "torch@1248", "raw_torch@1248")
 DEFAULT_VARIANTS = VARIANTS[:5]
@@ -50,8 +51,7 @@ def make_data(n, dim, seed=0, kind="clustered"):
 
 
 def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return rss_bytes() / 2**20
 
 
 def raw_torch_knn(emb, k, device, chunk=8192):
@@ -127,7 +127,7 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="for the torch variants (default: cuda if available, else cpu)")
     p.add_argument("--ties", action="store_true", help="also run every variant on all-equal embeddings")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("runs") / "benchmarks" / "perf_eval.json")  # git-ignored
+    p.add_argument("--out", type=Path, default=RESULTS / "perf_eval.json", help="result JSON (default: %(default)s)")
     p.add_argument("--child", nargs=4, metavar=("VARIANT", "N", "DATA", "DEVICE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -149,8 +149,7 @@ def main(argv=None):
                 print(f"  {variant:<14} {kind:<9} N={n:<6} {r['seconds']:8.3f}s  peak RSS {r['peak_rss_mb']:8.1f} MB "
                       f"(+{r['extra_rss_during_mb']:.1f} MB during the call, GPU peak {r['gpu_peak_mb']:.0f} MB)  "
                       f"R@1 {r['recall@1']:.4f}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"dim": args.dim, "cpu_count": os.cpu_count(), "rows": rows}, indent=2))
+    write_result(args.out, {"dim": args.dim, "cpu_count": os.cpu_count(), "rows": rows})
     by = {(r["variant"], r["n"]): r for r in rows if r["data"] == "clustered"}
     for r in rows:
         name = f"{r['variant']}_n{r['n']}" + ("_tied" if r["data"] == "tied" else "")

@@ -15,7 +15,7 @@ def run(script, *args):
 
 
 def test_perf_losses(tmp_path):
-    out = run("perf_losses.py", "--batch-sizes", "16", "--dim", "32", "--repeats", "3", "--out", str(tmp_path / "l.json"))
+    out = run("perf_training.py", "losses", "--batch-sizes", "16", "--dim", "32", "--repeats", "3", "--out", str(tmp_path / "l.json"))
     assert "ratio:" in out
     rows = json.loads((tmp_path / "l.json").read_text())["rows"]
     assert rows[0]["batch_size"] == 16 and rows[0]["distill_ms"] > 0
@@ -67,7 +67,7 @@ def test_cpu_realdata_quick_glyphs(tmp_path):
 
 
 def test_perf_step_quick(tmp_path):
-    out = run("perf_step.py", "--quick", "--model", "mlp", "--out", str(tmp_path / "s.json"))
+    out = run("perf_training.py", "step", "--quick", "--model", "mlp", "--out", str(tmp_path / "s.json"))
     assert "ratio: ours/compute_limit" in out and "loss_share_ours_stage5" in out
     doc = json.loads((tmp_path / "s.json").read_text())
     assert set(doc["steps_ms"]) == {"finetune", "fecd", "ours", "ours_stage5"}
@@ -75,7 +75,7 @@ def test_perf_step_quick(tmp_path):
 
 
 def test_perf_memory_quick(tmp_path):
-    out = run("perf_memory.py", "--quick", "--out", str(tmp_path / "m.json"))
+    out = run("perf_run.py", "memory", "--quick", "--out", str(tmp_path / "m.json"))
     assert "ratio: stage3/stage2" in out
     assert len(json.loads((tmp_path / "m.json").read_text())["peak_rss_mb"]) == 4
 
@@ -100,12 +100,12 @@ def test_obdsd_paper_datasets_smoke(tmp_path, dataset):
 
 
 def test_perf_step_with_a_paper_backbone(tmp_path):
-    out = run("perf_step.py", "--model", "bninception", "--image-size", "64", "--quick", "--out", str(tmp_path / "p.json"))
+    out = run("perf_training.py", "step", "--model", "bninception", "--image-size", "64", "--quick", "--out", str(tmp_path / "p.json"))
     assert "ours_step_ms" in out and json.loads((tmp_path / "p.json").read_text())["model"] == "bninception"
 
 
 def test_perf_e2e_quick(tmp_path):
-    out = run("perf_e2e.py", "--quick", "--num-workers", "0", "--rounds", "3", "--out", str(tmp_path / "e2e.json"))
+    out = run("perf_pipeline.py", "stage", "--quick", "--num-workers", "0", "--rounds", "3", "--out", str(tmp_path / "e2e.json"))
     assert "e2e_over_compute:" in out and "bound by" in out and out.count("round ") == 3
     res = json.loads((tmp_path / "e2e.json").read_text())
     rounds = res["rounds"]
@@ -134,14 +134,14 @@ def test_perf_e2e_quick(tmp_path):
 
 
 def test_perf_e2e_refuses_zero_rounds(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH / "perf_e2e.py"), "--quick", "--rounds", "0", "--out", str(tmp_path / "e.json")],
+    proc = subprocess.run([sys.executable, str(BENCH / "perf_pipeline.py"), "stage", "--quick", "--rounds", "0", "--out", str(tmp_path / "e.json")],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "--rounds must be at least 1" in proc.stderr
     assert not (tmp_path / "e.json").exists()
 
 
 def test_perf_checkpoint_quick(tmp_path):
-    out = run("perf_checkpoint.py", "--quick", "--out", str(tmp_path / "c.json"))
+    out = run("perf_run.py", "checkpoint", "--quick", "--out", str(tmp_path / "c.json"))
     assert "ratio: last-epoch / mid-stage checkpoint" in out
     res = json.loads((tmp_path / "c.json").read_text())
     # mid-stage: two networks and their Adam moments (two per weight); after the last epoch the networks only
@@ -150,7 +150,7 @@ def test_perf_checkpoint_quick(tmp_path):
 
 
 def test_perf_extract_quick(tmp_path):
-    out = run("perf_extract.py", "--quick", "--out", str(tmp_path / "x.json"))
+    out = run("perf_pipeline.py", "extract", "--quick", "--out", str(tmp_path / "x.json"))
     assert "ratio: tasks/whole-batch pass time" in out
     res = json.loads((tmp_path / "x.json").read_text())
     # the same pass cut finer: more worker tasks than model batches, the old way one task per model batch
@@ -160,7 +160,7 @@ def test_perf_extract_quick(tmp_path):
 
 
 def test_perf_decode_quick(tmp_path):
-    out = run("perf_decode.py", "--quick", "--out", str(tmp_path / "d.json"))
+    out = run("perf_pipeline.py", "decode", "--quick", "--out", str(tmp_path / "d.json"))
     assert out.count("ratio: resized/original") == 2
     res = json.loads((tmp_path / "d.json").read_text())
     rates = res["images_per_s"]
@@ -180,23 +180,22 @@ def test_perf_decode_quick(tmp_path):
 
 def test_perf_e2e_quick_decoding_on_the_device(tmp_path):
     pytest.importorskip("torchvision")
-    out = run("perf_e2e.py", "--quick", "--num-workers", "1", "--embed-decode", "device", "--out", str(tmp_path / "e.json"))
+    out = run("perf_pipeline.py", "stage", "--quick", "--num-workers", "1", "--embed-decode", "device", "--out", str(tmp_path / "e.json"))
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["embed_decode"] == "device" and "decoded by the device" in out
 
 
-def test_gpu_session_script_runs_every_step_quick_on_the_cpu(tmp_path):
-    """The one-call GPU script with each step's --quick variant: every step's flags still parse and run, and
+def test_gpu_script_runs_every_session_step_quick_on_the_cpu(tmp_path):
+    """The one-call GPU script's quick profile (each session step's --quick variant): every step's flags still parse and run, and
     what comes back is the two files the device tool can return."""
     import os
     import tarfile
 
-    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_SESSION_QUICK="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], env=env, capture_output=True, text=True, timeout=900)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "quick"], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (tmp_path / "out" / "summary.txt").read_text()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_session.tar.gz", "summary.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu.tar.gz", "summary.txt"]
     steps = ["versions", "e2e_workers", "eval", "eval_ties", "step", "test_cuda", "checkpoint", "decode", "losses"]
     for name in steps:
         assert f"== {name}: rc 0 in" in summary, summary
@@ -205,9 +204,38 @@ def test_gpu_session_script_runs_every_step_quick_on_the_cpu(tmp_path):
         assert "== e2e_device_decode: rc 0 in" in summary
     except ImportError:
         assert "== e2e_device_decode: skipped, no torchvision" in summary
-    with tarfile.open(tmp_path / "out" / "gpu_session.tar.gz") as tar:
+    with tarfile.open(tmp_path / "out" / "gpu.tar.gz") as tar:
         names = set(tar.getnames())
-    for json_file in ("perf_e2e_workers", "perf_eval", "perf_eval_ties", "perf_step", "perf_checkpoint", "perf_decode",
-                      "perf_losses"):
-        assert f"gpu_session/{json_file}.json" in names
-    assert {f"gpu_session/{n}.log" for n in steps} <= names
+    for json_file in ("perf_pipeline_stage_workers", "perf_eval", "perf_eval_ties", "perf_training_step",
+                      "perf_run_checkpoint", "perf_pipeline_decode", "perf_training_losses"):
+        assert f"gpu/{json_file}.json" in names
+    assert {f"gpu/{n}.log" for n in steps} <= names
+
+
+def test_perf_training_ops_counts_more_for_the_methods_that_do_more(tmp_path):
+    out = run("perf_training.py", "ops", "--out", str(tmp_path / "o.json"))
+    steps = json.loads((tmp_path / "o.json").read_text())["steps"]
+    # a teacher's Gram loss, then a second student and L_mutual, then virtual teachers: each adds ops
+    assert steps["finetune"]["total"] < steps["fecd"]["total"] < steps["ours"]["total"] < steps["ours_stage5"]["total"]
+    assert "ratio: ours/finetune ops" in out
+
+
+def test_perf_run_identity_writes_where_out_says(tmp_path):
+    run("perf_run.py", "identity", "--images", "40", "--classes", "4", "--out", str(tmp_path / "r.json"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["sampled_datasets"] == 3 and result["content_records_s"] > 0 and result["ratio"] > 0
+
+
+def test_gpu_script_refuses_an_unknown_profile():
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "fast"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown profile 'fast'" in proc.stderr
+
+
+def test_no_benchmark_or_example_reaches_into_a_private_member():
+    import re
+
+    root = BENCH.parent
+    pattern = re.compile(r"(?:pml_mutual[\w.]*\.|learner\.|trainer\.|ctx\.)_[a-z]")
+    hits = [f"{p.name}: {m.group(0)}" for d in ("benchmarks", "examples") for p in (root / d).glob("*.py")
+            for m in pattern.finditer(p.read_text())]
+    assert not hits, hits

@@ -130,7 +130,7 @@ def test_a_whole_default_ours_training_step_never_syncs_the_host():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from perf_step import make_trainer, stage5_compensator
+    from perf_training import make_trainer, stage5_compensator
 
     x = torch.randn(16, 1, 32, 32, device=DEVICE)
     y = torch.arange(4, device=DEVICE).repeat_interleave(4)
@@ -187,16 +187,16 @@ def test_perf_e2e_perf_checkpoint_and_perf_extract_run_on_cuda(tmp_path):
     from pathlib import Path
 
     bench = Path(__file__).parents[1] / "benchmarks"
-    subprocess.run([sys.executable, str(bench / "perf_e2e.py"), "--quick", "--device", DEVICE, "--rounds", "3",
+    subprocess.run([sys.executable, str(bench / "perf_pipeline.py"), "stage", "--quick", "--device", DEVICE, "--rounds", "3",
                     "--out", str(tmp_path / "e.json")], check=True, capture_output=True, timeout=600)
     res = json.loads((tmp_path / "e.json").read_text())
     for r in res["rounds"]:
         assert 0 < r["first_step_in_stage_s"] <= r["steps_in_stage_s"] < r["phases_s"]["train"]
-    subprocess.run([sys.executable, str(bench / "perf_checkpoint.py"), "--quick", "--device", DEVICE,
+    subprocess.run([sys.executable, str(bench / "perf_run.py"), "checkpoint", "--quick", "--device", DEVICE,
                     "--out", str(tmp_path / "c.json")], check=True, capture_output=True, timeout=600)
     res = json.loads((tmp_path / "c.json").read_text())
     assert res["device"] == DEVICE and 2.9 < res["mid_stage"]["bytes"] / res["last_epoch"]["bytes"] < 3.1
-    subprocess.run([sys.executable, str(bench / "perf_extract.py"), "--quick", "--device", DEVICE,
+    subprocess.run([sys.executable, str(bench / "perf_pipeline.py"), "extract", "--quick", "--device", DEVICE,
                     "--out", str(tmp_path / "x.json")], check=True, capture_output=True, timeout=600)
     res = json.loads((tmp_path / "x.json").read_text())
     assert res["device"] == DEVICE and res["tasks_per_pass"]["tasks"] > res["tasks_per_pass"]["whole_batch"]

@@ -118,7 +118,7 @@ class EmbeddingLoader:
     A pass is cut into worker tasks of at most ``batch_size`` items and, when the pass is short enough,
     about ``tasks_per_worker`` tasks per worker (never under ``min_task`` items, so small items do not pay
     a task's overhead each): with one ``batch_size`` per task, 6,000 images on 14 workers are 32 tasks,
-    three waves of which the last keeps 4 workers busy and 10 idle (``benchmarks/perf_extract.py
+    three waves of which the last keeps 4 workers busy and 10 idle (``benchmarks/perf_pipeline.py extract
     --decode-sleep-ms 5 --workers 14 --crop 16``, a core per worker simulated: 0.75× the pass time with
     4 tasks per worker). :func:`~pml_mutual.evaluation.stages.extract_embeddings` joins the tasks into
     model batches of ``batch_size`` again, so the model sees the same batches either way; the join is a

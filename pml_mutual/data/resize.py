@@ -4,7 +4,7 @@
 
 Both transforms of the protocol start with Resize(256) (shorter side to 256, bilinear): stored at that
 size, an image skips the resize at load time (a no-op on an image already that size) and decodes ~2×
-fewer pixels. ``benchmarks/perf_decode.py`` measures what the loader gains; the stored pixels are
+fewer pixels. ``benchmarks/perf_pipeline.py decode`` measures what the loader gains; the stored pixels are
 ``resize_shorter(image, short_side)`` re-encoded as JPEG (``quality``), so the numbers of a run on the
 copy differ from the original's by that re-encoding only. Images whose shorter side is already
 ``short_side`` or less are copied byte for byte (the loader resizes them as before). The copy is a new

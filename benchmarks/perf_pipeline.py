@@ -1,10 +1,17 @@
-"""A whole stage end to end against its compute: what a run costs beyond its training steps.
+"""What a stage costs around its training steps: the stage end to end against its compute, an embedding
+pass through the run's loader, and decoding.
 
-    python benchmarks/perf_e2e.py --device cuda --model resnet50 --num-workers 14     # CUB size, 500×375 JPEGs
-    python benchmarks/perf_e2e.py --quick                                             # CPU, seconds (tested)
+    python benchmarks/perf_pipeline.py stage --device cuda --model resnet50 --num-workers 14   # CUB size, 500×375 JPEGs
+    python benchmarks/perf_pipeline.py stage --quick                                         # CPU, seconds (tested)
+    python benchmarks/perf_pipeline.py extract [--workers 14 --device cuda --model resnet50]
+    python benchmarks/perf_pipeline.py decode [--workers 14] [--classes 20 --images-per-class 40]
 
-Writes a CUB-format directory of JPEGs (``--classes`` × ``--images-per-class`` at ``--image-width`` ×
-``--image-height``), then in one process:
+Each writes a CUB-format directory of JPEGs (500×375 by default) into a temporary directory first.
+
+stage
+-----
+The dataset is ``--classes`` × ``--images-per-class`` JPEGs of ``--image-width`` × ``--image-height``; then, in
+one process:
 
 1. one `--method` stage end to end through ``OnlineLearner``: stage 0 keeps a given random F_0 (no
    training), stage 1 (the other half of the classes) trains ``--iterations`` steps, measures drift,
@@ -31,32 +38,59 @@ Printed: ``e2e_over_compute: x`` = e2e ÷ (iterations × step + extraction), the
 (train / drift / eval / save) and where the rest went; and e2e ÷ (the stage's own steps + extraction),
 which leaves out how much slower the steps ran inside the stage than alone (on a shared machine, mostly
 its speed changing between the two moments) and keeps what the pipeline adds around them.
+
+extract
+-------
+Times full passes of
+``extract_embeddings`` over the test transform through two ``EmbeddingLoader``\\ s with the same workers and
+model batch (``--batch``): ``tasks_per_worker=4`` (what a run on CUDA uses: about 4 tasks per worker,
+16 items or more each) and the default (one model batch per worker task, what a run on the CPU uses). Passes alternate between the two,
+``--repeats`` each; printed: median pass seconds, the time to the first model batch, and
+``ratio: tasks/whole-batch``. ``--model pool`` (default) embeds by a global average pool and a linear map,
+so the figure is the loader's; a backbone name adds its forward.
+
+``--decode-sleep-ms X`` replaces each image's decoding by a sleep of X ms (no JPEGs written): a stand-in,
+on a machine with fewer cores than workers, for one with a core per worker (the GPU machine: 16 cores,
+14 workers), where how the pass is cut into tasks decides how many workers are busy at its end.
+
+decode
+------
+Writes the dataset's copy by
+``pml_mutual.data.resize.write_resized_cub`` (shorter side 256, the protocol's first Resize), then, in the
+same run, the training DataLoader's images/s over both with the train transform (Resize 256 →
+RandomResizedCrop 224 → flip) and with the test transform (Resize 256 → CenterCrop 224: drift and
+evaluation), ``--workers`` workers. Printed: each rate and ``ratio: resized/original``. On a GPU machine
+drift and evaluation were bound by this decoding (docs: Performance); compare the rates with the
+model's images/s there.
+
+Decoding on the device (``OnlineConfig(embed_decode="device")``, needs torchvision): the embedding pass's
+input, workers reading files and torchvision decoding on ``--device`` (nvJPEG on CUDA), against the same
+pass decoded by the workers, both up to the batch on the device: ``ratio: device/workers embedding
+decode``. On the CPU the device decoder is one process against ``--workers``; the comparison that
+matters is on a GPU.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import build, run_subcommands, timed, write_cub, write_result
 
-sys.path.insert(0, str(Path(__file__).parent))
-from perf_step import build, timed  # noqa: E402
-
-from pml_mutual.callbacks import Callback  # noqa: E402
-from pml_mutual import OnlineConfig, OnlineLearner  # noqa: E402
-from pml_mutual.online import EMBED_DECODES  # noqa: E402
-from pml_mutual.data import ImageListDataset, ProtocolTransform, load_cub, stages_from_ends  # noqa: E402
-from pml_mutual.data.fixtures import write_cub_fixture  # noqa: E402
-from pml_mutual.data.loaders import train_loader  # noqa: E402
-from pml_mutual.models import BACKBONES, build_backbone  # noqa: E402
-from pml_mutual.models.backbones import INPUT_SPACE  # noqa: E402
+from pml_mutual import OnlineConfig, OnlineLearner
+from pml_mutual.callbacks import Callback
+from pml_mutual.data import ImageListDataset, ProtocolTransform, load_cub, stages_from_ends
+from pml_mutual.data.loaders import EmbeddingLoader, train_loader
+from pml_mutual.data.resize import write_resized_cub
+from pml_mutual.evaluation import extract_embeddings
+from pml_mutual.models import BACKBONES, build_backbone
+from pml_mutual.models.backbones import INPUT_SPACE
+from pml_mutual.online import EMBED_DECODES
 
 
 def factory_for(model_name: str, image_size: int):
@@ -138,11 +172,14 @@ def in_stage_seconds(times: list, device) -> list[float]:
     return list(times)
 
 
-def write_result(out: Path | None, result: dict) -> None:
-    """The run's figures as JSON at ``out`` (none if ``out`` is None)."""
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+class BeforeTrain(Callback):
+    """Hands each stage's trainer, built and not yet trained, to ``fn(stage, trainer)``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def before_train(self, ctx):
+        self.fn(ctx.stage, ctx.trainer)
 
 
 class StageSeconds(Callback):
@@ -155,8 +192,7 @@ class StageSeconds(Callback):
         self.by_stage[ctx.stage] = dict(ctx.seconds)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_stage_arguments(p):
     p.add_argument("--root", type=Path, help="where to write the dataset (default: a temporary directory)")
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--images-per-class", type=int, default=80, help="CUB has ~59 per class; 100 × 80 = 8,000")
@@ -179,10 +215,12 @@ def main(argv=None):
                         "is reported (3 or more where the machine's speed drifts between minutes)")
     p.add_argument("--quick", action="store_true", help="CPU-sized: 8 classes × 12 images of 96×72, crop 32, 4 steps")
     p.add_argument("--profile", type=Path, help="write a cProfile summary of the end-to-end stage to this file")
-    p.add_argument("--out", type=Path, default=Path("runs") / "benchmarks" / "perf_e2e.json")  # git-ignored
-    args = p.parse_args(argv)
+
+
+def stage(args):
+    """One stage end to end against its compute (see the module's docstring)."""
     if args.rounds < 1:
-        p.error(f"--rounds must be at least 1 (got {args.rounds})")
+        args.parser.error(f"--rounds must be at least 1 (got {args.rounds})")
     if args.quick:
         args.classes, args.images_per_class, args.image_width, args.image_height = 8, 12, 96, 72
         args.crop, args.classes_per_batch, args.m = 32, 2, 2
@@ -201,8 +239,7 @@ def main(argv=None):
     root = args.root or Path(tmp.name) / "CUB_200_2011"
     t0 = time.perf_counter()
     if not (root / "images.txt").exists():
-        write_cub_fixture(root, [args.images_per_class] * args.classes, size=(args.image_width, args.image_height),
-                          workers=os.cpu_count() or 1)
+        write_cub(root, args.classes, args.images_per_class, args.image_width, args.image_height)
     print(f"dataset: {args.classes} classes × {args.images_per_class} JPEGs of {args.image_width}×{args.image_height} "
           f"at {root} ({time.perf_counter() - t0:.1f}s)", flush=True)
     train_items, test_items = load_cub(root)
@@ -224,10 +261,6 @@ def main(argv=None):
     def one_round(r: int) -> dict:
         """The stage end to end, then its pure costs measured right after it (so a machine whose speed
         drifts between minutes compares each stage with compute measured at the same minute)."""
-        seconds = StageSeconds()
-        learner = OnlineLearner.from_class_assignment(
-            factory, train, test, class_to_stage, config=config, run_dir=Path(tmp.name) / f"run{r}",
-            prototype_dataset=protos, initial_state_dict=initial, quiet=True, callbacks=[seconds])
         trainers, in_stage = {}, []
         spans = {"trainer": [], "batch_waits": [], "epoch_ends": []}  # host seconds inside stage 1's training
 
@@ -238,7 +271,11 @@ def main(argv=None):
                 trainer.get_batch = host_timed(trainer.get_batch, spans["batch_waits"])
                 trainer.end_of_epoch_hook = host_timed(trainer.end_of_epoch_hook, spans["epoch_ends"])
                 trainer.train = host_timed(trainer.train, spans["trainer"])
-        learner.trainer_hook = capture
+
+        seconds = StageSeconds()
+        learner = OnlineLearner.from_class_assignment(
+            factory, train, test, class_to_stage, config=config, run_dir=Path(tmp.name) / f"run{r}",
+            prototype_dataset=protos, initial_state_dict=initial, quiet=True, callbacks=[seconds, BeforeTrain(capture)])
         if args.profile and r == 0:
             import cProfile
             import pstats
@@ -266,7 +303,8 @@ def main(argv=None):
         trainer.get_batch = lambda: (x, y)
         trainer.set_to_train()
         step = timed(trainer.forward_and_backward, device, max(1, args.repeats // 5), args.repeats)[0]
-        del trainer, trainers
+        del trainer
+        trainers.clear()
         model, _ = build(args.model, device, args.crop)
         model.eval()
         eval_batch = 4 * batch
@@ -343,5 +381,176 @@ def main(argv=None):
     return result
 
 
+class Pool(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 8)
+
+    def forward(self, x):
+        return self.lin(x.mean((2, 3)))
+
+
+class SleepingImages(torch.utils.data.Dataset):
+    """``n`` blank crops, each costing ``ms`` of waiting instead of decoding (see ``--decode-sleep-ms``)."""
+
+    def __init__(self, n: int, ms: float, crop: int):
+        self.n, self.ms, self.crop = n, ms, crop
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        time.sleep(self.ms / 1000)
+        return torch.zeros(3, self.crop, self.crop), 0
+
+
+class FirstBatch(torch.nn.Module):
+    """Wraps a model to note when its first batch arrives."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.first = model, None
+
+    def forward(self, x):
+        if self.first is None:
+            self.first = time.perf_counter()
+        return self.model(x)
+
+
+def one_pass(model, loader, batch, device):
+    timed = FirstBatch(model)
+    t0 = time.perf_counter()
+    extract_embeddings(timed, loader(), batch, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, timed.first - t0
+
+
+def add_extract_arguments(p):
+    p.add_argument("--classes", type=int, default=20)
+    p.add_argument("--images-per-class", type=int, default=60)
+    p.add_argument("--image-width", type=int, default=500)
+    p.add_argument("--image-height", type=int, default=375)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--batch", type=int, default=192, help="model batch (the stage's eval_batch_size: 4 × 48)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--model", default="pool", choices=["pool", *BACKBONES])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode-sleep-ms", type=float, help="sleep this long per image instead of decoding JPEGs")
+    p.add_argument("--quick", action="store_true", help="4 classes × 40 images of 200×150, batch 32, 2 workers")
+
+
+def extract(args):
+    """One embedding pass: small worker tasks vs one model batch per task (see the module's docstring)."""
+    if args.quick:
+        args.classes, args.images_per_class, args.image_width, args.image_height = 4, 40, 200, 150
+        args.crop, args.batch, args.workers, args.repeats = 64, 32, min(args.workers, 2), 1
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory(prefix="pml_mutual_extract_") as tmp:
+        if args.decode_sleep_ms is not None:
+            dataset = SleepingImages(args.classes * args.images_per_class // 2, args.decode_sleep_ms, args.crop)
+        else:
+            root = Path(tmp) / "CUB_200_2011"
+            write_cub(root, args.classes, args.images_per_class, args.image_width, args.image_height)
+            train_items, _ = load_cub(root)  # the training half: what drift measurement embeds
+            dataset = ImageListDataset(train_items, ProtocolTransform(False, size=args.crop))
+        model = (Pool() if args.model == "pool" else build_backbone(args.model)).to(device).eval()
+        loaders = {
+            "tasks": EmbeddingLoader(dataset, args.batch, args.workers, pin_memory=device.type == "cuda", tasks_per_worker=4),
+            "whole_batch": EmbeddingLoader(dataset, args.batch, args.workers, pin_memory=device.type == "cuda"),
+        }
+        for loader in loaders.values():  # workers started (once per run in a stage loop), not timed
+            one_pass(model, loader, args.batch, device)
+        times = {k: [] for k in loaders}
+        for _ in range(args.repeats):
+            for k, loader in loaders.items():
+                times[k].append(one_pass(model, loader, args.batch, device))
+        n = len(dataset)
+        tasks = {k: -(-n // loader.task_size(n)) for k, loader in loaders.items()}
+        del loaders
+    size = f"{args.image_width}x{args.image_height}" if args.decode_sleep_ms is None else f"sleeping {args.decode_sleep_ms} ms each"
+    result = {"images": n, "workers": args.workers, "batch": args.batch, "model": args.model, "device": str(device),
+              "size": size, "decode_sleep_ms": args.decode_sleep_ms, "tasks_per_pass": tasks}
+    for k, ts in times.items():
+        result[k] = {"pass_s": statistics.median(t for t, _ in ts), "first_batch_s": statistics.median(f for _, f in ts),
+                     "passes_s": [t for t, _ in ts]}
+        print(f"{k:12s}: {tasks[k]:4d} tasks, pass {result[k]['pass_s']:.2f}s ({n / result[k]['pass_s']:.0f} images/s), "
+              f"first model batch after {result[k]['first_batch_s']:.2f}s")
+    result["ratio_tasks_over_whole_batch"] = result["tasks"]["pass_s"] / result["whole_batch"]["pass_s"]
+    print(f"{n} images of {result['size']}, {args.workers} workers, model batch {args.batch}, {args.model} on {device}")
+    print(f"ratio: tasks/whole-batch pass time: {result['ratio_tasks_over_whole_batch']:.2f}")
+    write_result(args.out, result)
+    return result
+
+
+def add_decode_arguments(p):
+    p.add_argument("--classes", type=int, default=20)
+    p.add_argument("--images-per-class", type=int, default=40)
+    p.add_argument("--image-width", type=int, default=500)
+    p.add_argument("--image-height", type=int, default=375)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the device-decoding pass decodes (and where both embedding passes deliver)")
+    p.add_argument("--quick", action="store_true", help="4 classes × 8 images, batch 8, 2 workers")
+
+
+def decode(args):
+    """What a pre-resized copy gains the loader, and decoding on the device (see the module's docstring)."""
+    if args.quick:
+        args.classes, args.images_per_class, args.batch, args.workers = 4, 8, 8, min(args.workers, 2)
+    tmp = tempfile.TemporaryDirectory(prefix="pml_mutual_decode_")
+    original = write_cub(Path(tmp.name) / "CUB_200_2011", args.classes, args.images_per_class, args.image_width,
+                         args.image_height, args.workers)
+    t0 = time.perf_counter()
+    resized = write_resized_cub(original, Path(tmp.name) / "CUB_200_2011_256", short_side=round(args.crop * 256 / 224),
+                                workers=args.workers)
+    copy_seconds = time.perf_counter() - t0
+    n_batches = args.classes * args.images_per_class // args.batch
+    rates = {}
+    for name, root in (("original", original), ("resized", resized)):
+        items = load_cub(root, split="official")[0]
+        for transform in ("train", "test"):
+            dataset = ImageListDataset(items, ProtocolTransform(transform == "train", "imagenet", args.crop))
+            rates[f"{transform}_{name}"] = loader_images_per_second(dataset, args.batch, args.workers, n_batches, False)
+    device = torch.device(args.device)
+    test = ImageListDataset(load_cub(original, split="official")[0], ProtocolTransform(False, "imagenet", args.crop))
+    embed = {"workers": embed_images_per_second(test, args.batch, args.workers, device, "workers")}
+    try:
+        from pml_mutual.data.device_decode import require_torchvision_decoder
+
+        require_torchvision_decoder()
+        embed["device"] = embed_images_per_second(test, args.batch, args.workers, device, "device")
+    except ImportError as e:
+        print(f"device decoding not measured: {e}")
+    result = {"images": f"{args.image_width}x{args.image_height}", "workers": args.workers, "batch": args.batch,
+              "device": str(device), "embed_images_per_s": embed,
+              "ratio_device_over_workers_embedding": embed["device"] / embed["workers"] if "device" in embed else None,
+              "copy_seconds": copy_seconds, "images_per_s": rates,
+              "ratio_resized_over_original": {t: rates[f"{t}_resized"] / rates[f"{t}_original"] for t in ("train", "test")}}
+    for t in ("train", "test"):
+        print(f"loader {t} transform: original {rates[f'{t}_original']:.0f} images/s, resized {rates[f'{t}_resized']:.0f} "
+              f"images/s ({args.workers} workers)")
+    print(f"copy written in {copy_seconds:.1f}s ({args.classes * args.images_per_class} images)")
+    for t, r in result["ratio_resized_over_original"].items():
+        print(f"ratio: resized/original {t} {r:.2f}")
+    print(f"embedding pass input on {device}: decoded by {args.workers} workers {embed['workers']:.0f} images/s"
+          + (f", decoded on the device {embed['device']:.0f} images/s" if "device" in embed else ""))
+    if "device" in embed:
+        print(f"ratio: device/workers embedding decode {result['ratio_device_over_workers_embedding']:.2f}")
+    write_result(args.out, result)
+    tmp.cleanup()
+    return result
+
+
+COMMANDS = {
+    "stage": (add_stage_arguments, stage, "one stage end to end against its training steps and forwards"),
+    "extract": (add_extract_arguments, extract, "an embedding pass: worker tasks vs one model batch per task"),
+    "decode": (add_decode_arguments, decode, "loader images/s on a pre-resized copy; decoding on the device"),
+}
+
+
 if __name__ == "__main__":
-    main()
+    run_subcommands("perf_pipeline", __doc__, COMMANDS)
