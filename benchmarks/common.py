@@ -4,6 +4,7 @@ ops a function dispatches, and the subcommand skeleton. Only public ``pml_mutual
 Every tool prints ``name: value`` and ``ratio:`` lines last (each ratio against a baseline measured in the
 same run) and writes its figures as JSON where ``--out`` says (default: ``runs/benchmarks/``, git-ignored).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ RESULTS = Path("runs") / "benchmarks"  # git-ignored: a benchmark never writes i
 
 def sync(device=None) -> None:
     """Wait for a GPU's queued kernels (without this only their launches would be timed)."""
-    if (device is not None and torch.device(device).type == "cuda") or (device is None and torch.cuda.is_initialized()):
+    if (device is not None and torch.device(device).type == "cuda") or (
+        device is None and torch.cuda.is_initialized()
+    ):
         torch.cuda.synchronize()
 
 
@@ -71,19 +74,39 @@ def build(model_name: str, device, image_size: int = 224):
 MODELS = ("small_cnn", "mlp", *BACKBONES)
 
 
-def write_cub(root: Path, classes: int, per_class: int, width: int, height: int, workers: int | None = None) -> Path:
+def write_cub(
+    root: Path, classes: int, per_class: int, width: int, height: int, workers: int | None = None
+) -> Path:
     """A CUB-format directory of JPEGs (``classes`` × ``per_class`` images of ``width`` × ``height``)."""
     from pml_mutual.data.fixtures import write_cub_fixture
 
-    return write_cub_fixture(root, [per_class] * classes, size=(width, height), workers=workers or os.cpu_count() or 1)
+    return write_cub_fixture(
+        root, [per_class] * classes, size=(width, height), workers=workers or os.cpu_count() or 1
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The computing ops a function dispatches, seen on the CPU through torch's dispatcher: each would be at least
 # one kernel launch on a GPU. Views and the CPU-only value checks of checks.py are left out (a view launches
 # nothing; the checks do not run on a GPU).
-VIEWS = {"detach", "alias", "view", "_unsafe_view", "_reshape_alias", "expand", "t", "transpose", "permute",
-         "unsqueeze", "squeeze", "select", "slice", "unbind", "split", "as_strided"}
+VIEWS = {
+    "detach",
+    "alias",
+    "view",
+    "_unsafe_view",
+    "_reshape_alias",
+    "expand",
+    "t",
+    "transpose",
+    "permute",
+    "unsqueeze",
+    "squeeze",
+    "select",
+    "slice",
+    "unbind",
+    "split",
+    "as_strided",
+}
 
 
 class _CountOps(TorchDispatchMode):
@@ -112,10 +135,19 @@ def run_subcommands(tool: str, doc: str, commands: dict, argv=None):
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(commands) + "}")
     for name, (add_arguments, run, help_text) in commands.items():
-        p = sub.add_parser(name, help=help_text, description=(run.__doc__ or help_text),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(run.__doc__ or help_text),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         add_arguments(p)
-        p.add_argument("--out", type=Path, default=RESULTS / f"{tool}_{name}.json", help="result JSON (default: %(default)s)")
+        p.add_argument(
+            "--out",
+            type=Path,
+            default=RESULTS / f"{tool}_{name}.json",
+            help="result JSON (default: %(default)s)",
+        )
         p.set_defaults(run=run, parser=p)
     args = parser.parse_args(argv)
     return args.run(args)

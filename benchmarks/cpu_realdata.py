@@ -6,11 +6,13 @@
 
 Datasets: Fashion-MNIST (10 classes; one-task 0–4 → 5–9; multi-task 5 stages of 2 classes) and the
 glyph dataset (200 of its character classes, spread evenly over code points; one-task 100 → 100;
-multi-task 100 + 4 × 25, as CUB in the paper). Backbone: pml_mutual.models.SmallCNN (widths 16/32/64, 128-d; sized for 2 CPU cores).
+multi-task 100 + 4 × 25, as CUB in the paper). Backbone: pml_mutual.models.SmallCNN (widths 16/32/64, 128-d;
+sized for 2 CPU cores).
 Every method of a seed starts from one shared initial model. Prints the paper's table layouts (mean ±
 std over seeds) and writes every run to --out as JSON. ``--validation`` evaluates on a validation
 split carved from the training images of every class (for tuning; the test images are never used).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +25,13 @@ import torch
 from pml_mutual.checks import check_output_file
 from pml_mutual.data.cpu_benchmark import load_cpu_benchmark
 from pml_mutual.drift import DRIFT_MODES, SIMILARITIES
-from pml_mutual.experiment import final_row, measure_fidelity, measure_gallery_update, per_stage_row, run_methods
+from pml_mutual.experiment import (
+    final_row,
+    measure_fidelity,
+    measure_gallery_update,
+    per_stage_row,
+    run_methods,
+)
 from pml_mutual.models import SmallCNN
 from pml_mutual.online import METHODS, OnlineConfig
 from pml_mutual.tables import format_fidelity, format_gallery, format_recall_table
@@ -35,7 +43,9 @@ ABLATION = ["mutual_only", "fecd", "fecd_mutual", "ours_no_drift", "ours"]
 
 # Hyper-parameters at this scale, chosen on the validation split (see README "CPU real-data benchmark").
 DATASETS = {
-    "fashion-mnist": dict(batch_size=64, m_per_class=32, per_class_train=1000, lambda_corr=1000.0, lambda_mutual=1.0),
+    "fashion-mnist": dict(
+        batch_size=64, m_per_class=32, per_class_train=1000, lambda_corr=1000.0, lambda_mutual=1.0
+    ),
     "glyphs": dict(batch_size=64, m_per_class=4, per_class_train=None, lambda_corr=100.0, lambda_mutual=1.0),
 }
 
@@ -54,6 +64,7 @@ def make_config(dataset: str, method: str, seed: int, quick: bool, args) -> Onli
         lambda_corr=args.lambda_corr if args.lambda_corr is not None else d["lambda_corr"],
         lambda_mutual=args.lambda_mutual if args.lambda_mutual is not None else d["lambda_mutual"],
         temperature=args.temperature,
+        lambda_compat=args.lambda_compat,
         drift_similarity=args.drift_similarity,
         drift_mode=args.drift_mode,
         # From-scratch CNN: BatchNorm learns in stage 0 and in the fresh F_s, and is frozen in networks
@@ -66,45 +77,94 @@ def make_config(dataset: str, method: str, seed: int, quick: bool, args) -> Onli
 
 def print_tables(rows, setting, methods):
     if setting == "one-task":
-        print(format_recall_table(rows, setting, "Table 2 layout — one-task, Recall@1 (%) of the final model, "
-                                  "mean ± std over seeds", methods))
+        print(
+            format_recall_table(
+                rows,
+                setting,
+                "Table 2 layout — one-task, Recall@1 (%) of the final model, mean ± std over seeds",
+                methods,
+            )
+        )
         return
-    for title, cols in (("Table 3 layout — multi-task", methods),
-                        ("Table 5 layout — ablation (no L_corr / no L_mutual / no virtual / no drift estimate / all)",
-                         ABLATION)):
-        print(format_recall_table(rows, setting, f"{title}: final model's Recall@1 (%) on each stage's classes, "
-                                  "mean ± std over seeds", cols))
+    for title, cols in (
+        ("Table 3 layout — multi-task", methods),
+        (
+            "Table 5 layout — ablation (no L_corr / no L_mutual / no virtual / no drift estimate / all)",
+            ABLATION,
+        ),
+    ):
+        print(
+            format_recall_table(
+                rows,
+                setting,
+                f"{title}: final model's Recall@1 (%) on each stage's classes, mean ± std over seeds",
+                cols,
+            )
+        )
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=list(DATASETS), required=True)
     p.add_argument("--setting", choices=["one-task", "multi-task"], required=True)
-    p.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS),
-                   help="default: all of them (ours_no_drift in the multi-task setting only)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=sorted(METHODS),
+        help="default: all of them (ours_no_drift in the multi-task setting only)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--quick", action="store_true", help="a reduced run (1 seed, few iterations, fewer classes)")
-    p.add_argument("--validation", action="store_true", help="evaluate on a validation split of the training images")
+    p.add_argument(
+        "--quick", action="store_true", help="a reduced run (1 seed, few iterations, fewer classes)"
+    )
+    p.add_argument(
+        "--validation", action="store_true", help="evaluate on a validation split of the training images"
+    )
     p.add_argument("--epochs", type=int, default=2, help="epochs of every stage after the first")
     p.add_argument("--initial-epochs", type=int, default=4)
     p.add_argument("--iterations", type=int, default=75, help="iterations per epoch")
     p.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64], help="SmallCNN channel widths")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lambda-corr", type=float, default=None, help="λ2 (default: the dataset's tuned value)")
-    p.add_argument("--lambda-mutual", type=float, default=None, help="λ3 (default: the dataset's tuned value)")
+    p.add_argument(
+        "--lambda-mutual", type=float, default=None, help="λ3 (default: the dataset's tuned value)"
+    )
     p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--drift-similarity", choices=SIMILARITIES, default=OnlineConfig.drift_similarity,
-                   help="the weight S of Eq. 3 and 4")
-    p.add_argument("--drift-mode", choices=DRIFT_MODES, default=OnlineConfig.drift_mode,
-                   help="direct (the paper: F_b → F_{i-1}), chained (SDC: stage to stage) or none (zero drift)")
-    p.add_argument("--fidelity", action="store_true",
-                   help="after each seed, measure the virtual features of drift modes none/direct/learned against "
-                        "the real earlier models on the `ours` run's checkpoints (multi-task)")
-    p.add_argument("--gallery", action="store_true",
-                   help="after each seed, Recall@1 of a gallery that is not re-embedded (stored / moved by translation / "
-                        "moved by learned maps / re-embedded) on the checkpoints of every method (multi-task)")
+    p.add_argument(
+        "--lambda-compat",
+        type=float,
+        default=0.0,
+        help="weight of the compatibility term (OnlineConfig.lambda_compat; 0: off)",
+    )
+    p.add_argument(
+        "--drift-similarity",
+        choices=SIMILARITIES,
+        default=OnlineConfig.drift_similarity,
+        help="the weight S of Eq. 3 and 4",
+    )
+    p.add_argument(
+        "--drift-mode",
+        choices=DRIFT_MODES,
+        default=OnlineConfig.drift_mode,
+        help="direct (the paper: F_b → F_{i-1}), chained (SDC: stage to stage) or none (zero drift)",
+    )
+    p.add_argument(
+        "--fidelity",
+        action="store_true",
+        help="after each seed, measure the virtual features of drift modes none/direct/learned against "
+        "the real earlier models on the `ours` run's checkpoints (multi-task)",
+    )
+    p.add_argument(
+        "--gallery",
+        action="store_true",
+        help="after each seed, Recall@1 of a gallery that is not re-embedded (stored / moved by translation "
+        "/ moved by learned maps / re-embedded) on the checkpoints of every method (multi-task)",
+    )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--runs", type=Path, default=Path("runs/cpu_realdata"), help="checkpoint directory (resumable)")
+    p.add_argument(
+        "--runs", type=Path, default=Path("runs/cpu_realdata"), help="checkpoint directory (resumable)"
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.methods is None:
@@ -115,24 +175,38 @@ def main(argv=None):
     if args.runs.exists() and not args.runs.is_dir():
         raise SystemExit(f"--runs {args.runs} is a file: name a directory for the checkpoints")
     if args.fidelity and ("ours" not in args.methods or args.setting != "multi-task"):
-        raise SystemExit("--fidelity measures the `ours` run's virtual features: it needs --methods with ours and "
-                         "--setting multi-task")
+        raise SystemExit(
+            "--fidelity measures the `ours` run's virtual features: it needs --methods with ours and "
+            "--setting multi-task"
+        )
     if args.gallery and (args.setting != "multi-task" or not set(args.methods) - {"initial"}):
-        raise SystemExit("--gallery measures the checkpoints of a trained method over several stages: it needs "
-                         "--setting multi-task and a method other than initial")
+        raise SystemExit(
+            "--gallery measures the checkpoints of a trained method over several stages: it needs --setting "
+            "multi-task and a method other than initial"
+        )
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = args.seeds[:1] if args.quick else args.seeds
-    train, test, stages = load_cpu_benchmark(args.dataset, args.validation, args.quick, DATASETS[args.dataset]["per_class_train"])
+    train, test, stages = load_cpu_benchmark(
+        args.dataset, args.validation, args.quick, DATASETS[args.dataset]["per_class_train"]
+    )
     class_to_stage = stages[args.setting]
     names = ["initial"] + [m for m in args.methods if m != "initial"]
     tag = f"{args.dataset}_{args.setting}{'_quick' if args.quick else ''}{'_val' if args.validation else ''}"
+    tag += f"_compat{args.lambda_compat:g}" if args.lambda_compat else ""
     rows, fidelity, gallery = [], [], []
     t_all = time.perf_counter()
     for seed in seeds:
         configs = {m: make_config(args.dataset, m, seed, args.quick, args) for m in names}
         t0 = time.perf_counter()
-        results, learners = run_methods(lambda: SmallCNN(widths=tuple(args.widths)), train, test, class_to_stage, configs,
-                                        args.runs / tag / f"seed{seed}", return_learners=True)
+        results, learners = run_methods(
+            lambda: SmallCNN(widths=tuple(args.widths)),
+            train,
+            test,
+            class_to_stage,
+            configs,
+            args.runs / tag / f"seed{seed}",
+            return_learners=True,
+        )
         elapsed = time.perf_counter() - t0
         if args.fidelity and "ours" in learners:
             t1 = time.perf_counter()
@@ -146,13 +220,18 @@ def main(argv=None):
         for m in names:
             s = results[m]
             old, new, all_ = final_row(s)
-            rows.append({
-                "method": m, "seed": seed, "setting": args.setting, "dataset": args.dataset,
-                "recall@1": {"old": old, "new": new, "all": all_, "per_stage": per_stage_row(s)[:-1]},
-                "recall@k": s["stages"][-1]["all"],
-                "accuracy_matrix": s["accuracy_matrix"],
-                "seconds": sum(log["seconds"] for log in s["stage_logs"]),
-            })
+            rows.append(
+                {
+                    "method": m,
+                    "seed": seed,
+                    "setting": args.setting,
+                    "dataset": args.dataset,
+                    "recall@1": {"old": old, "new": new, "all": all_, "per_stage": per_stage_row(s)[:-1]},
+                    "recall@k": s["stages"][-1]["all"],
+                    "accuracy_matrix": s["accuracy_matrix"],
+                    "seconds": sum(log["seconds"] for log in s["stage_logs"]),
+                }
+            )
         print(f"seed {seed}: {len(names)} methods in {elapsed:.0f}s", flush=True)
     print_tables(rows, args.setting, names)
     if fidelity:
@@ -160,8 +239,10 @@ def main(argv=None):
     if gallery:
         print(format_gallery(gallery))
     total = time.perf_counter() - t_all
-    print(f"\ntotal time: {total:.0f}s ({len(seeds)} seed(s), {len(train)} training / {len(test)} "
-          f"{'validation' if args.validation else 'test'} images)")
+    print(
+        f"\ntotal time: {total:.0f}s ({len(seeds)} seed(s), {len(train)} training / {len(test)} "
+        f"{'validation' if args.validation else 'test'} images)"
+    )
     if args.out:
         config = {k: v for k, v in vars(args).items() if k not in ("out", "runs")}
         shared = {k: v for k, v in configs[names[-1]].to_dict().items() if k != "method"}  # every method's

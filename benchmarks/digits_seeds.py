@@ -1,7 +1,8 @@
 """The digits demo over several seeds: how robust is each method's margin? (thin CLI over pml_mutual.demo)
 
-    python benchmarks/digits_seeds.py --seeds 0 1 2 3 4 --methods finetune fecd ours
+python benchmarks/digits_seeds.py --seeds 0 1 2 3 4 --methods finetune fecd ours
 """
+
 import argparse
 import json
 
@@ -16,7 +17,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--validation", action="store_true", help="evaluate on a validation split of the training images")
+    p.add_argument(
+        "--validation", action="store_true", help="evaluate on a validation split of the training images"
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None, help="write every row as JSON here")
     args = p.parse_args(argv)

@@ -2,9 +2,12 @@
 
     python benchmarks/obdsd.py --dataset glyphs --seeds 0 1 2            # CPU, the project's real data
     python benchmarks/obdsd.py --dataset fashion-mnist --quick           # minutes
-    python benchmarks/obdsd.py --dataset cub200 --data-root CUB_200_2011 --weights resnet50-0676ba61.pth --device cuda
-    python benchmarks/obdsd.py --dataset cars196 --data-root cars196 --weights resnet50-0676ba61.pth --device cuda
-    python benchmarks/obdsd.py --dataset cub200 --smoke      # the CUB path end to end on a tiny CUB-format set
+    python benchmarks/obdsd.py --dataset cub200 --data-root CUB_200_2011 --weights resnet50-0676ba61.pth
+    --device cuda
+    python benchmarks/obdsd.py --dataset cars196 --data-root cars196 --weights resnet50-0676ba61.pth --device
+    cuda
+    python benchmarks/obdsd.py --dataset cub200 --smoke      # the CUB path end to end on a tiny CUB-format
+    set
 
 On CUB-200 / Cars196 (the paper's setting: ResNet-50, batch 112 = 56 × 2, Adam 1e-5, wd 4e-4, the released
 α and λ per dataset, 224-pixel crops) the data and ImageNet weights come from local paths.
@@ -15,6 +18,7 @@ self-distillation, α = 0) and ``obdsd`` (+ online batch diffusion, α > 0), all
 (``SelfDistillationTrainer``; ``base`` is the same loss with weight 0). Prints Recall@1 mean ± std.
 ``--validation`` tunes on unseen classes carved from the training classes (never the test classes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +27,8 @@ import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # PML's trainer draws a progress bar per epoch (read at tqdm import)
+# PML's trainer draws a progress bar per epoch (read at tqdm import)
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np
 import torch
@@ -34,11 +39,11 @@ from torch.utils.data import TensorDataset
 from pml_mutual.data import ImageListDataset, ProtocolTransform, fixtures, read_cars196, read_cub
 from pml_mutual.data.cpu_benchmark import load_cpu_benchmark
 from pml_mutual.evaluation import extract_embeddings, recall_at_k
-from pml_mutual.tables import mean_std
 from pml_mutual.losses import OBDSD_DEFAULTS, BatchDiffusionSelfDistillationLoss
 from pml_mutual.models import BACKBONES, SmallCNN, backbone_factory
 from pml_mutual.models.backbones import INPUT_SPACE
 from pml_mutual.online import seed_everything
+from pml_mutual.tables import mean_std
 from pml_mutual.trainers import SelfDistillationTrainer
 
 VARIANTS = ("base", "psd", "obdsd")
@@ -88,19 +93,30 @@ def train_variant(variant, train, args, seed, model_factory):
     seed_everything(seed, VARIANTS.index(variant))
     model = model_factory().to(args.device)
     loss = BatchDiffusionSelfDistillationLoss(
-        base_loss=losses.MultiSimilarityLoss(2, 40, 0.5), miner=miners.MultiSimilarityMiner(0.1),
-        alpha=args.alpha if variant == "obdsd" else 0.0, weight=0.0 if variant == "base" else args.weight,
-        temperature=args.temperature, diffusion_temperature=args.diffusion_temperature,
+        base_loss=losses.MultiSimilarityLoss(2, 40, 0.5),
+        miner=miners.MultiSimilarityMiner(0.1),
+        alpha=args.alpha if variant == "obdsd" else 0.0,
+        weight=0.0 if variant == "base" else args.weight,
+        temperature=args.temperature,
+        diffusion_temperature=args.diffusion_temperature,
     )
     labels = train.tensors[1].numpy() if isinstance(train, TensorDataset) else train.labels
     trainer = SelfDistillationTrainer(
         models={"trunk": model},
-        optimizers={"trunk_optimizer": torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)},
+        optimizers={
+            "trunk_optimizer": torch.optim.Adam(
+                model.parameters(), lr=args.lr, weight_decay=args.weight_decay
+            )
+        },
         batch_size=args.batch_size,
         loss_funcs={"metric_loss": loss},
         dataset=train,
-        sampler=MPerClassSampler(labels, args.m_per_class, args.batch_size,
-                                 length_before_new_iter=args.batch_size * args.iterations),
+        sampler=MPerClassSampler(
+            labels,
+            args.m_per_class,
+            args.batch_size,
+            length_before_new_iter=args.batch_size * args.iterations,
+        ),
         iterations_per_epoch=args.iterations,
         dataloader_num_workers=args.num_workers,
         data_device=torch.device(args.device),
@@ -119,9 +135,14 @@ def main(argv=None):
     p.add_argument("--backbone", choices=BACKBONES, default="resnet50")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="CUB / Cars196 path on a tiny dataset in the real format")
-    p.add_argument("--validation", action="store_true",
-                   help="tune: evaluate on unseen classes carved from the training classes, never the test classes")
+    p.add_argument(
+        "--smoke", action="store_true", help="CUB / Cars196 path on a tiny dataset in the real format"
+    )
+    p.add_argument(
+        "--validation",
+        action="store_true",
+        help="tune: evaluate on unseen classes carved from the training classes, never the test classes",
+    )
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quick", action="store_true")
@@ -142,7 +163,9 @@ def main(argv=None):
     if args.quick:
         args.seeds, args.epochs, args.iterations = args.seeds[:1], 2, 20
     if args.dataset in PAPER_DATASETS:
-        defaults = dict(OBDSD_DEFAULTS[args.dataset], lr=1e-5, batch_size=112, m_per_class=2, epochs=args.epochs)
+        defaults = dict(
+            OBDSD_DEFAULTS[args.dataset], lr=1e-5, batch_size=112, m_per_class=2, epochs=args.epochs
+        )
         if args.smoke:
             defaults.update(batch_size=8, epochs=2, image_size=32, backbone="bninception", weights=None)
             args.seeds, args.iterations = args.seeds[:1], 2
@@ -152,7 +175,9 @@ def main(argv=None):
         train, test = load_paper_dataset(args)
         weights = None if args.smoke else args.weights
         if weights is None and not args.smoke:
-            raise SystemExit("--weights is required for CUB / Cars196 (the ImageNet state dict of the backbone)")
+            raise SystemExit(
+                "--weights is required for CUB / Cars196 (the ImageNet state dict of the backbone)"
+            )
         factory = backbone_factory(args.backbone, weights)
     else:
         if args.dataset == "fashion-mnist":
@@ -172,12 +197,18 @@ def main(argv=None):
             r = recall_at_k(emb, labels, (1, 2, 4, 8))
             rows.append({"variant": variant, "seed": seed, "recall": r, "seconds": time.perf_counter() - t})
             print(f"seed {seed} {variant:<6} R@1 {100 * r[1]:.2f}  ({rows[-1]['seconds']:.0f}s)", flush=True)
-    where = "validation: the last quarter of the training classes" if args.validation else "test: the unseen half"
-    print(f"\nOBD-SD on {args.dataset} (train: first half of the classes, {where}), λ = {args.weight:g}, α = {args.alpha:g}, "
-          f"Recall@K (%), mean ± std over seeds {args.seeds}")
+    where = (
+        "validation: the last quarter of the training classes" if args.validation else "test: the unseen half"
+    )
+    print(
+        f"\nOBD-SD on {args.dataset} (train: first half of the classes, {where}), λ = {args.weight:g}, α = "
+        f"{args.alpha:g}, Recall@K (%), mean ± std over seeds {args.seeds}"
+    )
     print(f"{'variant':<8} " + " ".join(f"{'R@' + str(k):>15}" for k in (1, 2, 4, 8)))
     for v in args.variants:
-        mean, std = mean_std([[100 * r["recall"][k] for k in (1, 2, 4, 8)] for r in rows if r["variant"] == v])
+        mean, std = mean_std(
+            [[100 * r["recall"][k] for k in (1, 2, 4, 8)] for r in rows if r["variant"] == v]
+        )
         print(f"{v:<8} " + " ".join(f"{m:6.2f} ± {s:5.2f}" for m, s in zip(mean, std)))
     print(f"total time: {time.perf_counter() - t0:.0f}s")
     if args.out:

@@ -18,6 +18,7 @@ Each (variant, N) runs in its own subprocess so that its peak RSS is its own. Va
 and prints their time and memory against the clustered data of the same N.
 Printed last: one `name: value` line per measurement and `ratio:` lines against raw FAISS.
 """
+
 import argparse
 import json
 import os
@@ -60,7 +61,7 @@ def raw_torch_knn(emb, k, device, chunk=8192):
     x = torch.from_numpy(emb).to(device)
     out = []
     for start in range(0, len(x), chunk):
-        out.append((x[start:start + chunk] @ x.T).topk(k, dim=1).indices)
+        out.append((x[start : start + chunk] @ x.T).topk(k, dim=1).indices)
     return torch.cat(out).cpu().numpy()
 
 
@@ -105,7 +106,9 @@ def child(variant, n, dim, kind="clustered", device="cpu"):
         value = float(np.mean(labels[idx[:, 1]] == labels))  # a timing floor, like faiss@1
     else:
         calc = AccuracyCalculator(include=("precision_at_1",), k=1)
-        value = calc.get_accuracy(torch.from_numpy(emb), torch.from_numpy(labels), ref_includes_query=True)["precision_at_1"]
+        value = calc.get_accuracy(torch.from_numpy(emb), torch.from_numpy(labels), ref_includes_query=True)[
+            "precision_at_1"
+        ]
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -113,10 +116,23 @@ def child(variant, n, dim, kind="clustered", device="cpu"):
     stop.set()
     sampler.join()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"variant": variant, "n": n, "data": kind, "device": device, "gpu_peak_mb": gpu_peak,
-                      "seconds": seconds, "recall@1": value,
-                      "peak_rss_mb": peak / 1024, "data_rss_mb": base_rss / 1024,
-                      "rss_before_mb": rss_before, "extra_rss_during_mb": max(0.0, during[0] - rss_before)}))
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "n": n,
+                "data": kind,
+                "device": device,
+                "gpu_peak_mb": gpu_peak,
+                "seconds": seconds,
+                "recall@1": value,
+                "peak_rss_mb": peak / 1024,
+                "data_rss_mb": base_rss / 1024,
+                "rss_before_mb": rss_before,
+                "extra_rss_during_mb": max(0.0, during[0] - rss_before),
+            }
+        )
+    )
 
 
 def main(argv=None):
@@ -124,10 +140,14 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=None)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
-    p.add_argument("--device", default=None, help="for the torch variants (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--device", default=None, help="for the torch variants (default: cuda if available, else cpu)"
+    )
     p.add_argument("--ties", action="store_true", help="also run every variant on all-equal embeddings")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=RESULTS / "perf_eval.json", help="result JSON (default: %(default)s)")
+    p.add_argument(
+        "--out", type=Path, default=RESULTS / "perf_eval.json", help="result JSON (default: %(default)s)"
+    )
     p.add_argument("--child", nargs=4, metavar=("VARIANT", "N", "DATA", "DEVICE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -142,13 +162,31 @@ def main(argv=None):
     for n in sizes:
         for kind in kinds:
             for variant in args.variants:
-                out = subprocess.run([sys.executable, __file__, "--child", variant, str(n), kind, args.device, "--dim", str(args.dim)],
-                                     check=True, capture_output=True, text=True, env=dict(os.environ))
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        variant,
+                        str(n),
+                        kind,
+                        args.device,
+                        "--dim",
+                        str(args.dim),
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    env=dict(os.environ),
+                )
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 r = rows[-1]
-                print(f"  {variant:<14} {kind:<9} N={n:<6} {r['seconds']:8.3f}s  peak RSS {r['peak_rss_mb']:8.1f} MB "
-                      f"(+{r['extra_rss_during_mb']:.1f} MB during the call, GPU peak {r['gpu_peak_mb']:.0f} MB)  "
-                      f"R@1 {r['recall@1']:.4f}", flush=True)
+                print(
+                    f"  {variant:<14} {kind:<9} N={n:<6} {r['seconds']:8.3f}s  peak RSS "
+                    f"{r['peak_rss_mb']:8.1f} MB (+{r['extra_rss_during_mb']:.1f} MB during the call, GPU "
+                    f"peak {r['gpu_peak_mb']:.0f} MB)  R@1 {r['recall@1']:.4f}",
+                    flush=True,
+                )
     write_result(args.out, {"dim": args.dim, "cpu_count": os.cpu_count(), "rows": rows})
     by = {(r["variant"], r["n"]): r for r in rows if r["data"] == "clustered"}
     for r in rows:
@@ -160,16 +198,26 @@ def main(argv=None):
         if r["data"] == "tied" and (r["variant"], r["n"]) in by:
             a, b = r, by[(r["variant"], r["n"])]
             extra = lambda x: x["extra_rss_during_mb"] + x["gpu_peak_mb"]  # noqa: E731
-            print(f"ratio: {r['variant']} tied/clustered n={r['n']} time {a['seconds'] / b['seconds']:.3f} "
-                  f"memory {max(extra(a), 1.0) / max(extra(b), 1.0):.3f}")
+            print(
+                f"ratio: {r['variant']} tied/clustered n={r['n']} time {a['seconds'] / b['seconds']:.3f} "
+                f"memory {max(extra(a), 1.0) / max(extra(b), 1.0):.3f}"
+            )
     for n in sizes:
-        pairs = (("ours@1", "faiss@1"), ("ours@1248", "faiss@1248"), ("pml@1", "faiss@1"), ("ours@1", "pml@1"),
-                 ("torch@1248", "raw_torch@1248"), ("ours@1248", "raw_torch@1248"))
+        pairs = (
+            ("ours@1", "faiss@1"),
+            ("ours@1248", "faiss@1248"),
+            ("pml@1", "faiss@1"),
+            ("ours@1", "pml@1"),
+            ("torch@1248", "raw_torch@1248"),
+            ("ours@1248", "raw_torch@1248"),
+        )
         for ours, raw in pairs:
             if (ours, n) in by and (raw, n) in by:
                 a, b = by[(ours, n)], by[(raw, n)]
-                print(f"ratio: {ours}/{raw} n={n} time {a['seconds'] / b['seconds']:.3f} "
-                      f"peak_rss {a['peak_rss_mb'] / b['peak_rss_mb']:.3f}")
+                print(
+                    f"ratio: {ours}/{raw} n={n} time {a['seconds'] / b['seconds']:.3f} peak_rss "
+                    f"{a['peak_rss_mb'] / b['peak_rss_mb']:.3f}"
+                )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ training / prototype / test datasets (224-pixel crops), and times ``OnlineLearne
 against a baseline measured in the same run: one pass of the test set through ``__getitem__`` (what one
 evaluation decodes). Printed as seconds and as the ratio to that baseline.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -61,8 +62,10 @@ def stage_state(model_name: str, device, image_size: int) -> tuple[dict, dict]:
             p.grad = torch.randn_like(p) * 1e-3
         opt.step()  # Adam's moments exist from the first step on
         models[k], optimizers[f"{k}_optimizer"] = model, opt
-    return (epoch_checkpoint(1, 1, models, optimizers, [], last=False),
-            epoch_checkpoint(1, 2, models, optimizers, [], last=True))
+    return (
+        epoch_checkpoint(1, 1, models, optimizers, [], last=False),
+        epoch_checkpoint(1, 2, models, optimizers, [], last=True),
+    )
 
 
 def measure(directory: RunDirectory, state: dict, repeats: int) -> dict:
@@ -96,16 +99,33 @@ def checkpoint(args):
     with tempfile.TemporaryDirectory(prefix="pml_mutual_ckpt_") as tmp:
         directory = RunDirectory(Path(tmp) / "run")
         directory.path.mkdir(parents=True)
-        results = {"mid_stage": measure(directory, mid, args.repeats), "last_epoch": measure(directory, last, args.repeats)}
+        results = {
+            "mid_stage": measure(directory, mid, args.repeats),
+            "last_epoch": measure(directory, last, args.repeats),
+        }
     for name, r in results.items():
-        print(f"{name:10s}: training thread blocked {1000 * r['blocked_s']:7.1f} ms, background write "
-              f"{1000 * r['write_s']:7.1f} ms, {r['bytes'] / 2**20:6.1f} MiB")
-    ratios = {k: results["last_epoch"][k] / results["mid_stage"][k] for k in ("blocked_s", "write_s", "bytes")}
-    print(f"model: {args.model} ({n_params / 1e6:.1f} M parameters per network, two networks), device {device}")
-    print(f"ratio: last-epoch / mid-stage checkpoint: blocked {ratios['blocked_s']:.2f}, "
-          f"write {ratios['write_s']:.2f}, size {ratios['bytes']:.2f}")
-    result = {"model": args.model, "device": str(device), "parameters_per_network": n_params, "repeats": args.repeats,
-              **results, "ratio_last_over_mid": ratios}
+        print(
+            f"{name:10s}: training thread blocked {1000 * r['blocked_s']:7.1f} ms, background write "
+            f"{1000 * r['write_s']:7.1f} ms, {r['bytes'] / 2**20:6.1f} MiB"
+        )
+    ratios = {
+        k: results["last_epoch"][k] / results["mid_stage"][k] for k in ("blocked_s", "write_s", "bytes")
+    }
+    print(
+        f"model: {args.model} ({n_params / 1e6:.1f} M parameters per network, two networks), device {device}"
+    )
+    print(
+        f"ratio: last-epoch / mid-stage checkpoint: blocked {ratios['blocked_s']:.2f}, write "
+        f"{ratios['write_s']:.2f}, size {ratios['bytes']:.2f}"
+    )
+    result = {
+        "model": args.model,
+        "device": str(device),
+        "parameters_per_network": n_params,
+        "repeats": args.repeats,
+        **results,
+        "ratio_last_over_mid": ratios,
+    }
     write_result(args.out, result)
     return result
 
@@ -150,12 +170,21 @@ def memory(args):
     n_classes = args.stages * args.classes_per_stage
     train, test = synthetic(n_classes, 40, seed=0), synthetic(n_classes, 20, seed=1)
     c2s = {c: c // args.classes_per_stage for c in range(n_classes)}
-    config = OnlineConfig(method="ours", epochs=1, initial_epochs=1, iterations_per_epoch=args.iterations, batch_size=32,
-                          m_per_class=4, lr=1e-3, device=args.device)
+    config = OnlineConfig(
+        method="ours",
+        epochs=1,
+        initial_epochs=1,
+        iterations_per_epoch=args.iterations,
+        batch_size=32,
+        m_per_class=4,
+        lr=1e-3,
+        device=args.device,
+    )
     with tempfile.TemporaryDirectory() as run_dir:
         probe = MemoryProbe()
-        learner = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=config, run_dir=run_dir,
-                                                      quiet=True, callbacks=[probe])
+        learner = OnlineLearner.from_class_assignment(
+            EmbeddingMLP, train, test, c2s, config=config, run_dir=run_dir, quiet=True, callbacks=[probe]
+        )
         peaks: dict[int, int] = {}
         done = threading.Event()
 
@@ -172,7 +201,11 @@ def memory(args):
         done.set()
         thread.join()
     mb = {s: v / 2**20 for s, v in sorted(peaks.items())}
-    doc = {"stages": args.stages, "peak_rss_mb": mb, "cuda_peak_mb": {s: v / 2**20 for s, v in probe.cuda_peaks.items()}}
+    doc = {
+        "stages": args.stages,
+        "peak_rss_mb": mb,
+        "cuda_peak_mb": {s: v / 2**20 for s, v in probe.cuda_peaks.items()},
+    }
     write_result(args.out, doc)
     for s, v in mb.items():
         print(f"stage_{s}_peak_rss_mb: {v:.1f}")
@@ -202,7 +235,8 @@ def add_identity_arguments(p):
 
 
 def identity(args):
-    """The run identity's content records and the finite-input check at CUB size (see the module's docstring)."""
+    """The run identity's content records and the finite-input check at CUB size (see the module's
+    docstring)."""
     per_class = max(4, args.images // args.classes)
     with tempfile.TemporaryDirectory(prefix="pml_mutual_identity_") as tmp:
         root = write_cub(Path(tmp) / "CUB_200_2011", args.classes, per_class, 500, 375, workers=2)
@@ -211,9 +245,15 @@ def identity(args):
         prototypes = ImageListDataset(train_items, ProtocolTransform(False, size=224))
         test = ImageListDataset(test_items, ProtocolTransform(False, size=224))
         learner = OnlineLearner.from_class_assignment(
-            BNInception, train, test, stages_from_ends(range(args.classes), [args.classes // 2]),
-            prototype_dataset=prototypes, config=OnlineConfig(device="cpu", min_images_per_class=2, m_per_class=2,
-                                                              batch_size=4), run_dir=Path(tmp) / "run", quiet=True)
+            BNInception,
+            train,
+            test,
+            stages_from_ends(range(args.classes), [args.classes // 2]),
+            prototype_dataset=prototypes,
+            config=OnlineConfig(device="cpu", min_images_per_class=2, m_per_class=2, batch_size=4),
+            run_dir=Path(tmp) / "run",
+            quiet=True,
+        )
         t0 = time.perf_counter()
         records = learner.content_records()
         content = time.perf_counter() - t0
@@ -224,29 +264,53 @@ def identity(args):
         # the finiteness check before training: free for image lists (decoded pixels are finite), one
         # __getitem__ pass for a dataset of the user's own (here the same images behind a wrapper)
         custom = OnlineLearner.from_class_assignment(
-            BNInception, UserDataset(train), UserDataset(test), stages_from_ends(range(args.classes), [args.classes // 2]),
-            prototype_dataset=UserDataset(prototypes), config=learner.config, run_dir=Path(tmp) / "run2", quiet=True)
+            BNInception,
+            UserDataset(train),
+            UserDataset(test),
+            stages_from_ends(range(args.classes), [args.classes // 2]),
+            prototype_dataset=UserDataset(prototypes),
+            config=learner.config,
+            run_dir=Path(tmp) / "run2",
+            quiet=True,
+        )
         t0 = time.perf_counter()
         learner.check_inputs_finite()
         finite_lists = time.perf_counter() - t0
         t0 = time.perf_counter()
         custom.check_inputs_finite()
         finite_custom = time.perf_counter() - t0
-    result = {"images": per_class * args.classes, "image_size": [500, 375], "crop": 224,
-              "sampled_datasets": sum(len(v) for k, v in records.items() if k.startswith("items:")),
-              "content_records_s": content, "test_set_pass_s": test_pass, "ratio": content / test_pass,
-              "test_items": len(test_items), "finite_check_image_lists_s": finite_lists,
-              "finite_check_own_dataset_s": finite_custom, "finite_check_own_dataset_ratio": finite_custom / test_pass}
-    print(f"content records (model code + 64-item samples of {result['sampled_datasets']} datasets, read twice): "
-          f"{content:.2f} s; one pass of the {len(test_items)} test items: {test_pass:.2f} s; ratio {content / test_pass:.3f}")
-    print(f"finite-input check before training: image lists {finite_lists:.3f} s; the same data as datasets of "
-          f"one's own {finite_custom:.1f} s ({finite_custom / test_pass:.2f}x a test-set pass)")
+    result = {
+        "images": per_class * args.classes,
+        "image_size": [500, 375],
+        "crop": 224,
+        "sampled_datasets": sum(len(v) for k, v in records.items() if k.startswith("items:")),
+        "content_records_s": content,
+        "test_set_pass_s": test_pass,
+        "ratio": content / test_pass,
+        "test_items": len(test_items),
+        "finite_check_image_lists_s": finite_lists,
+        "finite_check_own_dataset_s": finite_custom,
+        "finite_check_own_dataset_ratio": finite_custom / test_pass,
+    }
+    print(
+        f"content records (model code + 64-item samples of {result['sampled_datasets']} datasets, read "
+        f"twice): {content:.2f} s; one pass of the {len(test_items)} test items: {test_pass:.2f} s; ratio "
+        f"{content / test_pass:.3f}"
+    )
+    print(
+        f"finite-input check before training: image lists {finite_lists:.3f} s; the same data as datasets "
+        f"of one's own {finite_custom:.1f} s ({finite_custom / test_pass:.2f}x a test-set pass)"
+    )
     write_result(args.out, result)
     return result
 
 
 COMMANDS = {
-    "checkpoint": (add_checkpoint_arguments, checkpoint, "an epoch checkpoint: time blocked, background write, size"),
+    "checkpoint": (
+        add_checkpoint_arguments,
+        checkpoint,
+        "an epoch checkpoint: time blocked, background write, size",
+    ),
     "memory": (add_memory_arguments, memory, "peak memory of each stage of a long run"),
     "identity": (add_identity_arguments, identity, "run identity content records and the finite-input check"),
 }

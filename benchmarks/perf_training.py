@@ -1,7 +1,8 @@
 """What a training step costs: the step of each method against its compute limit, the losses alone, and
 the ops a step dispatches.
 
-    python benchmarks/perf_training.py step [--quick] [--device cuda] [--model small_cnn|mlp|bninception|resnet50|vit_b16]
+    python benchmarks/perf_training.py step [--quick] [--device cuda] [--model
+    small_cnn|mlp|bninception|resnet50|vit_b16]
     python benchmarks/perf_training.py losses [--batch-sizes 80 256] [--dim 512] [--repeats 50] [--teachers 5]
     python benchmarks/perf_training.py ops [--model mlp]
 
@@ -23,6 +24,7 @@ stage's default) against PML's pair.
 ``ops``: the computing ops (each at least one kernel launch on a GPU) of one training step of each method,
 counted on the CPU through torch's dispatcher, by op.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,11 +55,25 @@ def make_trainer(method, model_name, batch, device, compensator=None, amp=False)
         models["support_trunk"], _ = build(model_name, device, batch[0].shape[-1])
         loss_funcs["mutual_loss"] = MutualGramLoss()
         weights.update(support_metric_loss=1.0, mutual_loss=8.0)
-    optimizers = {f"{k}_optimizer": adam(m.parameters(), lr=1e-5, weight_decay=5e-4) for k, m in models.items() if k != "teacher_trunk"}
+    optimizers = {
+        f"{k}_optimizer": adam(m.parameters(), lr=1e-5, weight_decay=5e-4)
+        for k, m in models.items()
+        if k != "teacher_trunk"
+    }
     trainer = IncrementalTrainer(
-        models=models, optimizers=optimizers, batch_size=len(batch[1]), loss_funcs=loss_funcs, dataset=None,
-        mining_funcs={}, iterations_per_epoch=1, data_device=device,
-        loss_weights=weights, freeze_trunk_batchnorm=True, drift_compensator=compensator, quiet=True, amp=amp,
+        models=models,
+        optimizers=optimizers,
+        batch_size=len(batch[1]),
+        loss_funcs=loss_funcs,
+        dataset=None,
+        mining_funcs={},
+        iterations_per_epoch=1,
+        data_device=device,
+        loss_weights=weights,
+        freeze_trunk_batchnorm=True,
+        drift_compensator=compensator,
+        quiet=True,
+        amp=amp,
     )
     trainer.get_batch = lambda: batch  # the same batch every step: data loading is not what is measured
     trainer.set_to_train()
@@ -100,19 +116,28 @@ def sync_audit(trainer, steps: int = 3) -> dict[str, int]:
 def add_step_arguments(p):
     p.add_argument("--model", choices=MODELS, default="small_cnn")
     p.add_argument("--batch-size", type=int, default=80)
-    p.add_argument("--image-size", type=int, default=224, help="input size for bninception / resnet50 / vit_b16")
+    p.add_argument(
+        "--image-size", type=int, default=224, help="input size for bninception / resnet50 / vit_b16"
+    )
     p.add_argument("--classes-per-batch", type=int, default=16)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="autocast training steps (default: on for cuda, off for cpu)")
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="autocast training steps (default: on for cuda, off for cpu)",
+    )
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--sync-audit", action="store_true", help="CUDA: list the host syncs of one step of each method")
+    p.add_argument(
+        "--sync-audit", action="store_true", help="CUDA: list the host syncs of one step of each method"
+    )
 
 
 def step(args):
-    """Time per training step of each method against the method's compute limit (see the module's docstring)."""
+    """Time per training step of each method against the method's compute limit (see the module's
+    docstring)."""
     if args.quick:
         args.repeats, args.warmup, args.batch_size, args.classes_per_batch = 3, 1, 16, 4
     device = torch.device(args.device)
@@ -124,9 +149,11 @@ def step(args):
     model, _ = build(args.model, device, args.image_size)
     model.train()
     fwd = timed(lambda: model(x), device, args.warmup, args.repeats)[0]
+
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
         model(x).sum().backward()
+
     fb = timed(fwd_bwd, device, args.warmup, args.repeats)[0]
     b = (fb - fwd) / fwd
     limit = (1 + 2 * (1 + b)) / (1 + b)
@@ -139,26 +166,40 @@ def step(args):
         results[name] = timed(trainer.forward_and_backward, device, args.warmup, args.repeats)
         if args.sync_audit and device.type == "cuda":
             audit[name] = sync_audit(trainer)
-            print(f"host syncs per step, {name}: {sum(audit[name].values()):.0f}  " +
-                  ", ".join(f"{k}×{v:g}" for k, v in audit[name].items()), flush=True)
+            print(
+                f"host syncs per step, {name}: {sum(audit[name].values()):.0f}  "
+                + ", ".join(f"{k}×{v:g}" for k, v in audit[name].items()),
+                flush=True,
+            )
 
-    # The loss part alone: L_corr over real + virtual teachers and L_mutual, forward + backward, on embeddings.
+    # The loss part alone: L_corr over real + virtual teachers and L_mutual, forward + backward, on
+    # embeddings.
     emb = lambda: torch.randn(args.batch_size, dim, device=device)  # noqa: E731
     p_emb, s_emb, o_emb = emb().requires_grad_(), emb().requires_grad_(), emb()
     corr, mutual = GramCorrelationLoss(), MutualGramLoss()
+
     def loss_part(compensator):
         # the trainer's path: the virtual features (Eq. 4), then L_mutual and L_corr over the real and virtual
         # teachers (Eq. 6) as one stacked computation
         teachers = [o_emb] if compensator is None else [o_emb, compensator.virtual_feature_stack(o_emb)]
         out = gram_distillation_losses(p_emb, s_emb, teachers, correlation_loss=corr, mutual_loss=mutual)
         (8 * out["mutual_loss"] + 10 * out["correlation_loss"]).backward()
+
     share_one = timed(lambda: loss_part(None), device, args.warmup, args.repeats)[0] / results["ours"][0]
-    share_five = timed(lambda: loss_part(comp), device, args.warmup, args.repeats)[0] / results["ours_stage5"][0]
+    share_five = (
+        timed(lambda: loss_part(comp), device, args.warmup, args.repeats)[0] / results["ours_stage5"][0]
+    )
 
     base = results["finetune"][0]
     doc = {
-        "device": str(device), "amp": amp, "model": args.model, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-        "forward_ms": 1e3 * fwd, "backward_over_forward": b, "compute_limit_ratio": limit,
+        "device": str(device),
+        "amp": amp,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "forward_ms": 1e3 * fwd,
+        "backward_over_forward": b,
+        "compute_limit_ratio": limit,
         "steps_ms": {k: [1e3 * v for v in vals] for k, vals in results.items()},
         "ratio_to_finetune": {k: v[0] / base for k, v in results.items()},
         "loss_share": {"ours": share_one, "ours_stage5": share_five},
@@ -204,18 +245,24 @@ def losses_cost(args):
 
         def called(n_teachers):
             teachers = [emb_o] + [torch.randn_like(emb_o) for _ in range(n_teachers - 1)]
+
             def run():
                 emb_p.grad = emb_s.grad = None
                 total = 10 * sum(corr(emb_p, ref_emb=t) for t in teachers) + 8 * mutual(emb_p, ref_emb=emb_s)
                 total.backward()
+
             return run
 
         def stacked(n_teachers):
             teachers = [emb_o, torch.randn(n_teachers - 1, *emb_o.shape, device=emb_o.device)]
+
             def run():
                 emb_p.grad = emb_s.grad = None
-                out = gram_distillation_losses(emb_p, emb_s, teachers, correlation_loss=corr, mutual_loss=mutual)
+                out = gram_distillation_losses(
+                    emb_p, emb_s, teachers, correlation_loss=corr, mutual_loss=mutual
+                )
                 (10 * out["correlation_loss"] + 8 * out["mutual_loss"]).backward()
+
             return run
 
         def metric():
@@ -231,22 +278,42 @@ def losses_cost(args):
         for n in (1, args.teachers):
             for name, make in (("called", called), ("stacked", stacked)):
                 fn = make(n)
-                paths[f"{name}_{n}"] = {"ms": 1e3 * timed(fn, repeats=args.repeats)[0], "ops": sum(computing_ops(fn).values())}
-        rows.append({"batch_size": b, "dim": args.dim, "distill_ms": 1e3 * t_d, "distill_range_ms": [1e3 * x for x in spread_d],
-                     "triplet_ms": 1e3 * t_m, "ratio_to_triplet": t_d / t_m, "teachers": paths,
-                     "batch_hard_dense_ms": 1e3 * t_b, "ratio_dense_to_pml_batch_hard": t_b / t_m})
+                paths[f"{name}_{n}"] = {
+                    "ms": 1e3 * timed(fn, repeats=args.repeats)[0],
+                    "ops": sum(computing_ops(fn).values()),
+                }
+        rows.append(
+            {
+                "batch_size": b,
+                "dim": args.dim,
+                "distill_ms": 1e3 * t_d,
+                "distill_range_ms": [1e3 * x for x in spread_d],
+                "triplet_ms": 1e3 * t_m,
+                "ratio_to_triplet": t_d / t_m,
+                "teachers": paths,
+                "batch_hard_dense_ms": 1e3 * t_b,
+                "ratio_dense_to_pml_batch_hard": t_b / t_m,
+            }
+        )
     write_result(args.out, {"device": args.device, "threads": torch.get_num_threads(), "rows": rows})
     for r in rows:
-        print(f"B={r['batch_size']} D={r['dim']}: corr+mutual fwd+bwd: {r['distill_ms']:.3f} ms "
-              f"(range {r['distill_range_ms'][0]:.3f}–{r['distill_range_ms'][1]:.3f}); "
-              f"triplet+batch-hard: {r['triplet_ms']:.3f} ms; ratio: {r['ratio_to_triplet']:.2f}")
+        print(
+            f"B={r['batch_size']} D={r['dim']}: corr+mutual fwd+bwd: {r['distill_ms']:.3f} ms (range "
+            f"{r['distill_range_ms'][0]:.3f}–{r['distill_range_ms'][1]:.3f}); triplet+batch-hard: "
+            f"{r['triplet_ms']:.3f} ms; ratio: {r['ratio_to_triplet']:.2f}"
+        )
         for n in sorted({int(k.split("_")[1]) for k in r["teachers"]}):
             c, f = r["teachers"][f"called_{n}"], r["teachers"][f"stacked_{n}"]
-            print(f"B={r['batch_size']} D={r['dim']}, {n} teacher(s): corr+mutual called {c['ms']:.3f} ms, {c['ops']} ops; "
-                  f"stacked {f['ms']:.3f} ms, {f['ops']} ops; ratio: stacked/called time {f['ms'] / c['ms']:.2f}, "
-                  f"ops {f['ops'] / c['ops']:.2f}")
-        print(f"B={r['batch_size']} D={r['dim']}: BatchHardTripletLoss (dense, no host read) {r['batch_hard_dense_ms']:.3f} ms; "
-              f"ratio: dense/PML batch-hard {r['ratio_dense_to_pml_batch_hard']:.2f}")
+            print(
+                f"B={r['batch_size']} D={r['dim']}, {n} teacher(s): corr+mutual called {c['ms']:.3f} ms, "
+                f"{c['ops']} ops; stacked {f['ms']:.3f} ms, {f['ops']} ops; ratio: stacked/called time "
+                f"{f['ms'] / c['ms']:.2f}, ops {f['ops'] / c['ops']:.2f}"
+            )
+        print(
+            f"B={r['batch_size']} D={r['dim']}: BatchHardTripletLoss (dense, no host read) "
+            f"{r['batch_hard_dense_ms']:.3f} ms; ratio: dense/PML batch-hard "
+            f"{r['ratio_dense_to_pml_batch_hard']:.2f}"
+        )
 
 
 def add_ops_arguments(p):
@@ -258,15 +325,30 @@ def add_ops_arguments(p):
 def step_ops(args):
     """The computing ops of one training step of each method (forward, losses, backward, optimiser)."""
     device = torch.device("cpu")
-    x, y = example_batch(args.model, device, args.batch_size, args.classes_per_batch, 32 if args.model in ("small_cnn", "mlp") else 64)
+    x, y = example_batch(
+        args.model,
+        device,
+        args.batch_size,
+        args.classes_per_batch,
+        32 if args.model in ("small_cnn", "mlp") else 64,
+    )
     dim = build(args.model, device, x.shape[-1])[0](x[:2]).shape[1]
     result = {}
-    for name, c in (("finetune", None), ("fecd", None), ("ours", None), ("ours_stage5", stage5_compensator(dim, device))):
+    for name, c in (
+        ("finetune", None),
+        ("fecd", None),
+        ("ours", None),
+        ("ours_stage5", stage5_compensator(dim, device)),
+    ):
         trainer = make_trainer(name, args.model, (x, y), device, c)
         trainer.forward_and_backward()  # optimiser state exists from the first step on
         ops = computing_ops(trainer.forward_and_backward)
         result[name] = {"total": sum(ops.values()), "by_op": dict(ops.most_common())}
-        print(f"{name}_ops: {result[name]['total']}  (" + ", ".join(f"{k}×{v}" for k, v in ops.most_common(6)) + ", ...)")
+        print(
+            f"{name}_ops: {result[name]['total']}  ("
+            + ", ".join(f"{k}×{v}" for k, v in ops.most_common(6))
+            + ", ...)"
+        )
     for name in ("fecd", "ours", "ours_stage5"):
         print(f"ratio: {name}/finetune ops {result[name]['total'] / result['finetune']['total']:.2f}")
     write_result(args.out, {"model": args.model, "batch_size": args.batch_size, "steps": result})
@@ -283,7 +365,11 @@ def example_batch(model_name, device, batch_size, classes_per_batch, image_size)
 
 COMMANDS = {
     "step": (add_step_arguments, step, "step time of each method against its compute limit"),
-    "losses": (add_losses_arguments, losses_cost, "the distillation and batch-hard losses, stacked vs called"),
+    "losses": (
+        add_losses_arguments,
+        losses_cost,
+        "the distillation and batch-hard losses, stacked vs called",
+    ),
     "ops": (add_ops_arguments, step_ops, "computing ops dispatched by one training step of each method"),
 }
 

@@ -6,6 +6,7 @@ Three stages of scikit-learn's digits (classes 0-3, then 4-6, then 7-9), with ev
 brings: a model class and a Dataset of one's own, ArcFace (its weights trained by their own optimizer),
 PML's MultiSimilarityMiner, SGD with a cosine schedule, a CSV log and a callback of one's own.
 """
+
 import argparse
 import functools
 
@@ -62,7 +63,9 @@ class BestStage(Callback):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/bring-your-own")
-    parser.add_argument("--log", default="runs/bring-your-own.csv", help="CSV log (step, stage, epoch, name, value)")
+    parser.add_argument(
+        "--log", default="runs/bring-your-own.csv", help="CSV log (step, stage, epoch, name, value)"
+    )
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args(argv)
 
@@ -78,19 +81,26 @@ def main(argv=None):
     arcface = losses.ArcFaceLoss(num_classes=10, embedding_size=32)
     best = BestStage()
     learner = OnlineLearner.from_class_assignment(
-        Embedder, train, test, stage_assignment(range(10), first=4, per_stage=3),
-        config=OnlineConfig(method="ours", epochs=args.epochs, iterations_per_epoch=20, batch_size=24, m_per_class=8),
-        metric_loss=arcface,                               # F_s gets its own copy, with its own W
+        Embedder,
+        train,
+        test,
+        stage_assignment(range(10), first=4, per_stage=3),
+        config=OnlineConfig(
+            method="ours", epochs=args.epochs, iterations_per_epoch=20, batch_size=24, m_per_class=8
+        ),
+        metric_loss=arcface,  # F_s gets its own copy, with its own W
         miner=miners.MultiSimilarityMiner(epsilon=0.1),
-        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),   # networks and ArcFace's W
+        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),  # networks and ArcFace's W
         lr_scheduler=functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=args.epochs),
         callbacks=[CSVLogger(args.log), best],
         run_dir=args.run_dir,
     )
     summary = learner.run()
     final = summary["stages"][-1]
-    print(f"final Recall@1: old {100 * final['old'][1]:.1f} %, new {100 * final['new'][1]:.1f} %, "
-          f"all {100 * final['all'][1]:.1f} %; best all-class Recall@1 after stage {best.best[0]}")
+    print(
+        f"final Recall@1: old {100 * final['old'][1]:.1f} %, new {100 * final['new'][1]:.1f} %, "
+        f"all {100 * final['all'][1]:.1f} %; best all-class Recall@1 after stage {best.best[0]}"
+    )
     return summary
 
 

@@ -1,11 +1,14 @@
-"""A short multi-stage `ours` run on the digits under torchrun; checks that every rank ends with the same weights.
+"""A short multi-stage `ours` run on the digits under torchrun; checks that every rank ends with the same
+weights.
 
     torchrun --nproc_per_node 2 examples/ddp_digits.py            # CPU: gloo; GPUs: NCCL
     torchrun --nproc_per_node 2 examples/ddp_digits.py --run-dir runs/ddp_digits   # rerun: resumes
 
-Batches are per rank (here 2 × 8 = a global batch of 16, two classes; losses on the global batch). Exits 1 if the
+Batches are per rank (here 2 × 8 = a global batch of 16, two classes; losses on the global batch). Exits 1 if
+the
 ranks' weights or drift states differ.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +30,9 @@ def fingerprint(tensors) -> torch.Tensor:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default=None)
-    p.add_argument("--batch-size", type=int, default=8, help="per rank (stages of 3 classes: 2 ranks × 1 class × 8)")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="per rank (stages of 3 classes: 2 ranks × 1 class × 8)"
+    )
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--gram-scope", choices=distributed.GRAM_SCOPES, default="global")
     p.add_argument("--cpu", action="store_true", help="gloo on the CPU even where there are GPUs")
@@ -36,17 +41,34 @@ def main(argv=None) -> int:
     if args.cpu:
         device = torch.device("cpu")
     train, test = load_digits_splits()
-    config = OnlineConfig(method="ours", epochs=2, iterations_per_epoch=args.iterations, batch_size=args.batch_size,
-                          m_per_class=8, lr=1e-3, weight_decay=0.0, lambda_corr=100.0, lambda_mutual=1.0,
-                          freeze_batchnorm=False, device=str(device), gram_scope=args.gram_scope)
-    learner = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, stage_assignment(range(10), 4, 3),
-                                                  config=config, run_dir=args.run_dir)
+    config = OnlineConfig(
+        method="ours",
+        epochs=2,
+        iterations_per_epoch=args.iterations,
+        batch_size=args.batch_size,
+        m_per_class=8,
+        lr=1e-3,
+        weight_decay=0.0,
+        lambda_corr=100.0,
+        lambda_mutual=1.0,
+        freeze_batchnorm=False,
+        device=str(device),
+        gram_scope=args.gram_scope,
+    )
+    learner = OnlineLearner.from_class_assignment(
+        EmbeddingMLP, train, test, stage_assignment(range(10), 4, 3), config=config, run_dir=args.run_dir
+    )
     t0 = time.perf_counter()
     summary = learner.run()
     seconds = time.perf_counter() - t0
     model = learner.load_stage_model(len(learner.train_stages) - 1)
     state = learner.compensator.state_dict()
-    drift = [t for key in ("class_ids", "stage_prototypes", "prototype_drifts") for t in state[key] if torch.is_tensor(t)]
+    drift = [
+        t
+        for key in ("class_ids", "stage_prototypes", "prototype_drifts")
+        for t in state[key]
+        if torch.is_tensor(t)
+    ]
     mine = torch.cat([fingerprint(model.state_dict().values()), fingerprint(drift)])
     ok = True
     if distributed.is_active():

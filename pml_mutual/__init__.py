@@ -1,4 +1,5 @@
 """pml-mutual: online deep metric learning via mutual distillation, on pytorch-metric-learning."""
+
 from .drift import DriftCompensator
 from .losses import GramCorrelationLoss, MutualGramLoss
 from .online import METHODS, OnlineConfig, OnlineLearner

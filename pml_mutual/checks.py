@@ -1,4 +1,5 @@
 """Input checks shared by the losses and the drift math: one clear error naming the problem."""
+
 from __future__ import annotations
 
 import os

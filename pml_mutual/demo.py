@@ -7,6 +7,7 @@ Every method of a setting starts from the same initial model F_0 (trained once o
 as in the paper. Recall@1 is printed in percent: old = classes of the stages before the last, new = the
 last stage's classes, all = every class, all measured with the final model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ from pathlib import Path
 import torch
 
 from .data import load_digits_splits, stage_assignment
-from .models import EmbeddingMLP
 from .experiment import final_row, run_methods
+from .models import EmbeddingMLP
 from .online import METHODS, OnlineConfig
 
 SETTINGS = {
@@ -58,8 +59,16 @@ def demo_config(setting: str, method: str, seed: int = 0, quick: bool = False, *
     return OnlineConfig(**cfg)
 
 
-def run_setting(setting: str, methods=DEFAULT_METHODS, seed: int = 0, quick: bool = False, out_dir=None,
-                quiet: bool = True, validation: bool = False, **overrides) -> dict[str, dict]:
+def run_setting(
+    setting: str,
+    methods=DEFAULT_METHODS,
+    seed: int = 0,
+    quick: bool = False,
+    out_dir=None,
+    quiet: bool = True,
+    validation: bool = False,
+    **overrides,
+) -> dict[str, dict]:
     """Run every method of one setting from a shared initial model; returns method → results document.
 
     ``validation=True`` trains on part of the training images and evaluates on the rest (for tuning).
@@ -83,7 +92,9 @@ def format_table(title: str, results: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sorted(METHODS))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--seed", type=int, default=0)
@@ -99,7 +110,11 @@ def main(argv=None) -> int:
     for setting in args.settings:
         results = run_setting(setting, args.methods, args.seed, args.quick, args.out, quiet=not args.verbose)
         n_stages = len(results["initial"]["stages"])
-        print(format_table(f"\n== digits, {setting} ({n_stages} stages), Recall@1 % of the final model ==", results))
+        print(
+            format_table(
+                f"\n== digits, {setting} ({n_stages} stages), Recall@1 % of the final model ==", results
+            )
+        )
         tables[setting] = {m: dict(zip(("old", "new", "all"), final_row(s))) for m, s in results.items()}
         if args.plots:
             from . import reports
@@ -107,7 +122,9 @@ def main(argv=None) -> int:
             reports.plot_methods(results, args.plots / f"{setting}_methods.png")
             for method in ("ours", "finetune"):
                 if method in results:
-                    reports.plot_accuracy_matrix(results[method], args.plots / f"{setting}_{method}_matrix.png")
+                    reports.plot_accuracy_matrix(
+                        results[method], args.plots / f"{setting}_{method}_matrix.png"
+                    )
                     reports.plot_stage_curves(results[method], args.plots / f"{setting}_{method}_curves.png")
     print(f"\ntotal time: {time.perf_counter() - t0:.1f}s")
     if args.json:

@@ -12,6 +12,7 @@ the package calls these helpers unconditionally:
 - :func:`gather_rows` assembles rows computed on disjoint shards (prototypes, drift, evaluation) so every
   rank holds the same tensors; :func:`broadcast_object` sends rank 0's result (FAISS evaluation) to all.
 """
+
 from __future__ import annotations
 
 import gc
@@ -46,6 +47,13 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def default_device() -> str:
+    """``"cuda"`` where torch sees a GPU (this rank's own under torchrun), else ``"cpu"``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{torch.cuda.current_device()}" if is_active() else "cuda"
 
 
 def barrier() -> None:
@@ -96,11 +104,12 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows: (ctx.rank + 1) * ctx.rows]
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``x`` concatenated in rank order (equal sizes per rank), differentiable w.r.t. the local slice."""
+    """Every rank's ``x`` concatenated in rank order (equal sizes per rank), differentiable w.r.t. the local
+    slice."""
     if not is_active() or world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
@@ -122,7 +131,8 @@ def shard(n: int) -> np.ndarray:
 
 
 def gather_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
-    """Reassemble the rows of ``range(n)`` computed round-robin on each rank (see :func:`shard`) on every rank."""
+    """Reassemble the rows of ``range(n)`` computed round-robin on each rank (see :func:`shard`) on every
+    rank."""
     if not is_active() or world_size() == 1:
         return rows
     per_rank = -(-n // world_size())
@@ -159,8 +169,16 @@ class DistributedMPerClassSampler(Sampler[int]):
         length_before_new_iter: indices this rank yields per epoch (whole batches are kept).
     """
 
-    def __init__(self, labels: Sequence[int], m: int, batch_size: int, length_before_new_iter: int,
-                 num_replicas: int | None = None, rank_: int | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        labels: Sequence[int],
+        m: int,
+        batch_size: int,
+        length_before_new_iter: int,
+        num_replicas: int | None = None,
+        rank_: int | None = None,
+        seed: int | None = None,
+    ):
         self.labels = np.asarray(labels)
         self.m, self.batch_size = int(m), int(batch_size)
         self.num_replicas = world_size() if num_replicas is None else int(num_replicas)
@@ -172,8 +190,8 @@ class DistributedMPerClassSampler(Sampler[int]):
         self.per_step = self.num_replicas * self.batch_size // self.m
         if self.per_step > len(self.classes):
             raise ValueError(
-                f"a global batch of {self.num_replicas} × {batch_size} with {m} per class needs {self.per_step} "
-                f"classes, the dataset has {len(self.classes)}"
+                f"a global batch of {self.num_replicas} × {batch_size} with {m} per class needs "
+                f"{self.per_step} classes, the dataset has {len(self.classes)}"
             )
         self.index_of = {c: np.flatnonzero(self.labels == c) for c in self.classes.tolist()}
         self.steps = max(1, int(length_before_new_iter) // self.batch_size)
@@ -192,5 +210,5 @@ class DistributedMPerClassSampler(Sampler[int]):
             for c in chosen.tolist():
                 pool = self.index_of[c]
                 batch.append(rng.choice(pool, size=self.m, replace=len(pool) < self.m))
-            out.extend(np.concatenate(batch[self.rank * k: (self.rank + 1) * k]).tolist())
+            out.extend(np.concatenate(batch[self.rank * k : (self.rank + 1) * k]).tolist())
         return iter(out)

@@ -1,4 +1,5 @@
 """Several methods on one stage split, all starting from one shared initial model (as in the paper)."""
+
 from __future__ import annotations
 
 import os
@@ -9,8 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .online import OnlineConfig, OnlineLearner
 from .evaluation.results import recall_at
+from .online import OnlineConfig, OnlineLearner
 
 
 def run_methods(
@@ -37,8 +38,15 @@ def run_methods(
 
     def learner(name, initial=None):
         return OnlineLearner.from_class_assignment(
-            model_factory, train_dataset, test_dataset, class_to_stage, config=configs[name],
-            run_dir=out_dir / name, initial_state_dict=initial, quiet=quiet, **learner_kwargs,
+            model_factory,
+            train_dataset,
+            test_dataset,
+            class_to_stage,
+            config=configs[name],
+            run_dir=out_dir / name,
+            initial_state_dict=initial,
+            quiet=quiet,
+            **learner_kwargs,
         )
 
     base = learner("initial")
@@ -54,11 +62,16 @@ def run_methods(
 def final_row(summary: dict) -> tuple[float, float, float]:
     """(old, new, all) Recall@1 of the final model in percent; old = every stage before the last."""
     final = summary["stages"][-1]
-    return 100 * recall_at(final["old"], 1), 100 * recall_at(final["new"], 1), 100 * recall_at(final["all"], 1)
+    return (
+        100 * recall_at(final["old"], 1),
+        100 * recall_at(final["new"], 1),
+        100 * recall_at(final["all"], 1),
+    )
 
 
 def per_stage_row(summary: dict) -> list[float]:
-    """Final model's Recall@1 (%) on each stage's classes, then on all classes (the paper's Table 3 column)."""
+    """Final model's Recall@1 (%) on each stage's classes, then on all classes (the paper's Table 3
+    column)."""
     final = summary["stages"][-1]
     return [100 * recall_at(r, 1) for r in final["per_stage"]] + [100 * recall_at(final["all"], 1)]
 
@@ -68,7 +81,10 @@ def _embedder(learner: OnlineLearner, batch_size: int):
 
     def embed(stage, dataset):  # one model loaded at a time
         model = learner.load_stage_model(stage)
-        return extract_embeddings(model, dataset, batch_size=batch_size, device=learner.device, amp=learner.config.amp)
+        return extract_embeddings(
+            model, dataset, batch_size=batch_size, device=learner.device, amp=learner.config.amp
+        )
+
     return embed
 
 
@@ -110,8 +126,9 @@ def _stagewise_features(learner: OnlineLearner, modes: Sequence[str], batch_size
         yield i, comps, latest, real, test_labels.numpy()
 
 
-def measure_fidelity(learner: OnlineLearner, modes: Sequence[str] = ("direct", "learned"),
-                     batch_size: int = 256) -> list[dict]:
+def measure_fidelity(
+    learner: OnlineLearner, modes: Sequence[str] = ("direct", "learned"), batch_size: int = 256
+) -> list[dict]:
     """How close each drift mode's virtual features come to the real earlier models, on a finished run.
 
     For every stage i ≥ 1 of ``learner``'s run (its checkpoints), a :class:`~pml_mutual.DriftCompensator`
@@ -126,13 +143,16 @@ def measure_fidelity(learner: OnlineLearner, modes: Sequence[str] = ("direct", "
     rows = []
     for i, comps, latest, real, labels in _stagewise_features(learner, modes, batch_size):
         virtual = {m: c.virtual_feature_stack(latest) for m, c in comps.items()}
-        rows.extend(dict(row, after_stage=i)
-                    for row in fidelity_rows(latest, virtual, real, labels, temperature=learner.config.temperature))
+        rows.extend(
+            dict(row, after_stage=i)
+            for row in fidelity_rows(latest, virtual, real, labels, temperature=learner.config.temperature)
+        )
     return rows
 
 
 def measure_gallery_update(learner: OnlineLearner, batch_size: int = 256) -> list[dict]:
-    """The gallery report of ``OnlineConfig(gallery_report=True)`` (:class:`~pml_mutual.gallery.StoredGallery`),
+    """The gallery report of ``OnlineConfig(gallery_report=True)``
+    (:class:`~pml_mutual.gallery.StoredGallery`),
     computed afterwards from a finished run's checkpoints (one model loaded at a time): after each stage
     i ≥ 1, the all-class Recall@1 of F_i's queries against the held-out gallery (a) as stored, each item
     embedded by the model of its class's stage, (b) moved by translation, (c) moved by the learned forward
@@ -153,7 +173,15 @@ def measure_gallery_update(learner: OnlineLearner, batch_size: int = 256) -> lis
         gallery.store(latest[torch.from_numpy(is_new)], seen[is_new])
         if i == 0:
             continue
-        report = gallery.report(latest, seen, test_labels, learner.class_to_stage, i, ks=(1,), reembed_seconds=seconds)
-        rows.append({"after_stage": i, **{name: report[name]["all"][1] for name in GALLERIES},
-                     **{f"{k}_seconds": v for k, v in report["seconds"].items()}, "report": report})
+        report = gallery.report(
+            latest, seen, test_labels, learner.class_to_stage, i, ks=(1,), reembed_seconds=seconds
+        )
+        rows.append(
+            {
+                "after_stage": i,
+                **{name: report[name]["all"][1] for name in GALLERIES},
+                **{f"{k}_seconds": v for k, v in report["seconds"].items()},
+                "report": report,
+            }
+        )
     return rows

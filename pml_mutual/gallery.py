@@ -11,6 +11,7 @@ latest model's queries against (a) the stored gallery, (b) it moved by translati
 learned maps, (d) the gallery re-embedded by the latest model (what the paper evaluates), old / new /
 all classes, with the seconds each update took. Updates need no image and no old model.
 """
+
 from __future__ import annotations
 
 import time
@@ -41,11 +42,16 @@ class StoredGallery:
     """
 
     def __init__(self, similarity: str = "cosine_relu"):
-        self.compensators = {mode: DriftCompensator(mode=mode, similarity=similarity) for mode, _ in UPDATES.values()}
-        self.embeddings: list[torch.Tensor] = []  # per stage b: F_b's features of the test items of b's classes
+        self.compensators = {
+            mode: DriftCompensator(mode=mode, similarity=similarity) for mode, _ in UPDATES.values()
+        }
+        self.embeddings: list[
+            torch.Tensor
+        ] = []  # per stage b: F_b's features of the test items of b's classes
         self.positions: list[np.ndarray] = []  # their positions in the test set
 
-    # ------------------------------------------------------------- drift measurement (DriftCompensator's calls)
+    # ------------------------------------------------------------- drift measurement (DriftCompensator's
+    # calls)
     @property
     def num_stages(self) -> int:
         return self.compensators["direct"].num_stages
@@ -67,23 +73,32 @@ class StoredGallery:
         """Add the latest stage's test items as its model embedded them (the only embedding of an item
         the gallery ever holds). Once per stage, after that stage's ``add_stage``."""
         if len(self.embeddings) != self.num_stages - 1:
-            raise ValueError(f"store() follows each stage's add_stage once: {len(self.embeddings)} stages stored, "
-                             f"{self.num_stages} added")
+            raise ValueError(
+                f"store() follows each stage's add_stage once: {len(self.embeddings)} stages stored, "
+                f"{self.num_stages} added"
+            )
         check_embeddings(embeddings, "gallery embeddings")
         positions = np.asarray(positions, dtype=np.int64)
         if positions.shape != (len(embeddings),):
-            raise ValueError(f"one position per embedding expected: {positions.shape} for {len(embeddings)} rows")
+            raise ValueError(
+                f"one position per embedding expected: {positions.shape} for {len(embeddings)} rows"
+            )
         self.embeddings.append(embeddings.detach().float().cpu())
         self.positions.append(positions)
 
-    def galleries(self, positions: Sequence[int], device=None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def galleries(
+        self, positions: Sequence[int], device=None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """The stored gallery of the items at ``positions`` (each as stored) and each update of it, in that
         order of rows, on ``device``; with the seconds each update took (all earlier stages' items)."""
         positions = np.asarray(positions, dtype=np.int64)
         where = {int(p): (b, r) for b, pos in enumerate(self.positions) for r, p in enumerate(pos.tolist())}
         missing = [int(p) for p in positions if int(p) not in where]
         if missing:
-            raise ValueError(f"test items {missing[:10]} were never stored (positions of stages 0..{len(self.positions) - 1})")
+            raise ValueError(
+                f"test items {missing[:10]} were never stored (positions of stages "
+                f"0..{len(self.positions) - 1})"
+            )
         device = torch.device(device) if device is not None else self.embeddings[0].device
         stage_of = np.array([where[int(p)][0] for p in positions], dtype=np.int64)
         row_of = np.array([where[int(p)][1] for p in positions], dtype=np.int64)
@@ -132,8 +147,10 @@ class StoredGallery:
         if reembed_seconds is not None:
             seconds["reembed"] = float(reembed_seconds)
         galleries["reembedded"] = latest
-        report = {name: cross_stage_recalls(latest, galleries[name], labels, class_to_stage, stage, ks)
-                  for name in GALLERIES}
+        report = {
+            name: cross_stage_recalls(latest, galleries[name], labels, class_to_stage, stage, ks)
+            for name in GALLERIES
+        }
         report["seconds"] = seconds
         return report
 
@@ -141,8 +158,11 @@ class StoredGallery:
     def stage_state(self, stage: int) -> dict:
         """What a checkpoint of ``stage`` keeps: the compensators as they are now, and that stage's items
         only (each item is written once over the whole run)."""
-        return {"compensators": {mode: c.state_dict() for mode, c in self.compensators.items()},
-                "embeddings": self.embeddings[stage].clone(), "positions": torch.as_tensor(self.positions[stage])}
+        return {
+            "compensators": {mode: c.state_dict() for mode, c in self.compensators.items()},
+            "embeddings": self.embeddings[stage].clone(),
+            "positions": torch.as_tensor(self.positions[stage]),
+        }
 
     def load_stage_states(self, states: Sequence[dict]) -> None:
         """Restore from the :meth:`stage_state` of every stage so far, in order (checked; a bad state raises
@@ -153,7 +173,9 @@ class StoredGallery:
         for mode, comp in fresh.compensators.items():
             comp.load_state_dict(states[-1]["compensators"][mode])
         if fresh.num_stages != len(states):
-            raise ValueError(f"gallery state of {len(states)} stages holds compensators of {fresh.num_stages}")
+            raise ValueError(
+                f"gallery state of {len(states)} stages holds compensators of {fresh.num_stages}"
+            )
         for b, state in enumerate(states):
             try:
                 check_embeddings(state["embeddings"], f"gallery embeddings of stage {b}")
@@ -164,4 +186,8 @@ class StoredGallery:
                 raise ValueError(f"gallery state of stage {b} lacks {e}") from e
             fresh.embeddings.append(state["embeddings"].float().clone())
             fresh.positions.append(positions.numpy().astype(np.int64))
-        self.compensators, self.embeddings, self.positions = fresh.compensators, fresh.embeddings, fresh.positions
+        self.compensators, self.embeddings, self.positions = (
+            fresh.compensators,
+            fresh.embeddings,
+            fresh.positions,
+        )

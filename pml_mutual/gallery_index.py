@@ -1,6 +1,7 @@
 """A stored gallery moved into the latest model's space as an index operation, without images or old
 models: the vectors of a FAISS ``IndexIDMap`` over a flat index, or of an embedding array, are replaced by
 :meth:`~pml_mutual.DriftCompensator.update_gallery` of their stage, batch by batch, on a device."""
+
 from __future__ import annotations
 
 import time
@@ -12,8 +13,14 @@ import torch
 from .drift import DriftCompensator
 
 
-def update_index(target, stages, compensator: DriftCompensator, method: str = "learned", batch_size: int = 65_536,
-                 device=None) -> dict:
+def update_index(
+    target,
+    stages,
+    compensator: DriftCompensator,
+    method: str = "learned",
+    batch_size: int = 65_536,
+    device=None,
+) -> dict:
     """Move every stored vector of ``target`` from the space of the model of its stage to the latest one's.
 
     ``target``: a ``faiss.IndexIDMap`` whose inner index is flat (``IndexFlatIP`` / ``IndexFlatL2``), or a
@@ -35,7 +42,7 @@ def update_index(target, stages, compensator: DriftCompensator, method: str = "l
             continue
         rows = np.flatnonzero(stage_of == stage)
         for start in range(0, len(rows), batch_size):
-            part = rows[start:start + batch_size]
+            part = rows[start : start + batch_size]
             batch = torch.as_tensor(vectors[part], device=device)
             new = compensator.update_gallery(batch, int(stage), method=method)
             vectors[part] = new.to("cpu", torch.float32).numpy()
@@ -53,26 +60,38 @@ def _vectors_of(target):
         return target, lambda v: None, None  # updated in place already
     if torch.is_tensor(target):
         if target.dtype != torch.float32 or target.ndim != 2:
-            raise TypeError(f"an embedding tensor must be float32 (N, D), got {target.dtype} {tuple(target.shape)}")
+            raise TypeError(
+                f"an embedding tensor must be float32 (N, D), got {target.dtype} {tuple(target.shape)}"
+            )
         array = target.detach().cpu().numpy().copy()
         return array, lambda v: target.copy_(torch.from_numpy(v)), None
     import faiss
 
     if not isinstance(target, faiss.IndexIDMap):
-        raise TypeError(f"target must be a faiss.IndexIDMap, a numpy array or a torch tensor, got {type(target).__name__}")
+        raise TypeError(
+            f"target must be a faiss.IndexIDMap, a numpy array or a torch tensor, got {type(target).__name__}"
+        )
     inner = faiss.downcast_index(target.index)
     if not isinstance(inner, faiss.IndexFlat):
-        raise TypeError(f"only an IndexIDMap over a flat index can be updated in place, got {type(inner).__name__}")
+        raise TypeError(
+            f"only an IndexIDMap over a flat index can be updated in place, got {type(inner).__name__}"
+        )
     n, d = inner.ntotal, inner.d
     vectors = faiss.vector_to_array(inner.codes).view(np.float32).reshape(n, d).copy()
     ids = faiss.vector_to_array(target.id_map)
-    return vectors, lambda v: faiss.copy_array_to_vector(np.ascontiguousarray(v).ravel().view(np.uint8), inner.codes), ids
+    return (
+        vectors,
+        lambda v: faiss.copy_array_to_vector(np.ascontiguousarray(v).ravel().view(np.uint8), inner.codes),
+        ids,
+    )
 
 
 def _stage_array(stages, ids, n: int) -> np.ndarray:
     if isinstance(stages, Mapping):
         if ids is None:
-            raise TypeError("a mapping id → stage needs a FAISS index (its ids); give an array aligned with the rows")
+            raise TypeError(
+                "a mapping id → stage needs a FAISS index (its ids); give an array aligned with the rows"
+            )
         missing = [int(i) for i in ids if int(i) not in stages]
         if missing:
             raise ValueError(f"ids {missing[:5]} of the index have no stage in the mapping")

@@ -4,6 +4,7 @@ An online run's identity (``OnlineLearner.run_identity``) is built from these; a
 another identity is refused, so a rerun with another split, image size, loss or backbone never reports
 the numbers of an earlier run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +35,11 @@ def dataset_fingerprint(dataset) -> str:
     if hasattr(dataset, "fingerprint"):
         return _sha(type(dataset).__name__, dataset.fingerprint())
     if isinstance(dataset, Subset):
-        return _sha("Subset", dataset_fingerprint(dataset.dataset), np.asarray(dataset.indices, dtype=np.int64).tobytes())
+        return _sha(
+            "Subset",
+            dataset_fingerprint(dataset.dataset),
+            np.asarray(dataset.indices, dtype=np.int64).tobytes(),
+        )
     if isinstance(dataset, ConcatDataset):
         return _sha("Concat", *[dataset_fingerprint(d) for d in dataset.datasets])
     if isinstance(dataset, TensorDataset):
@@ -76,10 +81,12 @@ def factory_fingerprint(factory) -> str:
 
 
 def build_for_fingerprint(factory) -> torch.nn.Module:
-    """One network from ``factory`` on the meta device (no weights), or on the CPU when it cannot build there."""
+    """One network from ``factory`` on the meta device (no weights), or on the CPU when it cannot build
+    there."""
     try:
         with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")  # weights loaded into meta tensors: a no-op, warned once per tensor
+            # weights loaded into meta tensors: a no-op, warned once per tensor
+            warnings.simplefilter("ignore")
             return factory()
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return factory()
@@ -95,7 +102,9 @@ def describe(obj) -> dict | None:
             continue
         if isinstance(v, (bool, int, float, str)) or v is None:
             out[k] = v
-        elif hasattr(v, "__dict__") and type(v).__module__.startswith(("pytorch_metric_learning", "pml_mutual")):
+        elif hasattr(v, "__dict__") and type(v).__module__.startswith(
+            ("pytorch_metric_learning", "pml_mutual")
+        ):
             out[k] = describe(v)
     for name, child in getattr(obj, "_modules", {}).items():
         out[name] = describe(child)
@@ -163,8 +172,11 @@ def model_code_fingerprint(model: torch.nn.Module, factory=None) -> str:
         cls = type(module)
         parts += [name, f"{cls.__module__}.{cls.__qualname__}", module.extra_repr()]
     classes = {type(m) for m in model.modules() if not _is_torch_class(type(m))}
-    parts += [class_code_fingerprint(c) for c in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}")]
-    fn = getattr(factory, "func", factory)  # functools.partial: its function (its arguments show in the shapes)
+    parts += [
+        class_code_fingerprint(c) for c in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}")
+    ]
+    # functools.partial: its function (its arguments show in the shapes)
+    fn = getattr(factory, "func", factory)
     if isinstance(fn, types.FunctionType):
         parts.append(_sha(*_code_parts(fn.__code__)))
     return _sha(*parts)
@@ -173,7 +185,10 @@ def model_code_fingerprint(model: torch.nn.Module, factory=None) -> str:
 def _value_bytes(x, out: list) -> None:
     if torch.is_tensor(x):
         x = x.detach().cpu().contiguous()
-        out += [f"{x.dtype}{tuple(x.shape)}", x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b""]
+        out += [
+            f"{x.dtype}{tuple(x.shape)}",
+            x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"",
+        ]
     elif isinstance(x, np.ndarray):
         out += [f"{x.dtype}{x.shape}", np.ascontiguousarray(x).tobytes()]
     elif isinstance(x, (list, tuple)):
@@ -212,7 +227,8 @@ def item_sample_fingerprint(dataset, n: int = SAMPLE_ITEMS, seed: int = 0) -> st
                 for i in indices:
                     random.seed(seed + i)
                     np.random.seed(seed + i)
-                    torch.default_generator.manual_seed(seed + i)  # the CPU generator only: CUDA's is untouched
+                    # the CPU generator only: CUDA's is untouched
+                    torch.default_generator.manual_seed(seed + i)
                     parts.append(str(i))
                     _value_bytes(dataset[i], parts)
         finally:
@@ -222,3 +238,36 @@ def item_sample_fingerprint(dataset, n: int = SAMPLE_ITEMS, seed: int = 0) -> st
 
     first = read()
     return first if read() == first else "nondeterministic"
+
+
+def describe_data_change(key: str) -> str:
+    """What a changed record of a run's ``data_files.json`` means, for the refusal."""
+    if key == "model_code":
+        return (
+            "the model's code differs (a submodule's type or settings, a module's forward, or the factory "
+            "function)"
+        )
+    if key.startswith("items:"):
+        return (
+            f"the {key[6:]} dataset's items differ (a fixed sample read through __getitem__: its "
+            "preprocessing changed?)"
+        )
+    return (
+        f"the image files of the {key} dataset differ in size (same paths, so replaced, re-encoded or "
+        "resized in place?)"
+    )
+
+
+def identity_differences(recorded, current, prefix: str = "") -> list[str]:
+    """``"key.path: old != new"`` for every leaf where two JSON-like identities differ."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        out = []
+        for k in sorted(set(recorded) | set(current)):
+            out += identity_differences(recorded.get(k), current.get(k), f"{prefix}{k}.")
+        return out
+    return [] if recorded == current else [f"{prefix.rstrip('.')}: {_short(recorded)} != {_short(current)}"]
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."

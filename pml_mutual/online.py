@@ -6,6 +6,7 @@ stage, Eq. 3, loading old checkpoints one at a time; evaluation on every class s
 checkpoint), and the callbacks of :mod:`pml_mutual.callbacks` are fired between them. A killed run resumes
 from its last epoch with the same command and ends with the same weights.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,20 +23,33 @@ from torch.utils.data import Dataset
 
 from . import distributed, identity
 from .callbacks import ProgressPrinter, StageContext
-from .callbacks.base import EVENTS, fire
+from .callbacks.base import check_callbacks, fire
 from .data.loaders import LoaderPool
-from .data.stages import check_class_to_stage, check_stages, dataset_labels, split_by_stage
+from .data.stages import check_class_to_stage, split_by_stage
 from .drift import DriftCompensator
 from .evaluation import summarize_run, to_markdown
 from .evaluation.results import with_int_keys
 from .gallery import StoredGallery
 from .losses.state import own_copy
 from .online_config import EMBED_DECODES, METHODS, Method, OnlineConfig
-from .optimization import (LR_SCHEDULER_STEPS, adam, default_optimizer, describe_optimization, epoch_checkpoint,
-                           optimization_settings, seed_everything)
-from .run_checks import (check_batch_layout, check_decodable_on_device, check_initial_state_dict, check_inputs_finite,
-                         check_label_range, check_model_factory, check_test_classes, metric_loss_and_miner,
-                         named_bases)
+from .optimization import (
+    LR_SCHEDULER_STEPS,
+    adam,
+    default_optimizer,
+    describe_optimization,
+    epoch_checkpoint,
+    optimization_settings,
+    seed_everything,
+)
+from .run_checks import (
+    check_decodable_on_device,
+    check_initial_state_dict,
+    check_inputs_finite,
+    check_model_factory,
+    checked_labels,
+    metric_loss_and_miner,
+    named_bases,
+)
 from .run_dir import RunDirectory, save_json, write_atomic
 from .run_identity import content_records, image_file_sizes, run_identity
 from .steps import STEPS
@@ -45,8 +59,19 @@ from .trainers import IncrementalTrainer
 
 LOGGER = logging.getLogger("pml_mutual")
 
-__all__ = ["OnlineLearner", "OnlineConfig", "METHODS", "Method", "EMBED_DECODES", "seed_everything", "adam",
-           "epoch_checkpoint", "default_optimizer", "describe_optimization", "LR_SCHEDULER_STEPS"]
+__all__ = [
+    "OnlineLearner",
+    "OnlineConfig",
+    "METHODS",
+    "Method",
+    "EMBED_DECODES",
+    "seed_everything",
+    "adam",
+    "epoch_checkpoint",
+    "default_optimizer",
+    "describe_optimization",
+    "LR_SCHEDULER_STEPS",
+]
 
 
 class OnlineLearner:
@@ -89,7 +114,6 @@ class OnlineLearner:
     ``before_train`` callback and is kept for it.
     """
 
-
     trainer_hook: Callable[[int, IncrementalTrainer], None] | None = None
 
     def __init__(
@@ -123,7 +147,9 @@ class OnlineLearner:
             raise ValueError("prototype_stages must have one dataset per training stage")
         self.test_dataset = test_dataset
         if run_dir is None:  # under torchrun every rank must use rank 0's directory
-            run_dir = distributed.broadcast_object(tempfile.mkdtemp(prefix="pml_mutual_run_") if distributed.is_main() else None)
+            run_dir = distributed.broadcast_object(
+                tempfile.mkdtemp(prefix="pml_mutual_run_") if distributed.is_main() else None
+            )
         self.run_dir = Path(run_dir)
         self.directory = RunDirectory(run_dir)  # refuses "", "." and the like before anything else
         self.identity_tags = dict(identity_tags or {})
@@ -131,48 +157,31 @@ class OnlineLearner:
         self.metric_loss, self.miner = metric_loss_and_miner(metric_loss, miner, cfg.triplet_margin)
         # F_s starts from the loss as given (support_init="fresh"): kept apart before any stage trains it
         self.initial_metric_loss = own_copy(self.metric_loss)
-        self.optimizer_factory, self.optimization = optimization_settings(cfg, optimizer, lr_scheduler, lr_scheduler_step)
+        self.optimizer_factory, self.optimization = optimization_settings(
+            cfg, optimizer, lr_scheduler, lr_scheduler_step
+        )
         self.lr_scheduler_factory, self.lr_scheduler_step = lr_scheduler, lr_scheduler_step
         self.quiet = quiet or not distributed.is_main()  # one process prints
-        self.callbacks = list(callbacks) + ([] if self.quiet else [ProgressPrinter()])
-        for c in self.callbacks:
-            if not all(callable(getattr(c, e, None)) for e in EVENTS):
-                raise TypeError(f"callbacks must be pml_mutual.callbacks.Callback instances, got {type(c).__name__}")
+        self.callbacks = check_callbacks(callbacks) + ([] if self.quiet else [ProgressPrinter()])
         self.steps = [step() for step in STEPS]
         check_initial_state_dict(initial_state_dict)
         self.initial_state_dict = initial_state_dict
-        default_device = "cpu"
-        if torch.cuda.is_available():
-            default_device = f"cuda:{torch.cuda.current_device()}" if distributed.is_active() else "cuda"
-        self.device = torch.device(cfg.device or default_device)
+        self.device = torch.device(cfg.device or distributed.default_device())
         self.phase = "setup"  # "train", "drift", "eval" or "checkpoint": which step of a stage is running
-        self.stage_labels = [dataset_labels(d) for d in self.train_stages]
-        self.class_to_stage = check_stages(  # under torchrun a step draws world_size × batch_size images
-            self.stage_labels, cfg.batch_size * distributed.world_size(), cfg.m_per_class, cfg.min_images_per_class)
-        self.test_labels = dataset_labels(test_dataset)
-        check_test_classes(self.class_to_stage, self.test_labels, len(self.train_stages))
-        check_label_range(self.metric_loss, self.class_to_stage)
-        # under torchrun with gram_scope="global" every loss sees the batch of all ranks
-        seen_rows = cfg.batch_size * (distributed.world_size() if cfg.gram_scope == "global" else 1)
-        check_batch_layout(self.metric_loss, self.miner, seen_rows, cfg.m_per_class)
+        self.stage_labels, self.class_to_stage, self.test_labels = checked_labels(
+            cfg, self.train_stages, test_dataset, self.metric_loss, self.miner
+        )
         self.image_file_sizes = image_file_sizes(self.named_bases())
-        self.compensator = DriftCompensator(mode=cfg.drift_mode if self.method.drift else "none",
-                                            similarity=cfg.drift_similarity)
+        self.compensator = DriftCompensator(
+            mode=cfg.drift_mode if self.method.drift else "none", similarity=cfg.drift_similarity
+        )
         self.gallery = StoredGallery(cfg.drift_similarity) if cfg.gallery_report else None
         self.stage_results: list[dict] = []
         self.stage_logs: list[dict] = []
         self.deployed: torch.nn.Module | None = None  # F_i of the last stage run, the next stage's teacher
         self.context: StageContext | None = None
         self._meta_model: torch.nn.Module | None = None
-        cuda = self.device.type == "cuda"
-        decode_on_device = cfg.embed_decode == "device"
-        if decode_on_device:
-            check_decodable_on_device(named_bases(("prototype", self.prototype_stages), ("test", [test_dataset])))
-        # on a GPU, drift and evaluation wait on decoding: finer worker tasks keep every worker busy to the
-        # end of a pass (the model still embeds eval_batch_size at a time; see EmbeddingLoader)
-        self.loaders = LoaderPool(cfg.batch_size, cfg.eval_batch_size, cfg.num_workers, pin_memory=cuda,
-                                  embed_tasks_per_worker=4 if cuda else None, decode_on_device=decode_on_device)
-        self.loaders.share_embedding(list(self.prototype_stages) + [test_dataset])  # one set of workers for both
+        self.loaders = _loader_pool(cfg, self.device, self.prototype_stages, test_dataset)
 
     @classmethod
     def from_class_assignment(cls, model_factory, train_dataset, test_dataset, class_to_stage, **kwargs):
@@ -184,8 +193,11 @@ class OnlineLearner:
 
     def named_bases(self):
         """(name, base dataset) of the training, prototype and test datasets, each base once per name."""
-        return named_bases(("training", self.train_stages), ("prototype", self.prototype_stages),
-                           ("test", [self.test_dataset]))
+        return named_bases(
+            ("training", self.train_stages),
+            ("prototype", self.prototype_stages),
+            ("test", [self.test_dataset]),
+        )
 
     # ----------------------------------------------------------------- the run
     def run(self) -> dict:
@@ -194,14 +206,17 @@ class OnlineLearner:
         try:
             return self._run()
         except BaseException:
-            self.directory.wait(raise_error=False)  # the epoch checkpoint being written lands before the error surfaces
+            # the epoch checkpoint being written lands before the error surfaces
+            self.directory.wait(raise_error=False)
             raise
         finally:
             self.loaders.close()  # the run's worker processes end here, once
             self.directory.unlock()
 
     def _run(self) -> dict:
-        self.directory.check_identity(self.run_identity(), fresh=self.fresh, data_files=self.content_records())
+        self.directory.check_identity(
+            self.run_identity(), fresh=self.fresh, data_files=self.content_records()
+        )
         self._meta_model = None  # a network held through the run would count against the memory guarantees
         self.check_inputs_finite()
         start = resume(self)
@@ -230,15 +245,24 @@ class OnlineLearner:
         distributed.barrier()
         summary = with_int_keys(summary)
         last = len(self.train_stages) - 1
-        self.context = dataclasses.replace(self._new_context(last), global_step=self.steps_before(last + 1),
-                                           summary=summary, results=self.stage_results[-1])
+        self.context = dataclasses.replace(
+            self._new_context(last),
+            global_step=self.steps_before(last + 1),
+            summary=summary,
+            results=self.stage_results[-1],
+        )
         self.fire("after_run")
         return summary
 
     # ----------------------------------------------------------------- callbacks and the stage plan
     def _new_context(self, stage: int) -> StageContext:
-        return StageContext(learner=self, stage=stage, num_stages=len(self.train_stages), method=self.config.method,
-                            global_step=self.steps_before(stage))
+        return StageContext(
+            learner=self,
+            stage=stage,
+            num_stages=len(self.train_stages),
+            method=self.config.method,
+            global_step=self.steps_before(stage),
+        )
 
     def fire(self, event: str) -> None:
         """Call ``event`` on every callback, in order, with the current :class:`StageContext`."""
@@ -246,10 +270,13 @@ class OnlineLearner:
 
     def steps_before(self, stage: int) -> int:
         """Training iterations of stages before ``stage``: the global step at its start."""
-        return sum(self.epochs_of(s) * self.config.iterations_per_epoch for s in range(stage) if self.trains(s))
+        return sum(
+            self.epochs_of(s) * self.config.iterations_per_epoch for s in range(stage) if self.trains(s)
+        )
 
     def trains(self, stage: int) -> bool:
-        """Whether ``stage`` trains (stage 0 unless initial weights are given; later stages unless `initial`)."""
+        """Whether ``stage`` trains (stage 0 unless initial weights are given; later stages unless
+        `initial`)."""
         return (stage == 0 and self.initial_state_dict is None) or (stage > 0 and self.method.train)
 
     def epochs_of(self, stage: int) -> int:
@@ -292,3 +319,23 @@ class OnlineLearner:
         """Every item the run will train on or embed has finite inputs, checked before the first stage trains
         (:func:`pml_mutual.run_checks.check_inputs_finite`, in the run's workers)."""
         check_inputs_finite(self.named_bases(), self.config.num_workers)
+
+
+def _loader_pool(cfg: OnlineConfig, device: torch.device, prototype_stages, test_dataset) -> LoaderPool:
+    """The run's data loaders: one set of workers for training, one for every embedding pass."""
+    cuda = device.type == "cuda"
+    decode_on_device = cfg.embed_decode == "device"
+    if decode_on_device:
+        check_decodable_on_device(named_bases(("prototype", prototype_stages), ("test", [test_dataset])))
+    # on a GPU, drift and evaluation wait on decoding: finer worker tasks keep every worker busy to the
+    # end of a pass (the model still embeds eval_batch_size at a time; see EmbeddingLoader)
+    loaders = LoaderPool(
+        cfg.batch_size,
+        cfg.eval_batch_size,
+        cfg.num_workers,
+        pin_memory=cuda,
+        embed_tasks_per_worker=4 if cuda else None,
+        decode_on_device=decode_on_device,
+    )
+    loaders.share_embedding(list(prototype_stages) + [test_dataset])  # one set of workers for both
+    return loaders

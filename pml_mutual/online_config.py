@@ -1,5 +1,6 @@
 """What an online run is configured by: the methods (which parts of Eq. 1 / 6 they use) and
 :class:`OnlineConfig`, the hyper-parameters, each checked when the config is built."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,6 +56,10 @@ class OnlineConfig:
     lambda_metric: float = 1.0
     lambda_corr: float = 10.0
     lambda_mutual: float = 8.0
+    # Weight of a compatibility term (beyond the paper, any method): ‖P·F_p(x) − F_{i−1}(x)‖² through a
+    # learnable linear P (pml_mutual.losses.ProjectedDistillationLoss), so that F_i stays a linear image of
+    # F_{i−1} and a stored gallery's update by a linear map holds for old classes too. 0: off.
+    lambda_compat: float = 0.0
     temperature: float = 4.0
     corr_direction: str = "forward"
     mutual_mode: str = "symmetric"
@@ -66,7 +71,8 @@ class OnlineConfig:
     # the previous model only, composed stage to stage) or "none" (zero drift)
     drift_mode: str = "direct"
     drift_similarity: str = "cosine_relu"
-    support_init: str = "fresh"  # "fresh": model_factory() (random, or pretrained trunk + new head); "teacher"
+    # "fresh": model_factory() (random, or pretrained trunk + new head); "teacher": F_{i-1}'s weights
+    support_init: str = "fresh"
     # BatchNorm layers kept in eval mode while training: True (the paper: every trained network, right for
     # pretrained backbones), "inherited" (only networks that start from a trained model: F_p after the
     # first stage, F_s when support_init="teacher"; right for networks trained from scratch) or False.
@@ -100,14 +106,25 @@ class OnlineConfig:
         if self.drift_similarity not in SIMILARITIES:
             raise ValueError(f"drift_similarity must be one of {SIMILARITIES}, got {self.drift_similarity!r}")
         if self.freeze_batchnorm not in (True, False, "inherited"):
-            raise ValueError(f"freeze_batchnorm must be True, False or 'inherited', got {self.freeze_batchnorm!r}")
+            raise ValueError(
+                f"freeze_batchnorm must be True, False or 'inherited', got {self.freeze_batchnorm!r}"
+            )
         distributed.check_gram_scope(self.gram_scope)
         if self.embed_decode not in EMBED_DECODES:
             raise ValueError(f"embed_decode must be one of {EMBED_DECODES}, got {self.embed_decode!r}")
         if self.support_init not in ("fresh", "teacher"):
             raise ValueError(f"support_init must be 'fresh' or 'teacher', got {self.support_init!r}")
-        for name in ("epochs", "iterations_per_epoch", "batch_size", "m_per_class", "eval_batch_size", "num_workers",
-                     "seed", "initial_epochs", "min_images_per_class"):
+        for name in (
+            "epochs",
+            "iterations_per_epoch",
+            "batch_size",
+            "m_per_class",
+            "eval_batch_size",
+            "num_workers",
+            "seed",
+            "initial_epochs",
+            "min_images_per_class",
+        ):
             value = getattr(self, name)
             if value is None and name in ("initial_epochs", "min_images_per_class"):
                 continue
@@ -119,15 +136,31 @@ class OnlineConfig:
         for name in ("epochs", "iterations_per_epoch", "batch_size", "m_per_class", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.initial_epochs is not None and (isinstance(self.initial_epochs, bool) or self.initial_epochs < 1):
-            raise ValueError(f"initial_epochs must be at least 1 (or None: same as epochs), got {self.initial_epochs!r}; "
-                             "to start from weights you have, pass OnlineLearner(..., initial_state_dict=...)")
+        if self.initial_epochs is not None and (
+            isinstance(self.initial_epochs, bool) or self.initial_epochs < 1
+        ):
+            raise ValueError(
+                f"initial_epochs must be at least 1 (or None: same as epochs), got {self.initial_epochs!r}; "
+                "to start from weights you have, pass OnlineLearner(..., initial_state_dict=...)"
+            )
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be at least 0, got {self.num_workers}")
-        for name in ("lr", "weight_decay", "lambda_metric", "lambda_corr", "lambda_mutual", "triplet_margin"):
+        for name in (
+            "lr",
+            "weight_decay",
+            "lambda_metric",
+            "lambda_corr",
+            "lambda_mutual",
+            "lambda_compat",
+            "triplet_margin",
+        ):
             value = getattr(self, name)
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                    or not math.isfinite(value) or value < 0:
+            if (
+                isinstance(value, (bool, np.bool_))
+                or not isinstance(value, (int, float, np.integer, np.floating))
+                or not math.isfinite(value)
+                or value < 0
+            ):
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
             setattr(self, name, float(value) if isinstance(value, (float, np.floating)) else int(value))
         from .losses.gram import check_temperature
@@ -141,4 +174,3 @@ class OnlineConfig:
         d = dataclasses.asdict(self)
         d["ks"] = list(self.ks)
         return d
-

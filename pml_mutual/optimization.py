@@ -1,4 +1,5 @@
 """Seeding, optimisers, LR schedulers and the epoch checkpoint of the stage loop."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,14 +31,26 @@ def adam(params, lr: float, weight_decay: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-def epoch_checkpoint(stage: int, epoch: int, models: dict, optimizers: dict, epoch_losses: list[dict],
-                     last: bool = False, losses: dict | None = None, schedulers: dict | None = None) -> dict:
+def epoch_checkpoint(
+    stage: int,
+    epoch: int,
+    models: dict,
+    optimizers: dict,
+    epoch_losses: list[dict],
+    last: bool = False,
+    losses: dict | None = None,
+    schedulers: dict | None = None,
+) -> dict:
     """What the stage loop checkpoints after an epoch (``in_progress.pt``): the trained networks' and the
     optimisers' states, the metric losses' trained state (weights, memory queues) and the LR schedulers',
     and the loss log so far. After the stage's ``last`` epoch no step follows, so a resume from it needs
     only the networks and losses: Adam's two moments would triple what is copied and written."""
-    state = {"stage": stage, "epoch": epoch, "models": {k: m.state_dict() for k, m in models.items()},
-             "epoch_losses": epoch_losses}
+    state = {
+        "stage": stage,
+        "epoch": epoch,
+        "models": {k: m.state_dict() for k, m in models.items()},
+        "epoch_losses": epoch_losses,
+    }
     kept = {k: training_state(m) for k, m in (losses or {}).items()}
     if any(kept.values()):  # absent for stateless losses: checkpoints of earlier versions look the same
         state["losses"] = kept
@@ -57,7 +70,9 @@ def default_optimizer(lr: float, weight_decay: float) -> Callable:
 
 
 def _json_safe(d: dict) -> dict:
-    return {k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v) for k, v in sorted(d.items())}
+    return {
+        k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v) for k, v in sorted(d.items())
+    }
 
 
 def describe_optimization(optimizer: Callable, lr_scheduler: Callable | None) -> dict:
@@ -67,27 +82,36 @@ def describe_optimization(optimizer: Callable, lr_scheduler: Callable | None) ->
     probe = torch.nn.Parameter(torch.zeros(1))
     opt = optimizer([probe])
     if not isinstance(opt, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a callable params → torch.optim.Optimizer (e.g. "
-                        f"functools.partial(torch.optim.SGD, lr=0.01)); it returned {type(opt).__name__}")
+        raise TypeError(
+            f"optimizer must be a callable params → torch.optim.Optimizer (e.g. "
+            f"functools.partial(torch.optim.SGD, lr=0.01)); it returned {type(opt).__name__}"
+        )
     out = {"optimizer": {"class": type(opt).__qualname__, "defaults": _json_safe(opt.defaults)}}
     if lr_scheduler is not None:
         sch = lr_scheduler(opt)
         if not (hasattr(sch, "step") and hasattr(sch, "state_dict") and hasattr(sch, "load_state_dict")):
-            raise TypeError(f"lr_scheduler must be a callable optimizer → torch.optim.lr_scheduler.LRScheduler (e.g. "
-                            f"functools.partial(CosineAnnealingLR, T_max=10)); it returned {type(sch).__name__}")
+            raise TypeError(
+                f"lr_scheduler must be a callable optimizer → torch.optim.lr_scheduler.LRScheduler (e.g. "
+                f"functools.partial(CosineAnnealingLR, T_max=10)); it returned {type(sch).__name__}"
+            )
         out["lr_scheduler"] = {"class": type(sch).__qualname__, "state": _json_safe(sch.state_dict())}
     return out
 
 
-
-def optimization_settings(config, optimizer: Callable | None, lr_scheduler: Callable | None,
-                          lr_scheduler_step: str) -> tuple[Callable, dict | None]:
+def optimization_settings(
+    config, optimizer: Callable | None, lr_scheduler: Callable | None, lr_scheduler_step: str
+) -> tuple[Callable, dict | None]:
     """The optimizer factory the run uses and, when not the default, the description of its optimizer and
     scheduler for the run's identity; what would not take effect is refused."""
     defaults = {f.name: f.default for f in dataclasses.fields(OnlineConfig)}
-    if optimizer is not None and (config.lr, config.weight_decay) != (defaults["lr"], defaults["weight_decay"]):
-        raise ValueError("OnlineConfig.lr and weight_decay configure the default Adam; with optimizer= set them in "
-                         "the optimizer factory (e.g. functools.partial(torch.optim.SGD, lr=0.01, weight_decay=5e-4))")
+    if optimizer is not None and (config.lr, config.weight_decay) != (
+        defaults["lr"],
+        defaults["weight_decay"],
+    ):
+        raise ValueError(
+            "OnlineConfig.lr and weight_decay configure the default Adam; with optimizer= set them in "
+            "the optimizer factory (e.g. functools.partial(torch.optim.SGD, lr=0.01, weight_decay=5e-4))"
+        )
     if lr_scheduler_step not in LR_SCHEDULER_STEPS:
         raise ValueError(f"lr_scheduler_step must be one of {LR_SCHEDULER_STEPS}, got {lr_scheduler_step!r}")
     factory = optimizer if optimizer is not None else default_optimizer(config.lr, config.weight_decay)

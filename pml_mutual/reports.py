@@ -8,6 +8,7 @@
 
 Each takes results documents (see :mod:`pml_mutual.evaluation.results`) and writes a PNG.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,7 +54,15 @@ def plot_accuracy_matrix(summary: dict, path: str | os.PathLike, ax=None) -> Pat
     for i in range(len(R)):
         for j in range(i + 1):
             dark = R[i, j] < vmin + 0.6 * (100 - vmin)
-            ax.text(j, i, f"{R[i, j]:.1f}", ha="center", va="center", color="white" if dark else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                f"{R[i, j]:.1f}",
+                ha="center",
+                va="center",
+                color="white" if dark else "black",
+                fontsize=8,
+            )
     ax.set_xlabel("classes of stage j")
     ax.set_ylabel("after training stage i")
     ax.set_xticks(range(len(R)))
@@ -72,7 +81,13 @@ def plot_stage_curves(summary: dict, path: str | os.PathLike) -> Path:
     stages = np.arange(len(R))
     for j in range(len(R)):
         ax.plot(stages[j:], R[j:, j], marker="o", label=f"stage {j} classes")
-    ax.plot(stages, [100 * recall_at(s["all"], 1) for s in summary["stages"]], "k--", marker="s", label="all seen classes")
+    ax.plot(
+        stages,
+        [100 * recall_at(s["all"], 1) for s in summary["stages"]],
+        "k--",
+        marker="s",
+        label="all seen classes",
+    )
     ax.set_xlabel("after training stage")
     ax.set_ylabel("Recall@1 (%)")
     ax.set_xticks(stages)
@@ -84,13 +99,19 @@ def plot_stage_curves(summary: dict, path: str | os.PathLike) -> Path:
 
 
 def plot_methods(summaries: Mapping[str, dict], path: str | os.PathLike) -> Path:
-    """Methods side by side: left, final model's Recall@1 on each stage's classes; right, all classes after each stage."""
+    """Methods side by side: left, final model's Recall@1 on each stage's classes; right, all classes after
+    each stage."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for method, summary in summaries.items():
         final = summary["stages"][-1]["per_stage"]
         left.plot(range(len(final)), [100 * recall_at(r, 1) for r in final], marker="o", label=method)
-        right.plot(range(len(summary["stages"])), [100 * recall_at(s["all"], 1) for s in summary["stages"]], marker="o", label=method)
+        right.plot(
+            range(len(summary["stages"])),
+            [100 * recall_at(s["all"], 1) for s in summary["stages"]],
+            marker="o",
+            label=method,
+        )
     left.set_xlabel("classes of stage")
     left.set_ylabel("Recall@1 (%) of the final model")
     right.set_xlabel("after training stage")
@@ -115,14 +136,20 @@ def plot_gallery(summaries: Mapping[str, dict] | dict, path: str | os.PathLike) 
         summaries = {summaries.get("method") or "run": summaries}
     missing = [m for m, s in summaries.items() if not any("gallery" in st for st in s["stages"])]
     if missing:
-        raise ValueError(f"no gallery report in the results of {missing}: run with OnlineConfig(gallery_report=True)")
+        raise ValueError(
+            f"no gallery report in the results of {missing}: run with OnlineConfig(gallery_report=True)"
+        )
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(summaries), figsize=(4.5 * len(summaries) + 0.5, 4), squeeze=False)
     for ax, (method, summary) in zip(axes[0], summaries.items()):
         stages = [s for s in summary["stages"] if "gallery" in s]
         for name, label in GALLERY_COLUMNS:
-            ax.plot([s["stage"] for s in stages], [100 * recall_at(s["gallery"][name]["all"], 1) for s in stages],
-                    marker=GALLERY_MARKERS[name], label=label)
+            ax.plot(
+                [s["stage"] for s in stages],
+                [100 * recall_at(s["gallery"][name]["all"], 1) for s in stages],
+                marker=GALLERY_MARKERS[name],
+                label=label,
+            )
         ax.set_xlabel("after training stage")
         ax.set_ylabel("Recall@1 (%), all seen classes")
         ax.set_xticks([s["stage"] for s in stages])

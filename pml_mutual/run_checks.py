@@ -1,6 +1,7 @@
 """What an online run checks before anything trains: the model factory, the metric loss against the labels
 and the batch layout, the test set against the training classes, the initial weights, and that every input
 the run will train on or embed is finite. Each refusal names the problem and what to pass instead."""
+
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -10,9 +11,11 @@ import torch
 from pytorch_metric_learning import losses as pml_losses
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from . import distributed
 from .checks import nonfinite_tensors
 from .data.images import ImageItems
 from .data.loaders import base_indices
+from .data.stages import check_stages, dataset_labels
 from .losses import BatchHardTripletLoss
 from .losses.state import trainable_parameters
 
@@ -45,11 +48,15 @@ def _finite_flags(items: list) -> list[bool]:
 def check_model_factory(model_factory) -> None:
     """A factory, not a network: the run builds several networks (F_p, F_s, the teacher, old checkpoints)."""
     if isinstance(model_factory, torch.nn.Module):
-        raise TypeError(f"model_factory must build a new network on each call, got a {type(model_factory).__name__} "
-                        "instance: pass its class or a function, e.g. model_factory=lambda: MyNet(...)")
+        raise TypeError(
+            f"model_factory must build a new network on each call, got a {type(model_factory).__name__} "
+            "instance: pass its class or a function, e.g. model_factory=lambda: MyNet(...)"
+        )
     if not callable(model_factory):
-        raise TypeError(f"model_factory must be callable (a class or a function returning a torch.nn.Module), "
-                        f"got {type(model_factory).__name__}")
+        raise TypeError(
+            f"model_factory must be callable (a class or a function returning a torch.nn.Module), "
+            f"got {type(model_factory).__name__}"
+        )
 
 
 def classifier_classes(metric_loss) -> int | None:
@@ -59,7 +66,9 @@ def classifier_classes(metric_loss) -> int | None:
     num_classes = getattr(metric_loss, "num_classes", None)
     if isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes > 0:
         return num_classes
-    params = dict(metric_loss.named_parameters(recurse=False)) if isinstance(metric_loss, torch.nn.Module) else {}
+    params = (
+        dict(metric_loss.named_parameters(recurse=False)) if isinstance(metric_loss, torch.nn.Module) else {}
+    )
     if isinstance(num_classes, int) and params.get("W") is not None and params["W"].ndim == 2:
         return int(params["W"].shape[1])
     if isinstance(num_classes, int) and params.get("proxies") is not None and params["proxies"].ndim == 2:
@@ -76,9 +85,11 @@ def check_label_range(metric_loss, class_to_stage) -> None:
     labels = sorted(class_to_stage)
     out = [c for c in labels if not 0 <= c < num_classes]
     if out:
-        raise ValueError(f"{type(metric_loss).__name__}(num_classes={num_classes}) indexes its weights by label, but "
-                         f"labels {out[:10]} lie outside [0, {num_classes}): build it with num_classes={labels[-1] + 1} "
-                         "or map the labels to 0…C−1")
+        raise ValueError(
+            f"{type(metric_loss).__name__}(num_classes={num_classes}) indexes its weights by label, but "
+            f"labels {out[:10]} lie outside [0, {num_classes}): build it with num_classes={labels[-1] + 1} "
+            "or map the labels to 0…C−1"
+        )
 
 
 def check_batch_layout(metric_loss, miner, batch_size: int, m_per_class: int) -> None:
@@ -89,11 +100,15 @@ def check_batch_layout(metric_loss, miner, batch_size: int, m_per_class: int) ->
         return
     what = type(metric_loss).__name__ + (f" with {type(miner).__name__}" if miner is not None else "")
     if m_per_class < 2:
-        raise ValueError(f"m_per_class={m_per_class}: a batch holds one item per class, so {what} sees no positive "
-                         "pair and trains nothing; use m_per_class ≥ 2")
+        raise ValueError(
+            f"m_per_class={m_per_class}: a batch holds one item per class, so {what} sees no positive "
+            "pair and trains nothing; use m_per_class ≥ 2"
+        )
     if batch_size // m_per_class < 2:
-        raise ValueError(f"batch_size={batch_size} with m_per_class={m_per_class}: a batch holds one class, so {what} "
-                         f"sees no negative and trains nothing; use batch_size ≥ {2 * m_per_class}")
+        raise ValueError(
+            f"batch_size={batch_size} with m_per_class={m_per_class}: a batch holds one class, so {what} "
+            f"sees no negative and trains nothing; use batch_size ≥ {2 * m_per_class}"
+        )
 
 
 def metric_loss_and_miner(metric_loss, miner, triplet_margin: float):
@@ -107,8 +122,10 @@ def metric_loss_and_miner(metric_loss, miner, triplet_margin: float):
     if isinstance(metric_loss, BatchHardTripletLoss) and miner is not None:
         raise ValueError("BatchHardTripletLoss mines its own triplets: pass miner=None with it")
     if trainable_parameters(miner):
-        raise ValueError(f"the miner ({type(miner).__name__}) has trainable parameters; the stage loop trains "
-                         "networks and the metric loss only: pass a miner without parameters")
+        raise ValueError(
+            f"the miner ({type(miner).__name__}) has trainable parameters; the stage loop trains "
+            "networks and the metric loss only: pass a miner without parameters"
+        )
     return metric_loss, miner
 
 
@@ -116,8 +133,10 @@ def check_initial_state_dict(state_dict) -> None:
     if state_dict is None:
         return
     if not (isinstance(state_dict, Mapping) and all(torch.is_tensor(v) for v in state_dict.values())):
-        raise TypeError(f"initial_state_dict must be a state dict (name → tensor, e.g. model.state_dict() or "
-                        f"torch.load(path, weights_only=True)), got a {type(state_dict).__name__}")
+        raise TypeError(
+            f"initial_state_dict must be a state dict (name → tensor, e.g. model.state_dict() or "
+            f"torch.load(path, weights_only=True)), got a {type(state_dict).__name__}"
+        )
     bad = nonfinite_tensors(state_dict)
     if bad:
         raise ValueError(f"initial_state_dict holds NaN or inf values in {', '.join(bad[:5])}")
@@ -134,9 +153,11 @@ def check_test_classes(class_to_stage: Mapping[int, int], test_labels: np.ndarra
         raise ValueError(f"the test set has no item of stage(s) {missing}: every stage must be evaluated")
     unseen = sorted(set(class_to_stage) - test_classes)
     if unseen:
-        raise ValueError(f"training classes {unseen[:10]}{' …' if len(unseen) > 10 else ''} have no item in the test "
-                         "set: they would be trained on and never evaluated; add their test items, or leave them "
-                         "out of the training stages (of the class assignment)")
+        raise ValueError(
+            f"training classes {unseen[:10]}{' …' if len(unseen) > 10 else ''} have no item in the test "
+            "set: they would be trained on and never evaluated; add their test items, or leave them "
+            "out of the training stages (of the class assignment)"
+        )
 
 
 def named_bases(*groups: tuple[str, Sequence[Dataset]]):
@@ -164,15 +185,19 @@ def check_inputs_finite(bases, num_workers: int = 0) -> None:
             for t in base.tensors:
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     bad = int(torch.nonzero(~torch.isfinite(t.reshape(len(t), -1)).all(1))[0, 0])
-                    raise ValueError(f"the {name} dataset holds NaN or inf inputs (item {bad} first): nothing "
-                                     "non-finite is trained on or embedded; clean or drop those items")
+                    raise ValueError(
+                        f"the {name} dataset holds NaN or inf inputs (item {bad} first): nothing "
+                        "non-finite is trained on or embedded; clean or drop those items"
+                    )
             continue
         start = 0
         for flags in DataLoader(base, batch_size=64, num_workers=num_workers, collate_fn=_finite_flags):
             if not all(flags):
-                raise ValueError(f"the {name} dataset ({type(base).__name__}) yields NaN or inf at item "
-                                 f"{start + flags.index(False)}: nothing non-finite is trained on or embedded; "
-                                 "clean or drop those items")
+                raise ValueError(
+                    f"the {name} dataset ({type(base).__name__}) yields NaN or inf at item "
+                    f"{start + flags.index(False)}: nothing non-finite is trained on or embedded; "
+                    "clean or drop those items"
+                )
             start += len(flags)
 
 
@@ -189,3 +214,21 @@ def check_decodable_on_device(bases) -> None:
                 f"{getattr(base, 'transform', None)!r}. Use embed_decode='workers' for it"
             )
     require_torchvision_decoder()
+
+
+def checked_labels(cfg, train_stages, test_dataset, metric_loss, miner):
+    """(labels of each stage, class → stage, test labels) once every check on them passes: classes
+    disjoint across stages with enough images per class, every trained class in the test set, labels the
+    loss can take, batches that can form the loss's tuples."""
+    stage_labels = [dataset_labels(d) for d in train_stages]
+    # under torchrun a step draws world_size × batch_size images
+    class_to_stage = check_stages(
+        stage_labels, cfg.batch_size * distributed.world_size(), cfg.m_per_class, cfg.min_images_per_class
+    )
+    test_labels = dataset_labels(test_dataset)
+    check_test_classes(class_to_stage, test_labels, len(train_stages))
+    check_label_range(metric_loss, class_to_stage)
+    # under torchrun with gram_scope="global" every loss sees the batch of all ranks
+    seen_rows = cfg.batch_size * (distributed.world_size() if cfg.gram_scope == "global" else 1)
+    check_batch_layout(metric_loss, miner, seen_rows, cfg.m_per_class)
+    return stage_labels, class_to_stage, test_labels

@@ -23,6 +23,7 @@ Guarantees:
   one whose image files changed size under the same paths (replaced, re-encoded, resized in place);
 - the working directory, a filesystem root or the home directory are refused as run directories.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,9 +39,31 @@ import torch
 
 from . import distributed
 from .checks import nonfinite_tensors
-from .run_files import (CHECKED_FORMAT, FILE_MODE, TMP_PREFIX, TMP_SUFFIX, RunDirectoryError,  # noqa: F401 (public)
-                        _checked_bytes, _save_checked, _to_cpu, atomic_save, check_run_dir, load_checked, read_json,
-                        refuse_nonfinite, save_json, write_atomic)
+from .identity import describe_data_change, identity_differences
+from .run_files import (  # noqa: F401 (public)
+    CHECKED_FORMAT,
+    FILE_MODE,
+    TMP_PREFIX,
+    TMP_SUFFIX,
+    RunDirectoryError,
+    _checked_bytes,
+    _save_checked,
+    _to_cpu,
+    atomic_save,
+    check_run_dir,
+    free_name,
+    load_checked,
+    read_json,
+    refuse_nonfinite,
+    save_json,
+    write_atomic,
+)
+
+_START_FRESH = (
+    "use another run_dir, remove it, or start fresh (OnlineLearner(..., fresh=True), or --fresh of the "
+    "reproduction scripts cub200.py / cars196.py / deepfashion2.py, moves its files aside)"
+)
+
 
 class RunDirectory:
     """One run's directory (see the module docstring). Under torchrun rank 0 writes, every rank reads."""
@@ -74,10 +97,17 @@ class RunDirectory:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RunDirectoryError(f"{self.path} is in use by a running process ({holder}): two runs in one "
-                                    "directory would mix their checkpoints; wait for it, stop it, or use another run_dir") from None
+            raise RunDirectoryError(
+                f"{self.path} is in use by a running process ({holder}): two runs in one "
+                "directory would mix their checkpoints; wait for it, stop it, or use another run_dir"
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        os.pwrite(
+            fd,
+            f"pid {os.getpid()} on {socket.gethostname()}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+            0,
+        )
         self._lock_fd = fd
 
     def unlock(self) -> None:
@@ -102,24 +132,24 @@ class RunDirectory:
         identity = json.loads(json.dumps(identity))
         data_files = None if data_files is None else json.loads(json.dumps(data_files))
         if distributed.is_main() and path.exists():
-            diffs = _diff(read_json(path), identity)
+            diffs = identity_differences(read_json(path), identity)
             changed = []
             if not diffs and data_files is not None and files_path.exists():
                 recorded = read_json(files_path)
                 # a kind of record added by a later version is recorded now, not counted as a change
                 changed = [k for k in sorted(set(recorded) & set(data_files)) if recorded[k] != data_files[k]]
             if (diffs or changed) and fresh:
-                self._move_run_aside(_free_name(self.path))
+                self._move_run_aside(free_name(self.path))
             elif diffs:
                 raise RunDirectoryError(
-                    f"{self.path} holds a run with a different identity ({'; '.join(diffs[:8])}); use another "
-                    "run_dir, remove it, or start fresh (OnlineLearner(..., fresh=True), or --fresh of the reproduction scripts cub200.py / cars196.py / deepfashion2.py, moves its files aside)"
+                    f"{self.path} holds a run with a different identity ({'; '.join(diffs[:8])}); "
+                    f"{_START_FRESH}"
                 )
             elif changed:
                 raise RunDirectoryError(
-                    f"{self.path} holds a run made with other data or code: {'; '.join(_describe_change(k) for k in changed)} "
-                    f"(recorded in {files_path.name}); its numbers are not this run's: use another run_dir, "
-                    "remove it, or start fresh (OnlineLearner(..., fresh=True), or --fresh of the reproduction scripts cub200.py / cars196.py / deepfashion2.py, moves its files aside)"
+                    f"{self.path} holds a run made with other data or code: "
+                    f"{'; '.join(describe_data_change(k) for k in changed)} (recorded in {files_path.name}); "
+                    f"its numbers are not this run's: {_START_FRESH}"
                 )
         distributed.barrier()
         if distributed.is_main():
@@ -165,8 +195,10 @@ class RunDirectory:
             path = self.stage_dir(len(done)) / "stage.json"
             doc = read_json(path)
             if not {"results", "log", "files"} <= set(doc):
-                raise RunDirectoryError(f"{path} is damaged (missing {sorted({'results', 'log', 'files'} - set(doc))}); "
-                                        "delete its stage directory to retrain that stage")
+                raise RunDirectoryError(
+                    f"{path} is damaged (missing {sorted({'results', 'log', 'files'} - set(doc))}); "
+                    "delete its stage directory to retrain that stage"
+                )
             done.append(doc)
         return done
 
@@ -182,6 +214,7 @@ class RunDirectory:
 
         def write():
             self._stage_sums[(stage, name)] = _save_checked(snapshot, path)
+
         self._in_background(write)
 
     def save_stage(self, stage: int, files: dict, record: dict) -> None:
@@ -208,7 +241,10 @@ class RunDirectory:
         sha = record[stage]["files"].get(name) if len(record) > stage else None
         path = self.stage_dir(stage) / name
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint of stage {stage} is missing: {path}; delete {self.stage_dir(stage)} to retrain it")
+            raise FileNotFoundError(
+                f"checkpoint of stage {stage} is missing: {path}; delete {self.stage_dir(stage)} to retrain "
+                f"it"
+            )
         return load_checked(path, sha, map_location)
 
     # ------------------------------------------------------------------ the epoch checkpoint
@@ -258,12 +294,16 @@ class RunDirectory:
             return load_checked(path, map_location=map_location)  # written before the digest was recorded
         payload = doc["payload"].numpy().tobytes()
         if hashlib.sha256(payload).hexdigest() != doc.get("sha256"):
-            raise RunDirectoryError(f"{path} does not match the SHA-256 recorded in it (damaged); delete it to "
-                                    "retrain the current stage from its start")
+            raise RunDirectoryError(
+                f"{path} does not match the SHA-256 recorded in it (damaged); delete it to "
+                "retrain the current stage from its start"
+            )
         try:
             state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
         except Exception as e:
-            raise RunDirectoryError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); delete it") from e
+            raise RunDirectoryError(
+                f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); delete it"
+            ) from e
         bad = nonfinite_tensors(state)
         if bad:
             raise RunDirectoryError(f"{path} holds non-finite values ({', '.join(bad[:5])}); delete it")
@@ -273,36 +313,3 @@ class RunDirectory:
         path = self.path / name
         if path.exists():
             path.unlink()
-
-
-def _describe_change(key: str) -> str:
-    """What a changed record of data_files.json means, for the refusal."""
-    if key == "model_code":
-        return ("the model's code differs (a submodule's type or settings, a module's forward, or the factory "
-                "function)")
-    if key.startswith("items:"):
-        return (f"the {key[6:]} dataset's items differ (a fixed sample read through __getitem__: its "
-                "preprocessing changed?)")
-    return (f"the image files of the {key} dataset differ in size (same paths, so replaced, re-encoded or resized "
-            "in place?)")
-
-
-def _free_name(path: Path) -> Path:
-    n = 1
-    while path.with_name(f"{path.name}.old-{n}").exists():
-        n += 1
-    return path.with_name(f"{path.name}.old-{n}")
-
-
-def _diff(a, b, prefix="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: {_short(a)} != {_short(b)}"]
-
-
-def _short(v) -> str:
-    r = repr(v)
-    return r if len(r) <= 80 else r[:77] + "..."

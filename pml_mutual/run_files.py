@@ -1,6 +1,7 @@
 """The files of a run directory: written atomically under a temporary name of this project's own pattern
 and the umask's mode, refused when non-finite, read back checked against a SHA-256 (recorded beside them,
 or inside the file for the epoch checkpoint). :class:`~pml_mutual.run_dir.RunDirectory` lays them out."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,10 +28,16 @@ def check_run_dir(path) -> Path:
         raise ValueError("run_dir is empty: name a directory of its own for the run's checkpoints")
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
-        raise NotADirectoryError(f"run_dir {str(path)!r} is a file, not a directory: name a directory for the run's "
-                                 "checkpoints (it is created if missing)")
+        raise NotADirectoryError(
+            f"run_dir {str(path)!r} is a file, not a directory: name a directory for the run's "
+            "checkpoints (it is created if missing)"
+        )
     resolved = p.resolve()
-    if resolved == Path.cwd().resolve() or resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+    if (
+        resolved == Path.cwd().resolve()
+        or resolved == Path(resolved.anchor)
+        or resolved == Path.home().resolve()
+    ):
         raise ValueError(
             f"run_dir {str(path)!r} is the working directory, a filesystem root or the home directory: "
             "name a directory of its own for the run's checkpoints"
@@ -98,9 +105,14 @@ def read_json(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise RunDirectoryError(f"{path} cannot be read ({e})") from e
     except json.JSONDecodeError as e:
-        raise RunDirectoryError(f"{path} is damaged (line {e.lineno}: {e.msg}); delete it (or its stage directory) to redo that part") from e
+        raise RunDirectoryError(
+            f"{path} is damaged (line {e.lineno}: {e.msg}); delete it (or its stage directory) to redo that "
+            f"part"
+        ) from e
     if not isinstance(doc, dict):
-        raise RunDirectoryError(f"{path} is damaged (not a JSON object); delete it (or its stage directory) to redo that part")
+        raise RunDirectoryError(
+            f"{path} is damaged (not a JSON object); delete it (or its stage directory) to redo that part"
+        )
     return doc
 
 
@@ -111,7 +123,9 @@ def load_checked(path: Path, sha256: str | None = None, map_location=None):
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise RunDirectoryError(f"{path} cannot be read ({e}); delete its stage directory to retrain that stage") from e
+        raise RunDirectoryError(
+            f"{path} cannot be read ({e}); delete its stage directory to retrain that stage"
+        ) from e
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise RunDirectoryError(
             f"{path} does not match the SHA-256 recorded when it was written (damaged or replaced); "
@@ -120,10 +134,14 @@ def load_checked(path: Path, sha256: str | None = None, map_location=None):
     try:
         obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, empty, not a checkpoint, or a pickle weights_only refuses
-        raise RunDirectoryError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); delete it to redo that part") from e
+        raise RunDirectoryError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); delete it to redo that part"
+        ) from e
     bad = nonfinite_tensors(obj)
     if bad:
-        raise RunDirectoryError(f"{path} holds non-finite values ({', '.join(bad[:5])}); delete it to redo that part")
+        raise RunDirectoryError(
+            f"{path} holds non-finite values ({', '.join(bad[:5])}); delete it to redo that part"
+        )
     return obj
 
 
@@ -135,8 +153,13 @@ def _checked_bytes(obj) -> bytes:
     a flipped byte from a checkpoint (the stage files record theirs in stage.json instead)."""
     payload = _bytes_of(obj)
     digest = hashlib.sha256(payload).hexdigest()
-    return _bytes_of({"format": CHECKED_FORMAT, "sha256": digest,
-                      "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)})
+    return _bytes_of(
+        {
+            "format": CHECKED_FORMAT,
+            "sha256": digest,
+            "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+        }
+    )
 
 
 def _to_cpu(obj):
@@ -147,3 +170,11 @@ def _to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+def free_name(path: Path) -> Path:
+    """``<path>.old-N`` with the lowest N not taken: where a run's earlier files are moved aside."""
+    n = 1
+    while path.with_name(f"{path.name}.old-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}.old-{n}")

@@ -1,6 +1,7 @@
 """What determines an online run's numbers, as recorded in its run directory: the identity
 (``config.json``: settings, classes, data and model descriptions) and the content records
 (``data_files.json``: image file sizes, the model's code, a seeded sample of each dataset's items)."""
+
 from __future__ import annotations
 
 import torch
@@ -15,7 +16,9 @@ from .run_checks import named_bases
 def run_identity(learner) -> dict:
     """The identity of ``learner``'s run; a run_dir holding another identity is refused."""
     ident = {
-        "config": {k: v for k, v in learner.config.to_dict().items() if k not in not_identity(learner.config)},
+        "config": {
+            k: v for k, v in learner.config.to_dict().items() if k not in not_identity(learner.config)
+        },
         "class_to_stage": {str(k): v for k, v in sorted(learner.class_to_stage.items())},
         "data": {
             "train": [identity.dataset_fingerprint(d) for d in learner.train_stages],
@@ -34,7 +37,8 @@ def run_identity(learner) -> dict:
     initial_loss_state = training_state(learner.initial_metric_loss)
     if initial_loss_state:
         ident["metric_loss_state"] = identity.state_dict_sha256(
-            {k: v for k, v in initial_loss_state.items() if torch.is_tensor(v)})
+            {k: v for k, v in initial_loss_state.items() if torch.is_tensor(v)}
+        )
     if distributed.world_size() > 1:
         ident["world_size"] = distributed.world_size()
     return ident
@@ -47,6 +51,7 @@ def not_identity(config) -> tuple[str, ...]:
     skip = ("device", "eval_batch_size", "num_workers")
     skip += ("gram_scope",) if distributed.world_size() == 1 else ()
     skip += () if config.gallery_report else ("gallery_report",)
+    skip += () if config.lambda_compat else ("lambda_compat",)
     return skip + (("embed_decode",) if config.embed_decode == "workers" else ())
 
 
@@ -55,7 +60,9 @@ def content_records(learner) -> dict:
     files' sizes, the model's code, and a seeded sample of each dataset's items as ``__getitem__`` returns
     them (a ``TensorDataset`` is in the identity whole)."""
     records = dict(learner.image_file_sizes)
-    records["model_code"] = identity.model_code_fingerprint(learner.fingerprint_model(), learner.model_factory)
+    records["model_code"] = identity.model_code_fingerprint(
+        learner.fingerprint_model(), learner.model_factory
+    )
     samples: dict[int, str] = {}  # training and prototype datasets may share a base
     for name, base in learner.named_bases():
         if isinstance(base, TensorDataset):

@@ -6,6 +6,7 @@ Rows are plain dicts as the scripts write them to JSON: a results row has ``meth
 in the same column order); a gallery row is one of :func:`pml_mutual.experiment.measure_gallery_update`'s
 (fractions) with ``method``; a fidelity row one of :func:`pml_mutual.experiment.measure_fidelity`'s.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +36,8 @@ def _by_method(rows: list[dict], methods=None) -> dict[str, list[dict]]:
 
 
 def measured_columns(row: dict, setting: str) -> list[float]:
-    """Recall@1 (%) in the paper's column order: old / new / all (one-task), each stage then all (multi-task)."""
+    """Recall@1 (%) in the paper's column order: old / new / all (one-task), each stage then all
+    (multi-task)."""
     r = row["recall@1"]
     return [r[k] for k in ONE_TASK_COLUMNS] if setting == "one-task" else [*r["per_stage"], r["all"]]
 
@@ -62,7 +64,9 @@ def format_recall_table(rows: list[dict], setting: str, title: str, methods=None
     lines = [f"\n{title}"]
     if setting == "one-task":
         lines.append(f"{'method':<12} " + " ".join(f"{c:>{width}}" for c in ONE_TASK_COLUMNS))
-        lines += [f"{m:<12} " + " ".join(f"{cell(v, j):>{width}}" for j in range(n)) for m, v in by_method.items()]
+        lines += [
+            f"{m:<12} " + " ".join(f"{cell(v, j):>{width}}" for j in range(n)) for m, v in by_method.items()
+        ]
     else:
         lines.append(f"{'classes':<10} " + " ".join(f"{m:>{width}}" for m in by_method))
         for j in range(n):
@@ -77,23 +81,38 @@ def format_fidelity(rows: list[dict]) -> str:
     closed; then the Gram-target KL of each estimate against the teacher's (what Eq. 6's targets change)."""
     modes = [m for m in ("teacher", "none", "direct", "learned", "real") if m in rows[0]]
     stages = sorted({r["after_stage"] for r in rows})
-    lines = ["\nFidelity of the virtual features (the `ours` run's checkpoints): mean cos(virtual, real F_b) / "
-             "cross-model Recall@1 (%), mean over earlier stages b and seeds",
-             f"{'after':<7} " + " ".join(f"{'teacher (none)' if m == 'teacher' else m:>15}" for m in modes)
-             + f" {'gap closed: direct':>20} {'learned':>9}"]
+    lines = [
+        "\nFidelity of the virtual features (the `ours` run's checkpoints): mean cos(virtual, real F_b) / "
+        "cross-model Recall@1 (%), mean over earlier stages b and seeds",
+        f"{'after':<7} "
+        + " ".join(f"{'teacher (none)' if m == 'teacher' else m:>15}" for m in modes)
+        + f" {'gap closed: direct':>20} {'learned':>9}",
+    ]
     for i in stages:
         rs = [r for r in rows if r["after_stage"] == i]
-        cells = [f"{np.mean([r[m]['cosine'] for r in rs]):.3f} / {100 * np.mean([r[m]['recall@1'] for r in rs]):5.1f}"
-                 for m in modes]
-        gaps = [np.nanmean([gap_closed(r, m) for r in rs]) if m in rs[0] else float("nan") for m in ("direct", "learned")]
-        lines.append(f"stage {i:<2} " + " ".join(f"{c:>15}" for c in cells) + f" {gaps[0]:>20.2f} {gaps[1]:>9.2f}")
-    lines += ["\nWhat the estimates change in Eq. 6: mean KL(σ_T(G_estimate) ‖ σ_T(G_teacher))·T² over batches of 80 "
-              "held-out images (the real F_b: what a perfect estimate would add; teacher = 0)",
-              f"{'after':<7} " + " ".join(f"{m:>12}" for m in modes if m != "teacher")]
+        cells = [
+            f"{np.mean([r[m]['cosine'] for r in rs]):.3f} / "
+            f"{100 * np.mean([r[m]['recall@1'] for r in rs]):5.1f}"
+            for m in modes
+        ]
+        gaps = [
+            np.nanmean([gap_closed(r, m) for r in rs]) if m in rs[0] else float("nan")
+            for m in ("direct", "learned")
+        ]
+        lines.append(
+            f"stage {i:<2} " + " ".join(f"{c:>15}" for c in cells) + f" {gaps[0]:>20.2f} {gaps[1]:>9.2f}"
+        )
+    lines += [
+        "\nWhat the estimates change in Eq. 6: mean KL(σ_T(G_estimate) ‖ σ_T(G_teacher))·T² over batches of "
+        "80 held-out images (the real F_b: what a perfect estimate would add; teacher = 0)",
+        f"{'after':<7} " + " ".join(f"{m:>12}" for m in modes if m != "teacher"),
+    ]
     for i in stages:
         rs = [r for r in rows if r["after_stage"] == i]
-        lines.append(f"stage {i:<2} " + " ".join(f"{np.mean([r[m]['gram_kl'] for r in rs]):>12.2e}"
-                                                  for m in modes if m != "teacher"))
+        lines.append(
+            f"stage {i:<2} "
+            + " ".join(f"{np.mean([r[m]['gram_kl'] for r in rs]):>12.2e}" for m in modes if m != "teacher")
+        )
     return "\n".join(lines)
 
 
@@ -103,10 +122,13 @@ def format_gallery(rows: list[dict]) -> str:
     share of the stored → re-embedded gap each update recovers, and the learned update's time against
     re-embedding (where the rows have the seconds)."""
     last = max(r.get("after_stage", 0) for r in rows)
-    lines = ["\nGallery without re-embedding, after the last stage: Recall@1 (%) of the final model's queries against "
-             "(a) the stored gallery, (b) moved by translation, (c) moved by the learned maps, (d) re-embedded",
-             f"{'method':<14} {'(a) stored':>15} {'(b) translation':>15} {'(c) learned':>15} {'(d) re-embedded':>15} "
-             f"{'gap (b)':>8} {'gap (c)':>8} {'time (c)/(d)':>13}"]
+    lines = [
+        "\nGallery without re-embedding, after the last stage: Recall@1 (%) of the final model's queries "
+        "against (a) the stored gallery, (b) moved by translation, (c) moved by the learned maps, (d) "
+        "re-embedded",
+        f"{'method':<14} {'(a) stored':>15} {'(b) translation':>15} {'(c) learned':>15} "
+        f"{'(d) re-embedded':>15} {'gap (b)':>8} {'gap (c)':>8} {'time (c)/(d)':>13}",
+    ]
     for m, values in _by_method([r for r in rows if r.get("after_stage", 0) == last]).items():
         cells = [mean_std_cell(*[v[0] for v in mean_std([[100 * r[k]] for r in values])]) for k in GALLERIES]
 
@@ -114,7 +136,14 @@ def format_gallery(rows: list[dict]) -> str:
             return np.mean([(r[k] - r["stored"]) / max(r["reembedded"] - r["stored"], 1e-12) for r in values])
 
         timed = all("learned_seconds" in r and "reembed_seconds" in r for r in values)
-        ratio = np.mean([r["learned_seconds"] / max(r["reembed_seconds"], 1e-12) for r in values]) if timed else float("nan")
-        lines.append(f"{m:<14} " + " ".join(f"{c:>15}" for c in cells)
-                     + f" {gap('translation'):>8.2f} {gap('learned'):>8.2f} {ratio:>13.4f}")
+        ratio = (
+            np.mean([r["learned_seconds"] / max(r["reembed_seconds"], 1e-12) for r in values])
+            if timed
+            else float("nan")
+        )
+        lines.append(
+            f"{m:<14} "
+            + " ".join(f"{c:>15}" for c in cells)
+            + f" {gap('translation'):>8.2f} {gap('learned'):>8.2f} {ratio:>13.4f}"
+        )
     return "\n".join(lines)

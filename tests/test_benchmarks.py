@@ -1,4 +1,5 @@
 """The benchmark scripts run end to end in their quick, CI-sized variants (no timing is asserted)."""
+
 import json
 import subprocess
 import sys
@@ -10,12 +11,25 @@ BENCH = Path(__file__).parents[1] / "benchmarks"
 
 
 def run(script, *args):
-    out = subprocess.run([sys.executable, str(BENCH / script), *args], check=True, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], check=True, capture_output=True, text=True, timeout=600
+    )
     return out.stdout
 
 
 def test_perf_losses(tmp_path):
-    out = run("perf_training.py", "losses", "--batch-sizes", "16", "--dim", "32", "--repeats", "3", "--out", str(tmp_path / "l.json"))
+    out = run(
+        "perf_training.py",
+        "losses",
+        "--batch-sizes",
+        "16",
+        "--dim",
+        "32",
+        "--repeats",
+        "3",
+        "--out",
+        str(tmp_path / "l.json"),
+    )
     assert "ratio:" in out
     rows = json.loads((tmp_path / "l.json").read_text())["rows"]
     assert rows[0]["batch_size"] == 16 and rows[0]["distill_ms"] > 0
@@ -39,8 +53,21 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs dataset-fashion-mnist (scripts/install_data.sh)")
 @pytest.mark.parametrize("setting", ["one-task", "multi-task"])
 def test_cpu_realdata_quick_fashion_mnist(tmp_path, setting):
-    out = run("cpu_realdata.py", "--dataset", "fashion-mnist", "--setting", setting, "--quick",
-              "--methods", "finetune", "ours", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json"))
+    out = run(
+        "cpu_realdata.py",
+        "--dataset",
+        "fashion-mnist",
+        "--setting",
+        setting,
+        "--quick",
+        "--methods",
+        "finetune",
+        "ours",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(tmp_path / "r.json"),
+    )
     assert ("Table 2 layout" in out) == (setting == "one-task")
     assert ("Table 5 layout" in out) == (setting == "multi-task")
     doc = json.loads((tmp_path / "r.json").read_text())
@@ -51,11 +78,29 @@ def test_cpu_realdata_quick_fashion_mnist(tmp_path, setting):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/usr/share/fonts/truetype/dejavu").is_dir(), reason="needs the fonts (scripts/install_data.sh)")
+@pytest.mark.skipif(
+    not Path("/usr/share/fonts/truetype/dejavu").is_dir(), reason="needs the fonts (scripts/install_data.sh)"
+)
 def test_cpu_realdata_quick_glyphs(tmp_path):
-    out = run("cpu_realdata.py", "--dataset", "glyphs", "--setting", "multi-task", "--quick", "--drift-mode", "learned",
-              "--methods", "ours_no_drift", "ours", "--fidelity", "--gallery",
-              "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.json"))
+    out = run(
+        "cpu_realdata.py",
+        "--dataset",
+        "glyphs",
+        "--setting",
+        "multi-task",
+        "--quick",
+        "--drift-mode",
+        "learned",
+        "--methods",
+        "ours_no_drift",
+        "ours",
+        "--fidelity",
+        "--gallery",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(tmp_path / "r.json"),
+    )
     assert "Table 3 layout" in out and "no drift estimate" in out
     assert "Fidelity of the virtual features" in out and "Gallery without re-embedding" in out
     doc = json.loads((tmp_path / "r.json").read_text())
@@ -100,12 +145,32 @@ def test_obdsd_paper_datasets_smoke(tmp_path, dataset):
 
 
 def test_perf_step_with_a_paper_backbone(tmp_path):
-    out = run("perf_training.py", "step", "--model", "bninception", "--image-size", "64", "--quick", "--out", str(tmp_path / "p.json"))
+    out = run(
+        "perf_training.py",
+        "step",
+        "--model",
+        "bninception",
+        "--image-size",
+        "64",
+        "--quick",
+        "--out",
+        str(tmp_path / "p.json"),
+    )
     assert "ours_step_ms" in out and json.loads((tmp_path / "p.json").read_text())["model"] == "bninception"
 
 
 def test_perf_e2e_quick(tmp_path):
-    out = run("perf_pipeline.py", "stage", "--quick", "--num-workers", "0", "--rounds", "3", "--out", str(tmp_path / "e2e.json"))
+    out = run(
+        "perf_pipeline.py",
+        "stage",
+        "--quick",
+        "--num-workers",
+        "0",
+        "--rounds",
+        "3",
+        "--out",
+        str(tmp_path / "e2e.json"),
+    )
     assert "e2e_over_compute:" in out and "bound by" in out and out.count("round ") == 3
     res = json.loads((tmp_path / "e2e.json").read_text())
     rounds = res["rounds"]
@@ -118,11 +183,17 @@ def test_perf_e2e_quick(tmp_path):
         # the stage's own steps are part of its training phase
         assert 0 < r["steps_in_stage_s"] < r["phases_s"]["train"]
         assert r["first_step_in_stage_s"] <= r["steps_in_stage_s"]
-        assert r["e2e_over_steps_in_stage"] == pytest.approx(r["e2e_s"] / (r["steps_in_stage_s"] + r["extraction_s"]), rel=1e-9)
-        # the training phase split: around the trainer's loop + in it; waits and checkpoints are parts of the loop
+        assert r["e2e_over_steps_in_stage"] == pytest.approx(
+            r["e2e_s"] / (r["steps_in_stage_s"] + r["extraction_s"]), rel=1e-9
+        )
+        # the training phase split: around the trainer's loop + in it; waits and checkpoints are parts of the
+        # loop
         tb = r["train_breakdown_s"]
         assert tb["around_trainer"] + tb["trainer"] == pytest.approx(r["phases_s"]["train"], rel=1e-9)
-        assert 0 < tb["first_batch_wait"] <= tb["batch_waits"] < tb["trainer"] and 0 < tb["epoch_ends"] < tb["trainer"]
+        assert (
+            0 < tb["first_batch_wait"] <= tb["batch_waits"] < tb["trainer"]
+            and 0 < tb["epoch_ends"] < tb["trainer"]
+        )
         assert tb["around_trainer"] > 0
     # the reported figures are those of the round with the median ratio
     # the embedding input's rate and the model's, and which of them bounds drift and evaluation
@@ -134,8 +205,20 @@ def test_perf_e2e_quick(tmp_path):
 
 
 def test_perf_e2e_refuses_zero_rounds(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH / "perf_pipeline.py"), "stage", "--quick", "--rounds", "0", "--out", str(tmp_path / "e.json")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "perf_pipeline.py"),
+            "stage",
+            "--quick",
+            "--rounds",
+            "0",
+            "--out",
+            str(tmp_path / "e.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "--rounds must be at least 1" in proc.stderr
     assert not (tmp_path / "e.json").exists()
 
@@ -146,7 +229,9 @@ def test_perf_checkpoint_quick(tmp_path):
     res = json.loads((tmp_path / "c.json").read_text())
     # mid-stage: two networks and their Adam moments (two per weight); after the last epoch the networks only
     assert 2.9 < res["mid_stage"]["bytes"] / res["last_epoch"]["bytes"] < 3.1
-    assert res["ratio_last_over_mid"]["bytes"] == pytest.approx(res["last_epoch"]["bytes"] / res["mid_stage"]["bytes"])
+    assert res["ratio_last_over_mid"]["bytes"] == pytest.approx(
+        res["last_epoch"]["bytes"] / res["mid_stage"]["bytes"]
+    )
 
 
 def test_perf_extract_quick(tmp_path):
@@ -156,7 +241,9 @@ def test_perf_extract_quick(tmp_path):
     # the same pass cut finer: more worker tasks than model batches, the old way one task per model batch
     assert res["tasks_per_pass"]["whole_batch"] == -(-res["images"] // res["batch"])
     assert res["tasks_per_pass"]["tasks"] > res["tasks_per_pass"]["whole_batch"]
-    assert res["ratio_tasks_over_whole_batch"] == pytest.approx(res["tasks"]["pass_s"] / res["whole_batch"]["pass_s"])
+    assert res["ratio_tasks_over_whole_batch"] == pytest.approx(
+        res["tasks"]["pass_s"] / res["whole_batch"]["pass_s"]
+    )
 
 
 def test_perf_decode_quick(tmp_path):
@@ -166,7 +253,9 @@ def test_perf_decode_quick(tmp_path):
     rates = res["images_per_s"]
     assert set(rates) == {"train_original", "train_resized", "test_original", "test_resized"}
     for t in ("train", "test"):
-        assert res["ratio_resized_over_original"][t] == pytest.approx(rates[f"{t}_resized"] / rates[f"{t}_original"])
+        assert res["ratio_resized_over_original"][t] == pytest.approx(
+            rates[f"{t}_resized"] / rates[f"{t}_original"]
+        )
     embed = res["embed_images_per_s"]
     assert embed["workers"] > 0
     try:
@@ -180,34 +269,69 @@ def test_perf_decode_quick(tmp_path):
 
 def test_perf_e2e_quick_decoding_on_the_device(tmp_path):
     pytest.importorskip("torchvision")
-    out = run("perf_pipeline.py", "stage", "--quick", "--num-workers", "1", "--embed-decode", "device", "--out", str(tmp_path / "e.json"))
+    out = run(
+        "perf_pipeline.py",
+        "stage",
+        "--quick",
+        "--num-workers",
+        "1",
+        "--embed-decode",
+        "device",
+        "--out",
+        str(tmp_path / "e.json"),
+    )
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["embed_decode"] == "device" and "decoded by the device" in out
 
 
 def test_gpu_script_runs_every_session_step_quick_on_the_cpu(tmp_path):
-    """The one-call GPU script's quick profile (each session step's --quick variant): every step's flags still parse and run, and
+    """The one-call GPU script's quick profile (each session step's --quick variant): every step's flags
+    still parse and run, and
     what comes back is the two files the device tool can return."""
     import os
     import tarfile
 
-    env = dict(os.environ, OUT=str(tmp_path / "out"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "quick"], env=env, capture_output=True, text=True, timeout=900)
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path / "out"),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu.sh"), "quick"], env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu.tar.gz", "summary.txt"]
-    steps = ["versions", "e2e_workers", "eval", "eval_ties", "step", "test_cuda", "checkpoint", "decode", "losses"]
+    steps = [
+        "versions",
+        "e2e_workers",
+        "eval",
+        "eval_ties",
+        "step",
+        "test_cuda",
+        "checkpoint",
+        "decode",
+        "losses",
+    ]
     for name in steps:
         assert f"== {name}: rc 0 in" in summary, summary
     try:
         import torchvision  # noqa: F401
+
         assert "== e2e_device_decode: rc 0 in" in summary
     except ImportError:
         assert "== e2e_device_decode: skipped, no torchvision" in summary
     with tarfile.open(tmp_path / "out" / "gpu.tar.gz") as tar:
         names = set(tar.getnames())
-    for json_file in ("perf_pipeline_stage_workers", "perf_eval", "perf_eval_ties", "perf_training_step",
-                      "perf_run_checkpoint", "perf_pipeline_decode", "perf_training_losses"):
+    for json_file in (
+        "perf_pipeline_stage_workers",
+        "perf_eval",
+        "perf_eval_ties",
+        "perf_training_step",
+        "perf_run_checkpoint",
+        "perf_pipeline_decode",
+        "perf_training_losses",
+    ):
         assert f"gpu/{json_file}.json" in names
     assert {f"gpu/{n}.log" for n in steps} <= names
 
@@ -216,7 +340,12 @@ def test_perf_training_ops_counts_more_for_the_methods_that_do_more(tmp_path):
     out = run("perf_training.py", "ops", "--out", str(tmp_path / "o.json"))
     steps = json.loads((tmp_path / "o.json").read_text())["steps"]
     # a teacher's Gram loss, then a second student and L_mutual, then virtual teachers: each adds ops
-    assert steps["finetune"]["total"] < steps["fecd"]["total"] < steps["ours"]["total"] < steps["ours_stage5"]["total"]
+    assert (
+        steps["finetune"]["total"]
+        < steps["fecd"]["total"]
+        < steps["ours"]["total"]
+        < steps["ours_stage5"]["total"]
+    )
     assert "ratio: ours/finetune ops" in out
 
 
@@ -236,6 +365,10 @@ def test_no_benchmark_or_example_reaches_into_a_private_member():
 
     root = BENCH.parent
     pattern = re.compile(r"(?:pml_mutual[\w.]*\.|learner\.|trainer\.|ctx\.)_[a-z]")
-    hits = [f"{p.name}: {m.group(0)}" for d in ("benchmarks", "examples") for p in (root / d).glob("*.py")
-            for m in pattern.finditer(p.read_text())]
+    hits = [
+        f"{p.name}: {m.group(0)}"
+        for d in ("benchmarks", "examples")
+        for p in (root / d).glob("*.py")
+        for m in pattern.finditer(p.read_text())
+    ]
     assert not hits, hits

@@ -1,5 +1,6 @@
 """What a PML user brings to the stage loop takes effect: a loss with parameters, a stateful loss, a miner,
 an optimizer and LR scheduler, callbacks and loggers (issue: "A PML plug-in in practice")."""
+
 import csv
 import functools
 import math
@@ -23,7 +24,9 @@ def digits():
 
 
 def config(method="ours", **kw):
-    base = dict(method=method, epochs=2, iterations_per_epoch=3, batch_size=16, m_per_class=8, device="cpu", ks=(1, 2))
+    base = dict(
+        method=method, epochs=2, iterations_per_epoch=3, batch_size=16, m_per_class=8, device="cpu", ks=(1, 2)
+    )
     base.update(kw)
     return OnlineConfig(**base)
 
@@ -36,7 +39,9 @@ def arcface(seed=0):
 def learner(digits, run_dir, **kw):
     train, test = digits
     kw.setdefault("config", config())
-    return OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, C2S, run_dir=run_dir, quiet=True, **kw)
+    return OnlineLearner.from_class_assignment(
+        EmbeddingMLP, train, test, C2S, run_dir=run_dir, quiet=True, **kw
+    )
 
 
 class Recorder(Callback):
@@ -56,7 +61,8 @@ class Stop(Exception):
 
 
 class StopAt(Callback):
-    """Interrupt the run after ``epoch`` of ``stage`` (as a kill would, once that epoch's checkpoint is queued)."""
+    """Interrupt the run after ``epoch`` of ``stage`` (as a kill would, once that epoch's checkpoint is
+    queued)."""
 
     def __init__(self, stage, epoch):
         self.at = (stage, epoch)
@@ -109,7 +115,9 @@ def test_optimizer_and_scheduler_factories_take_effect(digits, tmp_path):
 
     sgd = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
     cosine = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=2)
-    learner(digits, tmp_path, metric_loss=arcface(), optimizer=sgd, lr_scheduler=cosine, callbacks=[LR()]).run()
+    learner(
+        digits, tmp_path, metric_loss=arcface(), optimizer=sgd, lr_scheduler=cosine, callbacks=[LR()]
+    ).run()
     for stage, epoch, lrs in seen:
         assert set(lrs) >= {"trunk_optimizer", "metric_loss_optimizer"}
         # a fresh schedule per stage: after epoch e of T_max=2, lr = 0.1 · (1 + cos(π e / 2)) / 2
@@ -122,8 +130,14 @@ def test_optimizer_and_scheduler_factories_take_effect(digits, tmp_path):
             by_iteration.append(ctx.trainer.lr_schedulers["trunk_scheduler_by_iteration"].last_epoch)
 
     step = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=100)
-    learner(digits, tmp_path / "it", optimizer=sgd, lr_scheduler=step, lr_scheduler_step="iteration",
-            callbacks=[Count()]).run()
+    learner(
+        digits,
+        tmp_path / "it",
+        optimizer=sgd,
+        lr_scheduler=step,
+        lr_scheduler_step="iteration",
+        callbacks=[Count()],
+    ).run()
     assert by_iteration[:2] == [3, 6]  # stepped once per iteration
 
 
@@ -139,7 +153,9 @@ def test_what_cannot_take_effect_is_refused_before_training(digits, tmp_path):
         learner(digits, tmp_path, lr_scheduler_step="batch")
 
 
-def test_pml_trainer_keys_for_losses_and_schedulers_are_accepted_and_loss_parameters_need_an_optimizer(digits):
+def test_pml_trainer_keys_for_losses_and_schedulers_are_accepted_and_loss_parameters_need_an_optimizer(
+    digits,
+):
     train, _ = digits
     model = EmbeddingMLP()
     loss = arcface()
@@ -148,9 +164,18 @@ def test_pml_trainer_keys_for_losses_and_schedulers_are_accepted_and_loss_parame
     with pytest.raises(ValueError, match="metric_loss_optimizer"):
         IncrementalTrainer(models={"trunk": model}, optimizers={"trunk_optimizer": opt}, **common)
     loss_opt = torch.optim.SGD(loss.parameters(), lr=0.5)
-    schedulers = {"metric_loss_scheduler_by_iteration": torch.optim.lr_scheduler.StepLR(loss_opt, step_size=1, gamma=0.5)}
-    trainer = IncrementalTrainer(models={"trunk": model}, optimizers={"trunk_optimizer": opt, "metric_loss_optimizer": loss_opt},
-                                 lr_schedulers=schedulers, iterations_per_epoch=2, **common)
+    schedulers = {
+        "metric_loss_scheduler_by_iteration": torch.optim.lr_scheduler.StepLR(
+            loss_opt, step_size=1, gamma=0.5
+        )
+    }
+    trainer = IncrementalTrainer(
+        models={"trunk": model},
+        optimizers={"trunk_optimizer": opt, "metric_loss_optimizer": loss_opt},
+        lr_schedulers=schedulers,
+        iterations_per_epoch=2,
+        **common,
+    )
     start = loss.W.detach().clone()
     trainer.train(1, 1)
     assert not torch.equal(loss.W.detach(), start)
@@ -163,8 +188,16 @@ def test_callbacks_fire_in_order_with_one_global_step_also_across_a_resume(digit
         learner(digits, tmp_path, callbacks=[first, StopAt(1, 1)]).run()
     resumed = Recorder()
     learner(digits, tmp_path, callbacks=[resumed]).run()
-    per_stage = ["before_stage", "before_train", "after_epoch", "after_epoch", "after_train", "after_drift",
-                 "after_eval", "after_stage"]
+    per_stage = [
+        "before_stage",
+        "before_train",
+        "after_epoch",
+        "after_epoch",
+        "after_train",
+        "after_drift",
+        "after_eval",
+        "after_stage",
+    ]
     assert [e for e, *_ in first.events] == per_stage + per_stage[:3]
     # the resume fires nothing for stage 0 (done) and only epoch 2 of stage 1
     assert [e for e, *_ in resumed.events] == per_stage[:2] + per_stage[3:] + per_stage + ["after_run"]
@@ -178,8 +211,15 @@ def test_exact_resume_holds_with_a_parametrised_loss_sgd_and_a_scheduler(digits,
     cosine = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=2)
 
     def make(run_dir, callbacks=()):
-        return learner(digits, run_dir, metric_loss=arcface(), optimizer=sgd, lr_scheduler=cosine,
-                       miner=miners.MultiSimilarityMiner(), callbacks=list(callbacks))
+        return learner(
+            digits,
+            run_dir,
+            metric_loss=arcface(),
+            optimizer=sgd,
+            lr_scheduler=cosine,
+            miner=miners.MultiSimilarityMiner(),
+            callbacks=list(callbacks),
+        )
 
     reference = make(tmp_path / "ref")
     reference.run()
@@ -199,8 +239,13 @@ def test_csv_logger_writes_every_epoch_and_stage_with_one_step_count(digits, tmp
     rows = list(csv.DictReader(open(path)))
     steps = [int(r["step"]) for r in rows if r["name"] == "loss/total_loss"]
     assert steps == [3, 6, 9, 12, 15, 18]
-    assert {r["name"] for r in rows} >= {"loss/metric_loss", "loss/correlation_loss", "lr/trunk_optimizer",
-                                         "recall_at_1/all", "recall_at_2/new"}
+    assert {r["name"] for r in rows} >= {
+        "loss/metric_loss",
+        "loss/correlation_loss",
+        "lr/trunk_optimizer",
+        "recall_at_1/all",
+        "recall_at_2/new",
+    }
     recall = [(int(r["stage"]), int(r["step"])) for r in rows if r["name"] == "recall_at_1/all"]
     assert recall == [(0, 6), (1, 12), (2, 18)]
 
@@ -213,10 +258,14 @@ def test_the_bring_your_own_example_runs_as_the_readme_walks_through_it(tmp_path
     spec = importlib.util.spec_from_file_location("bring_your_own", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    summary = example.main(["--run-dir", str(tmp_path / "run"), "--log", str(tmp_path / "log.csv"), "--epochs", "2"])
+    summary = example.main(
+        ["--run-dir", str(tmp_path / "run"), "--log", str(tmp_path / "log.csv"), "--epochs", "2"]
+    )
     assert len(summary["stages"]) == 3 and 0 < summary["stages"][-1]["all"][1] <= 1
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
-    assert {"lr/metric_loss_optimizer", "lr/support_metric_loss_optimizer", "loss/mutual_loss"} <= {r["name"] for r in rows}
+    assert {"lr/metric_loss_optimizer", "lr/support_metric_loss_optimizer", "loss/mutual_loss"} <= {
+        r["name"] for r in rows
+    }
     assert (tmp_path / "run" / "stage_002" / "metric_loss.pt").exists()
 
 
@@ -228,10 +277,18 @@ def test_a_pml_trainer_users_support_student_gets_its_own_loss_and_optimizer(dig
     from pml_mutual import MutualGramLoss
 
     trainer = IncrementalTrainer(
-        models={"trunk": student, "support_trunk": support}, batch_size=16, dataset=train, quiet=True,
-        optimizers={"trunk_optimizer": torch.optim.Adam(student.parameters()), "metric_loss_optimizer": loss_opt,
-                    "support_trunk_optimizer": torch.optim.Adam(support.parameters())},
-        loss_funcs={"metric_loss": loss, "mutual_loss": MutualGramLoss()}, iterations_per_epoch=2)
+        models={"trunk": student, "support_trunk": support},
+        batch_size=16,
+        dataset=train,
+        quiet=True,
+        optimizers={
+            "trunk_optimizer": torch.optim.Adam(student.parameters()),
+            "metric_loss_optimizer": loss_opt,
+            "support_trunk_optimizer": torch.optim.Adam(support.parameters()),
+        },
+        loss_funcs={"metric_loss": loss, "mutual_loss": MutualGramLoss()},
+        iterations_per_epoch=2,
+    )
     copy_ = trainer.loss_funcs["support_metric_loss"]
     opt = trainer.optimizers["support_metric_loss_optimizer"]
     assert copy_ is not loss and type(opt) is torch.optim.SGD and opt.defaults == loss_opt.defaults
@@ -247,15 +304,20 @@ def test_tensorboard_and_record_keeper_get_one_step_count_across_stages(digits, 
     from pml_mutual.callbacks import RecordKeeperLogger, TensorBoardLogger, TextLogger
 
     keeper = RecordKeeper(record_writer=RecordWriter(folder=str(tmp_path / "records"), global_db_path=None))
-    learner(digits, tmp_path / "run", callbacks=[TensorBoardLogger(tmp_path / "tb"), RecordKeeperLogger(keeper),
-                                                 TextLogger()]).run()
+    learner(
+        digits,
+        tmp_path / "run",
+        callbacks=[TensorBoardLogger(tmp_path / "tb"), RecordKeeperLogger(keeper), TextLogger()],
+    ).run()
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss/total_loss")] == [3, 6, 9, 12, 15, 18]  # not restarting at 0
     assert [e.step for e in events.Scalars("recall_at_1/all")] == [6, 12, 18]
     # the record writer's files hold every epoch without a save_records() by hand
     lines = (tmp_path / "records" / "loss.csv").read_text().splitlines()
-    steps = [int(line.split(",")[0]) for line in lines if not line.startswith("~iteration~")]  # a header per new column set
+    steps = [
+        int(line.split(",")[0]) for line in lines if not line.startswith("~iteration~")
+    ]  # a header per new column set
     assert steps == [3, 6, 9, 12, 15, 18]
 
 

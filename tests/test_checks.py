@@ -40,7 +40,9 @@ def leaf(draw):
 
 trees = st.recursive(
     leaf() | st.none() | st.integers(),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.sampled_from("abcdef"), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.sampled_from("abcdef"), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -52,7 +54,10 @@ def test_nonfinite_tensors_names_exactly_the_tensors_holding_nan_or_inf(tree):
 
 
 def test_nonfinite_tensors_names_nested_entries_in_order():
-    state = {"model": {"w": torch.ones(3), "b": torch.tensor([0.0, math.nan])},
-             "opt": [{"m": torch.tensor([math.inf]), "step": torch.tensor(3)}], "empty": torch.zeros(0)}
+    state = {
+        "model": {"w": torch.ones(3), "b": torch.tensor([0.0, math.nan])},
+        "opt": [{"m": torch.tensor([math.inf]), "step": torch.tensor(3)}],
+        "empty": torch.zeros(0),
+    }
     assert nonfinite_tensors(state) == ["model.b", "opt[0].m"]
     assert nonfinite_tensors(torch.tensor([1e300], dtype=torch.float64)) == []

@@ -4,6 +4,7 @@ A GPU is lent rarely, so CI rehearses this file on the CPU (``PML_MUTUAL_CUDA_RE
 tests/test_cuda_rehearsal.py): ``DEVICE`` is then the CPU and the CUDA-only calls below do nothing. That
 proves only that the code runs, not what it asserts about a GPU, but a typo found here costs no GPU time.
 """
+
 import contextlib
 import os
 
@@ -57,11 +58,12 @@ def test_gram_losses_are_float32_under_float16_autocast():
 
 
 def test_amp_run_on_cuda_scales_float16_only_and_learns(tmp_path):
-    """bfloat16 autocast where the GPU has it (no GradScaler, no per-step sync), float16 + GradScaler elsewhere."""
+    """bfloat16 autocast where the GPU has it (no GradScaler, no per-step sync), float16 + GradScaler
+    elsewhere."""
     from pml_mutual import OnlineConfig, OnlineLearner
     from pml_mutual.data import load_digits_splits, stage_assignment
-    from pml_mutual.models import EmbeddingMLP
     from pml_mutual.evaluation.stages import autocast_dtype
+    from pml_mutual.models import EmbeddingMLP
     from pml_mutual.trainers import IncrementalTrainer
 
     scalers = []
@@ -74,10 +76,27 @@ def test_amp_run_on_cuda_scales_float16_only_and_learns(tmp_path):
     IncrementalTrainer.custom_setup = spy
     try:
         train, test = load_digits_splits()
-        cfg = OnlineConfig(method="ours", epochs=2, iterations_per_epoch=20, batch_size=16, m_per_class=8, lr=1e-3,
-                           weight_decay=0.0, device=DEVICE, amp=True, freeze_batchnorm=False)
-        learner = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, stage_assignment(range(10), 4, 2),
-                                                      config=cfg, run_dir=tmp_path, quiet=True)
+        cfg = OnlineConfig(
+            method="ours",
+            epochs=2,
+            iterations_per_epoch=20,
+            batch_size=16,
+            m_per_class=8,
+            lr=1e-3,
+            weight_decay=0.0,
+            device=DEVICE,
+            amp=True,
+            freeze_batchnorm=False,
+        )
+        learner = OnlineLearner.from_class_assignment(
+            EmbeddingMLP,
+            train,
+            test,
+            stage_assignment(range(10), 4, 2),
+            config=cfg,
+            run_dir=tmp_path,
+            quiet=True,
+        )
         summary = learner.run()
     finally:
         IncrementalTrainer.custom_setup = original
@@ -96,7 +115,9 @@ def test_faiss_gpu_matches_cpu_when_available():
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(2000, 64)).astype("float32")
     labels = rng.integers(0, 50, 2000)
-    assert recall_at_k(emb, labels, (1, 2, 4), use_gpu=True) == pytest.approx(recall_at_k(emb, labels, (1, 2, 4), use_gpu=False))
+    assert recall_at_k(emb, labels, (1, 2, 4), use_gpu=True) == pytest.approx(
+        recall_at_k(emb, labels, (1, 2, 4), use_gpu=False)
+    )
 
 
 def test_distillation_losses_and_virtual_features_never_sync_the_host():
@@ -115,9 +136,14 @@ def test_distillation_losses_and_virtual_features_never_sync_the_host():
     s_ = torch.randn(48, 32, device=DEVICE, requires_grad=True)
     o = torch.randn(48, 32, device=DEVICE)
     corr, mutual = GramCorrelationLoss(), MutualGramLoss()
-    corr.sum_over_teachers(p, [o, comp.virtual_feature_stack(o)])  # first call builds the device copy of the prototypes
+    # first call builds the device copy of the prototypes
+    corr.sum_over_teachers(p, [o, comp.virtual_feature_stack(o)])
     with host_syncs_raise():
-        total = corr.sum_over_teachers(p, [o, comp.virtual_feature_stack(o)]) + mutual(p, ref_emb=s_) + corr(p, ref_emb=o)
+        total = (
+            corr.sum_over_teachers(p, [o, comp.virtual_feature_stack(o)])
+            + mutual(p, ref_emb=s_)
+            + corr(p, ref_emb=o)
+        )
         total.backward()
     assert torch.isfinite(total).item()
 
@@ -137,7 +163,9 @@ def test_a_whole_default_ours_training_step_never_syncs_the_host():
     from pml_mutual.models import SmallCNN
 
     dim = SmallCNN()(x[:2].cpu()).shape[1]
-    trainer = make_trainer("ours", "small_cnn", (x, y), torch.device(DEVICE), stage5_compensator(dim, DEVICE), amp=True)
+    trainer = make_trainer(
+        "ours", "small_cnn", (x, y), torch.device(DEVICE), stage5_compensator(dim, DEVICE), amp=True
+    )
     trainer.forward_and_backward()  # first step: optimiser state, cuDNN plans
     with host_syncs_raise():
         for _ in range(2):
@@ -154,7 +182,10 @@ def test_torch_knn_on_cuda_equals_faiss_on_cpu():
         emb[i, rng.choice(8, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
     emb[:1500] = emb[0]
     labels = rng.integers(0, 40, len(emb))
-    assert np.array_equal(nearest_neighbours(emb, 8, backend="torch", device=DEVICE), nearest_neighbours(emb, 8, backend="faiss"))
+    assert np.array_equal(
+        nearest_neighbours(emb, 8, backend="torch", device=DEVICE),
+        nearest_neighbours(emb, 8, backend="faiss"),
+    )
     assert recall_at_k(emb, labels, backend="auto") == recall_at_k(emb, labels, backend="faiss")
 
 
@@ -167,10 +198,21 @@ def test_gallery_report_and_chained_learned_maps_on_cuda(tmp_path):
     from pml_mutual.models import EmbeddingMLP
 
     train, test = load_digits_splits()
-    cfg = OnlineConfig(method="ours", epochs=1, iterations_per_epoch=15, batch_size=16, m_per_class=8, lr=1e-3,
-                       weight_decay=0.0, device=DEVICE, drift_mode="learned_chained", gallery_report=True)
-    summary = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, stage_assignment(range(10), 4, 2),
-                                                  config=cfg, run_dir=tmp_path, quiet=True).run()
+    cfg = OnlineConfig(
+        method="ours",
+        epochs=1,
+        iterations_per_epoch=15,
+        batch_size=16,
+        m_per_class=8,
+        lr=1e-3,
+        weight_decay=0.0,
+        device=DEVICE,
+        drift_mode="learned_chained",
+        gallery_report=True,
+    )
+    summary = OnlineLearner.from_class_assignment(
+        EmbeddingMLP, train, test, stage_assignment(range(10), 4, 2), config=cfg, run_dir=tmp_path, quiet=True
+    ).run()
     for s in summary["stages"]:
         g = s["gallery"]
         assert g["reembedded"]["all"][1] == pytest.approx(s["all"][1], abs=1 / 300)
@@ -187,17 +229,58 @@ def test_perf_e2e_perf_checkpoint_and_perf_extract_run_on_cuda(tmp_path):
     from pathlib import Path
 
     bench = Path(__file__).parents[1] / "benchmarks"
-    subprocess.run([sys.executable, str(bench / "perf_pipeline.py"), "stage", "--quick", "--device", DEVICE, "--rounds", "3",
-                    "--out", str(tmp_path / "e.json")], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(bench / "perf_pipeline.py"),
+            "stage",
+            "--quick",
+            "--device",
+            DEVICE,
+            "--rounds",
+            "3",
+            "--out",
+            str(tmp_path / "e.json"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     res = json.loads((tmp_path / "e.json").read_text())
     for r in res["rounds"]:
         assert 0 < r["first_step_in_stage_s"] <= r["steps_in_stage_s"] < r["phases_s"]["train"]
-    subprocess.run([sys.executable, str(bench / "perf_run.py"), "checkpoint", "--quick", "--device", DEVICE,
-                    "--out", str(tmp_path / "c.json")], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(bench / "perf_run.py"),
+            "checkpoint",
+            "--quick",
+            "--device",
+            DEVICE,
+            "--out",
+            str(tmp_path / "c.json"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     res = json.loads((tmp_path / "c.json").read_text())
     assert res["device"] == DEVICE and 2.9 < res["mid_stage"]["bytes"] / res["last_epoch"]["bytes"] < 3.1
-    subprocess.run([sys.executable, str(bench / "perf_pipeline.py"), "extract", "--quick", "--device", DEVICE,
-                    "--out", str(tmp_path / "x.json")], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(bench / "perf_pipeline.py"),
+            "extract",
+            "--quick",
+            "--device",
+            DEVICE,
+            "--out",
+            str(tmp_path / "x.json"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     res = json.loads((tmp_path / "x.json").read_text())
     assert res["device"] == DEVICE and res["tasks_per_pass"]["tasks"] > res["tasks_per_pass"]["whole_batch"]
 

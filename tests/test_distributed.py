@@ -1,4 +1,6 @@
-"""torch.distributed (torchrun / gloo on CPU): the sampler, global-batch equivalence, and a 2-rank online run."""
+"""torch.distributed (torchrun / gloo on CPU): the sampler, global-batch equivalence, and a 2-rank online
+run."""
+
 import os
 import socket
 import subprocess
@@ -30,12 +32,17 @@ def test_ranks_split_one_global_class_balanced_batch(world, classes_per_rank, m,
     labels = np.repeat(np.arange(world * classes_per_rank + 3), 5)
     batch = classes_per_rank * m
     steps = 4
-    single = list(DistributedMPerClassSampler(labels, m, world * batch, steps * world * batch, 1, 0, seed=seed))
-    per_rank = [list(DistributedMPerClassSampler(labels, m, batch, steps * batch, world, r, seed=seed)) for r in range(world)]
+    single = list(
+        DistributedMPerClassSampler(labels, m, world * batch, steps * world * batch, 1, 0, seed=seed)
+    )
+    per_rank = [
+        list(DistributedMPerClassSampler(labels, m, batch, steps * batch, world, r, seed=seed))
+        for r in range(world)
+    ]
     for t in range(steps):
-        parts = [p[t * batch:(t + 1) * batch] for p in per_rank]
+        parts = [p[t * batch : (t + 1) * batch] for p in per_rank]
         # N ranks × B are exactly the images of one process with N·B, in rank order
-        assert sum(parts, []) == single[t * world * batch:(t + 1) * world * batch]
+        assert sum(parts, []) == single[t * world * batch : (t + 1) * world * batch]
         class_sets = [set(labels[q].tolist()) for q in parts]
         assert all(len(c) == classes_per_rank for c in class_sets)
         assert len(set().union(*class_sets)) == world * classes_per_rank  # disjoint across ranks
@@ -58,7 +65,9 @@ def test_helpers_are_identity_in_one_process():
 @pytest.mark.parametrize("gram_scope", ["global", "local"])
 def test_two_ranks_match_one_process_with_the_global_batch(tmp_path, gram_scope):
     out = tmp_path / "two.pt"
-    mp.spawn(ddp_step.spawned, args=(2, free_port(), ddp_step.run_step, str(out), gram_scope), nprocs=2, join=True)
+    mp.spawn(
+        ddp_step.spawned, args=(2, free_port(), ddp_step.run_step, str(out), gram_scope), nprocs=2, join=True
+    )
     two = torch.load(out, weights_only=True)
     ddp_step.run_step(1, 0, str(tmp_path / "one.pt"))
     one = torch.load(tmp_path / "one.pt", weights_only=True)
@@ -70,8 +79,12 @@ def test_two_ranks_match_one_process_with_the_global_batch(tmp_path, gram_scope)
         # (distances, no 1/T) by ~2·D·eps. The total carries the λ-weighted sum of these.
         eps, d, t = float(torch.finfo(torch.float32).eps), ddp_step.EMBEDDING_SIZE, 4.0
         kl = 4 * d * eps / t
-        bound = {"metric_loss": 2 * d * eps, "support_metric_loss": 2 * d * eps, "mutual_loss": 2 * kl,
-                 "correlation_loss": ddp_step.CORRELATION_TERMS * kl}
+        bound = {
+            "metric_loss": 2 * d * eps,
+            "support_metric_loss": 2 * d * eps,
+            "mutual_loss": 2 * kl,
+            "correlation_loss": ddp_step.CORRELATION_TERMS * kl,
+        }
         bound["total_loss"] = sum(ddp_step.LOSS_WEIGHTS[k] * b for k, b in bound.items())
         for k, b in bound.items():
             assert abs(two["losses"][k] - one["losses"][k]) <= b, (k, two["losses"][k], one["losses"][k], b)
@@ -82,9 +95,26 @@ def test_two_ranks_match_one_process_with_the_global_batch(tmp_path, gram_scope)
 
 
 def _torchrun(nproc, run_dir, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", str(free_port()),
-           str(ROOT / "examples" / "ddp_digits.py"), "--cpu", "--iterations", "4", "--run-dir", str(run_dir), *extra]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "examples" / "ddp_digits.py"),
+        "--cpu",
+        "--iterations",
+        "4",
+        "--run-dir",
+        str(run_dir),
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -115,7 +145,9 @@ def test_torchrun_two_ranks_agree_checkpoint_once_and_resume(tmp_path):
     single = _torchrun(1, tmp_path / "single", "--batch-size", "16")
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
     first_two = torch.load(run_dir / "stage_000" / "model.pt", map_location="cpu", weights_only=True)
-    first_one = torch.load(tmp_path / "single" / "stage_000" / "model.pt", map_location="cpu", weights_only=True)
+    first_one = torch.load(
+        tmp_path / "single" / "stage_000" / "model.pt", map_location="cpu", weights_only=True
+    )
     # the first stage (8 Adam steps) agrees to float rounding; later stages drift apart slowly (rounding
     # differences of the all-reduce, amplified by Adam and by the miner's choices), not systematically
     assert all(torch.allclose(first_two[k], first_one[k], atol=1e-4) for k in first_two)
@@ -147,7 +179,12 @@ def test_bad_gram_scope_is_refused():
 @pytest.mark.parametrize("world", [1, 2])
 def test_students_wrapped_only_with_ranks_to_sync_and_shutdown_ends_the_group(tmp_path, world):
     out = tmp_path / "seen.pt"
-    mp.spawn(ddp_step.spawned, args=(world, free_port(), ddp_step.wrap_then_shutdown, str(out)), nprocs=world, join=True)
+    mp.spawn(
+        ddp_step.spawned,
+        args=(world, free_port(), ddp_step.wrap_then_shutdown, str(out)),
+        nprocs=world,
+        join=True,
+    )
     seen = torch.load(out, weights_only=True)
     assert seen["wrapped"]["teacher_trunk"] == "EmbeddingMLP"  # the frozen teacher is never synchronised
     assert seen["wrapped"]["trunk"] == ("DistributedDataParallel" if world > 1 else "EmbeddingMLP")

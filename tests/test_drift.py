@@ -5,19 +5,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pml_mutual import DriftCompensator, GramCorrelationLoss
-from pml_mutual.drift import (
-    feature_drift,
-    prototype_drift,
-    prototypes,
-    similarity_weights,
-    virtual_features,
-)
+from pml_mutual.drift import feature_drift, prototype_drift, prototypes, similarity_weights, virtual_features
 
 SIMS = ["cosine_relu", "gaussian", "cosine"]
 
 
 def clustered(n_classes, per_class, dim, seed, spread=0.1):
-    """Unit features around well-separated class centres (all in the positive orthant, so raw cosine works)."""
+    """Unit features around well-separated class centres (all in the positive orthant, so raw cosine
+    works)."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.rand(n_classes, dim, generator=g) + 0.5
     labels = torch.arange(n_classes).repeat_interleave(per_class)
@@ -34,7 +29,8 @@ def test_prototypes_are_class_means():
 
 @given(st.integers(0, 10_000), st.sampled_from(SIMS), st.integers(2, 6), st.integers(2, 8))
 def test_translation_round_trip(seed, sim, k, d):
-    """Eq. 3/4: a pure translation by v gives drift v for every prototype and virtual features = old features."""
+    """Eq. 3/4: a pure translation by v gives drift v for every prototype and virtual features = old
+    features."""
     old, labels = clustered(k, 5, d, seed)
     v = torch.randn(d, generator=torch.Generator().manual_seed(seed + 1)) * 0.3
     new = old + v
@@ -113,7 +109,11 @@ def test_translated_stages_give_exact_drift(mode):
 
 
 def test_chained_equals_direct_for_translations():
-    shifts = [torch.tensor([0.1, 0.0, -0.2, 0.05]), torch.tensor([0.0, 0.3, 0.1, 0.0]), torch.tensor([0.2, 0.2, 0, 0])]
+    shifts = [
+        torch.tensor([0.1, 0.0, -0.2, 0.05]),
+        torch.tensor([0.0, 0.3, 0.1, 0.0]),
+        torch.tensor([0.2, 0.2, 0, 0]),
+    ]
     direct, _ = three_stages("direct", shifts)
     chained, _ = three_stages("chained", shifts)
     teacher = torch.randn(7, 4)
@@ -140,17 +140,23 @@ def test_virtual_features_recover_earlier_models_under_translation():
 
 
 def test_correlation_loss_sums_real_and_virtual_teachers():
-    comp, _ = three_stages("direct", [torch.tensor([0.1, 0.0, -0.2, 0.05]), torch.tensor([0.0, 0.3, 0.1, 0.0])])
+    comp, _ = three_stages(
+        "direct", [torch.tensor([0.1, 0.0, -0.2, 0.05]), torch.tensor([0.0, 0.3, 0.1, 0.0])]
+    )
     student, teacher = torch.randn(8, 4, requires_grad=True), torch.randn(8, 4)
     got = GramCorrelationLoss().sum_over_teachers(student, [teacher, comp.virtual_feature_stack(teacher)])
     loss = GramCorrelationLoss()
-    want = loss(student, ref_emb=teacher) + sum(loss(student, ref_emb=v) for v in comp.virtual_features(teacher))
+    want = loss(student, ref_emb=teacher) + sum(
+        loss(student, ref_emb=v) for v in comp.virtual_features(teacher)
+    )
     assert got.item() == pytest.approx(want.item(), rel=1e-5)  # fused batched sum vs loop: rounding only
     got.backward()
     assert student.grad is not None
     single = DriftCompensator()
     single.add_stage(*clustered(3, 4, 4, 0))
-    assert GramCorrelationLoss().sum_over_teachers(student, [teacher, single.virtual_feature_stack(teacher)]).item() == pytest.approx(loss(student, ref_emb=teacher).item(), rel=1e-5)
+    assert GramCorrelationLoss().sum_over_teachers(
+        student, [teacher, single.virtual_feature_stack(teacher)]
+    ).item() == pytest.approx(loss(student, ref_emb=teacher).item(), rel=1e-5)
 
 
 def test_mode_none_keeps_one_term_per_stage_without_drift():
@@ -169,7 +175,9 @@ def test_mode_none_keeps_one_term_per_stage_without_drift():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(still.virtual_features(teacher), virt))
     student = torch.randn(8, 4, requires_grad=True)
     one = GramCorrelationLoss()(student, ref_emb=teacher)
-    assert GramCorrelationLoss().sum_over_teachers(student, [teacher, comp.virtual_feature_stack(teacher)]).item() == pytest.approx(3 * one.item(), rel=1e-5)
+    assert GramCorrelationLoss().sum_over_teachers(
+        student, [teacher, comp.virtual_feature_stack(teacher)]
+    ).item() == pytest.approx(3 * one.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["direct", "chained", "none", "learned_chained"])
@@ -238,7 +246,9 @@ def test_the_batched_virtual_features_equal_eq4_stage_by_stage(classes, dim, sim
     comp = DriftCompensator(similarity=similarity, normalize=normalize)
     first = 0
     for k in classes:
-        comp.add_stage(F.normalize(torch.randn(3 * k, dim, generator=g), dim=1), torch.arange(first, first + k).repeat(3))
+        comp.add_stage(
+            F.normalize(torch.randn(3 * k, dim, generator=g), dim=1), torch.arange(first, first + k).repeat(3)
+        )
         first += k
         for t in comp.stages_to_measure():
             old = F.normalize(torch.randn(3 * k, dim, generator=g), dim=1)
@@ -247,17 +257,32 @@ def test_the_batched_virtual_features_equal_eq4_stage_by_stage(classes, dim, sim
     got = comp.virtual_feature_stack(teacher)
     assert got.shape == (len(classes) - 1, 5, dim)
     for t in range(len(classes) - 1):
-        want = virtual_features(teacher, comp.drifted_prototypes(t), comp.prototype_drifts[t], similarity,
-                                normalize=normalize, sigma=comp.sigma, eps=comp.eps)
+        want = virtual_features(
+            teacher,
+            comp.drifted_prototypes(t),
+            comp.prototype_drifts[t],
+            similarity,
+            normalize=normalize,
+            sigma=comp.sigma,
+            eps=comp.eps,
+        )
         # the same sums over a stage's classes, padded with exact zeros; only the order of float32
         # additions may differ: a few eps per term of the K-term and D-term sums, relative to the drift
         scale = 1 + comp.prototype_drifts[t].abs().max().item()
-        bound = 8 * (max(classes) + dim) * torch.finfo(torch.float32).eps * scale * (1 if normalize else 1 + teacher.abs().max().item())
+        bound = (
+            8
+            * (max(classes) + dim)
+            * torch.finfo(torch.float32).eps
+            * scale
+            * (1 if normalize else 1 + teacher.abs().max().item())
+        )
         assert (got[t] - want).abs().max().item() <= bound
 
 
 def test_load_state_dict_refuses_bad_state():
-    comp, _ = three_stages("direct", [torch.tensor([0.1, 0.0, -0.2, 0.05]), torch.tensor([0.0, 0.3, 0.1, 0.0])])
+    comp, _ = three_stages(
+        "direct", [torch.tensor([0.1, 0.0, -0.2, 0.05]), torch.tensor([0.0, 0.3, 0.1, 0.0])]
+    )
     good = comp.state_dict()
 
     def broken(**change):
@@ -271,9 +296,17 @@ def test_load_state_dict_refuses_bad_state():
 
     cases = {
         "missing key 'prototype_drifts'": broken(prototype_drifts=None),
-        "stage_prototypes\\[1\\].*shape": broken(stage_prototypes=lambda s: [s["stage_prototypes"][0], torch.zeros(3, 5), s["stage_prototypes"][2]]),
-        "prototype_drifts\\[0\\].*shape": broken(prototype_drifts=lambda s: [torch.zeros(2, 4)] + s["prototype_drifts"][1:]),
-        "stage_prototypes\\[2\\].*NaN": broken(stage_prototypes=lambda s: s["stage_prototypes"][:2] + [torch.full_like(s["stage_prototypes"][2], float("nan"))]),
+        "stage_prototypes\\[1\\].*shape": broken(
+            stage_prototypes=lambda s: [s["stage_prototypes"][0], torch.zeros(3, 5), s["stage_prototypes"][2]]
+        ),
+        "prototype_drifts\\[0\\].*shape": broken(
+            prototype_drifts=lambda s: [torch.zeros(2, 4)] + s["prototype_drifts"][1:]
+        ),
+        "stage_prototypes\\[2\\].*NaN": broken(
+            stage_prototypes=lambda s: (
+                s["stage_prototypes"][:2] + [torch.full_like(s["stage_prototypes"][2], float("nan"))]
+            )
+        ),
         "class_ids\\[0\\].*classes": broken(class_ids=lambda s: [torch.arange(7)] + s["class_ids"][1:]),
         "sigma": broken(sigma=float("inf")),
         "differ in length": broken(class_ids=lambda s: s["class_ids"][:2]),
@@ -331,7 +364,9 @@ def test_learned_mode_virtual_features_are_the_maps_and_the_loss_sums_them():
     student = torch.randn(6, 4, requires_grad=True)
     loss = GramCorrelationLoss()
     want = loss(student, ref_emb=teacher) + sum(loss(student, ref_emb=v) for v in virt)
-    assert GramCorrelationLoss().sum_over_teachers(student, [teacher, comp.virtual_feature_stack(teacher)]).item() == pytest.approx(want.item(), rel=1e-5)
+    assert GramCorrelationLoss().sum_over_teachers(
+        student, [teacher, comp.virtual_feature_stack(teacher)]
+    ).item() == pytest.approx(want.item(), rel=1e-5)
     other = DriftCompensator(mode="learned")
     other.load_state_dict(comp.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(other.virtual_features(teacher), virt))
@@ -363,13 +398,18 @@ def test_learned_chained_composes_step_maps_into_the_direct_maps(stages, dim, se
     assert torch.allclose(chained, direct, atol=1e-3)
     for t in range(stages - 1):
         want = comps["learned"].update_gallery(probe @ models[t], t, "learned")
-        assert torch.allclose(comps["learned_chained"].update_gallery(probe @ models[t], t, "learned"), want, atol=1e-3)
-        assert torch.allclose(comps["learned_chained"].prototype_drifts[t], comps["learned"].prototype_drifts[t], atol=1e-3)
+        assert torch.allclose(
+            comps["learned_chained"].update_gallery(probe @ models[t], t, "learned"), want, atol=1e-3
+        )
+        assert torch.allclose(
+            comps["learned_chained"].prototype_drifts[t], comps["learned"].prototype_drifts[t], atol=1e-3
+        )
     with pytest.raises(ValueError, match="previous stage"):
         comps["learned_chained"].update_drift(probe, probe, stage=0 if stages > 2 else 5)
 
 
-# ----------------------------------------------------------------- gallery update (stored embeddings, no images)
+# ----------------------------------------------------------------- gallery update (stored embeddings, no
+# images)
 def test_gallery_update_by_translation_is_exact_for_a_translated_model():
     comp = DriftCompensator(mode="direct", normalize=False)
     models = [torch.zeros(4), torch.tensor([0.1, 0.0, -0.2, 0.05])]
@@ -437,5 +477,7 @@ def test_arguments_are_checked_with_messages_that_say_what_to_pass():
         none.update_gallery(x, 0)
     emb, lab = torch.randn(24, 4, generator=g), torch.cat([labels, labels + 3])
     for stage in (5, -1, 0.5):
-        with pytest.raises(ValueError, match=r"stage must be an integer of the class → stage map's stages \(0–1\)"):
+        with pytest.raises(
+            ValueError, match=r"stage must be an integer of the class → stage map's stages \(0–1\)"
+        ):
             stage_recalls(emb, lab, {c: c // 3 for c in range(6)}, stage, ks=(1,))

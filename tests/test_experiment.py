@@ -1,4 +1,5 @@
 """Experiments over finished runs: the fidelity of the virtual features against the real earlier models."""
+
 import math
 
 import numpy as np
@@ -14,10 +15,29 @@ from pml_mutual.models import EmbeddingMLP
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     train, test = load_digits_splits()
-    configs = {m: OnlineConfig(method=m, epochs=1, iterations_per_epoch=20, batch_size=16, m_per_class=8, lr=1e-3,
-                               weight_decay=0.0, device="cpu", drift_mode="learned") for m in ("initial", "ours")}
-    _, learners = run_methods(EmbeddingMLP, train, test, stage_assignment(range(10), 4, 2), configs,
-                              tmp_path_factory.mktemp("runs"), return_learners=True)
+    configs = {
+        m: OnlineConfig(
+            method=m,
+            epochs=1,
+            iterations_per_epoch=20,
+            batch_size=16,
+            m_per_class=8,
+            lr=1e-3,
+            weight_decay=0.0,
+            device="cpu",
+            drift_mode="learned",
+        )
+        for m in ("initial", "ours")
+    }
+    _, learners = run_methods(
+        EmbeddingMLP,
+        train,
+        test,
+        stage_assignment(range(10), 4, 2),
+        configs,
+        tmp_path_factory.mktemp("runs"),
+        return_learners=True,
+    )
     return learners["ours"]
 
 
@@ -29,7 +49,8 @@ def test_fidelity_rows_bracket_every_mode_between_the_teacher_and_the_real_model
         # Eq. 6's extra targets: the teacher's own Gram target is 0 away from itself, any other estimate ≥ 0
         assert abs(r["teacher"]["gram_kl"]) < 1e-6 and r["real"]["gram_kl"] > 0
         assert all(r[m]["gram_kl"] >= -1e-6 for m in ("none", "direct", "learned"))
-        # zero drift distils from the teacher feature itself (re-normalised: float32 rounding, ~1e-7 per value)
+        # zero drift distils from the teacher feature itself (re-normalised: float32 rounding, ~1e-7 per
+        # value)
         assert r["none"]["cosine"] == pytest.approx(r["teacher"]["cosine"], rel=1e-6)
         # a nearest neighbour may flip only on a tie within that rounding: at most a query of the smallest
         # stage (2 classes × ~90 test images)

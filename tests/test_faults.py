@@ -1,4 +1,6 @@
-"""Faults a careful user runs into, each run for real: stale results, foreign files, NaN, late or nameless errors."""
+"""Faults a careful user runs into, each run for real: stale results, foreign files, NaN, late or nameless
+errors."""
+
 import json
 
 import numpy as np
@@ -15,7 +17,15 @@ from pml_mutual.trainers.incremental_trainer import NonFiniteLossError
 
 
 def tiny(**kw):
-    base = dict(method="finetune", epochs=1, iterations_per_epoch=2, batch_size=4, m_per_class=2, device="cpu", lr=1e-3)
+    base = dict(
+        method="finetune",
+        epochs=1,
+        iterations_per_epoch=2,
+        batch_size=4,
+        m_per_class=2,
+        device="cpu",
+        lr=1e-3,
+    )
     base.update(kw)
     return OnlineConfig(**base)
 
@@ -32,8 +42,16 @@ def data(n_classes=4, per_class=6, seed=0, nan_class=None):
 def learner(run_dir, train=None, test=None, config=None, factory=EmbeddingMLP, **kw):
     train = train if train is not None else data()
     test = test if test is not None else data(seed=1)
-    return OnlineLearner.from_class_assignment(factory, train, test, stage_assignment(range(4), 2),
-                                               config=config or tiny(), run_dir=run_dir, quiet=True, **kw)
+    return OnlineLearner.from_class_assignment(
+        factory,
+        train,
+        test,
+        stage_assignment(range(4), 2),
+        config=config or tiny(),
+        run_dir=run_dir,
+        quiet=True,
+        **kw,
+    )
 
 
 def test_a_different_split_of_equal_size_is_refused_naming_the_data(tmp_path):
@@ -101,12 +119,16 @@ class NaNAfterFirstStep(torch.nn.Module):
         return out
 
 
-def test_nan_data_is_refused_before_training_and_a_nan_loss_stops_training_naming_where_and_writing_nothing(tmp_path):
+def test_nan_data_is_refused_before_training_and_a_nan_loss_stops_training_naming_where_and_writing_nothing(
+    tmp_path,
+):
     run = tmp_path / "r"
     with pytest.raises(ValueError, match=r"the training dataset holds NaN or inf inputs \(item 6 first\)"):
         learner(run, train=data(nan_class=1)).run()
     assert not (run / "in_progress.pt").exists() and not list(run.glob("stage_*/*.pt"))
-    with pytest.raises(NonFiniteLossError, match=r"stage 0, epoch 1, iteration \d+: non-finite loss \(.*metric_loss"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"stage 0, epoch 1, iteration \d+: non-finite loss \(.*metric_loss"
+    ):
         learner(tmp_path / "diverging", factory=NaNAfterFirstStep).run()
     assert not (tmp_path / "diverging" / "in_progress.pt").exists()
     assert not list((tmp_path / "diverging").glob("stage_*/*.pt"))
@@ -151,9 +173,18 @@ def test_a_test_set_missing_a_stage_is_refused_before_training(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("field,value", [("temperature", float("inf")), ("temperature", 0.0), ("temperature", 5e3),
-                                         ("lambda_corr", float("nan")), ("lr", -1.0), ("eval_batch_size", 0),
-                                         ("ks", 4)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", float("inf")),
+        ("temperature", 0.0),
+        ("temperature", 5e3),
+        ("lambda_corr", float("nan")),
+        ("lr", -1.0),
+        ("eval_batch_size", 0),
+        ("ks", 4),
+    ],
+)
 def test_invalid_config_values_are_refused_at_construction(field, value):
     with pytest.raises((ValueError, TypeError), match=field if field != "ks" else "ks"):
         tiny(**{field: value})
@@ -205,10 +236,19 @@ def test_a_missing_image_file_is_refused_before_training(tmp_path):
             trained.append(1)
             return super().forward(x.flatten(1)[:, :64])
 
-    with pytest.raises(FileNotFoundError, match=r"1 of the \d+ image files of the training dataset do not exist.*" + train_items.paths[3]):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"1 of the \d+ image files of the training dataset do not exist.*" + train_items.paths[3],
+    ):
         OnlineLearner.from_class_assignment(
-            Spy, ImageListDataset(train_items, transform), ImageListDataset(test_items, transform),
-            stages_from_ends(np.unique(train_items.labels), [2]), config=tiny(), run_dir=tmp_path / "r", quiet=True)
+            Spy,
+            ImageListDataset(train_items, transform),
+            ImageListDataset(test_items, transform),
+            stages_from_ends(np.unique(train_items.labels), [2]),
+            config=tiny(),
+            run_dir=tmp_path / "r",
+            quiet=True,
+        )
     assert not trained and not (tmp_path / "r" / "config.json").exists()
 
 
@@ -231,7 +271,9 @@ def test_unsupported_backbone_image_sizes_are_named_before_training():
     from pml_mutual.models.backbones import check_image_size, supported_image_sizes
 
     assert supported_image_sizes("bninception", [224, 48]) == [224]
-    with pytest.raises(ValueError, match=r"bninception backbone cannot take 80×80 images; sizes that work near it: \[.*\]"):
+    with pytest.raises(
+        ValueError, match=r"bninception backbone cannot take 80×80 images; sizes that work near it: \[.*\]"
+    ):
         check_image_size("bninception", 80)
     check_image_size("bninception", 224)
 
@@ -240,8 +282,20 @@ def test_the_cli_checks_image_size_and_files_before_training(tmp_path, capsys):
     from pml_mutual.reproduce import run
 
     with pytest.raises(ValueError, match="cannot take 48×48"):
-        run("cub200", ["--smoke", "--backbone", "bninception", "--image-size", "48", "--methods", "finetune",
-                       "--runs", str(tmp_path / "runs")])
+        run(
+            "cub200",
+            [
+                "--smoke",
+                "--backbone",
+                "bninception",
+                "--image-size",
+                "48",
+                "--methods",
+                "finetune",
+                "--runs",
+                str(tmp_path / "runs"),
+            ],
+        )
     assert not (tmp_path / "runs").exists()
 
 
@@ -252,6 +306,8 @@ def test_a_damaged_image_is_named(tmp_path, damage):
     root = _cub(tmp_path, (2, 2))
     path = next((root / "images").rglob("*.jpg"))
     data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"not a jpeg" * 10, "empty": b""}[damage])
+    path.write_bytes(
+        {"truncate": data[: len(data) // 2], "garbage": b"not a jpeg" * 10, "empty": b""}[damage]
+    )
     with pytest.raises(OSError, match=f"cannot decode image {path}"):
         open_image(path)

@@ -1,4 +1,6 @@
-"""A gallery that is not re-embedded: StoredGallery's updates, its checkpoints, and the stage loop's report."""
+"""A gallery that is not re-embedded: StoredGallery's updates, its checkpoints, and the stage loop's
+report."""
+
 import json
 import shutil
 
@@ -99,7 +101,9 @@ def test_cross_stage_recalls_is_stage_recalls_for_one_model_and_brute_force_acro
     q, gal = torch.randn(40, 5, generator=g), torch.randn(40, 5, generator=g)
     y = torch.arange(8).repeat(5)
     c2s = {c: c // 3 for c in range(8)}
-    assert cross_stage_recalls(q, q, y, c2s, 2, (1, 2)) == stage_recalls(q, y, c2s, 2, (1, 2), backend="torch")
+    assert cross_stage_recalls(q, q, y, c2s, 2, (1, 2)) == stage_recalls(
+        q, y, c2s, 2, (1, 2), backend="torch"
+    )
     got = cross_stage_recalls(q, gal, y, c2s, 1, (1,))
     mask = torch.tensor([c2s[int(c)] <= 1 for c in y])
     qs, gs, ys = F.normalize(q[mask], dim=1), F.normalize(gal[mask], dim=1), y[mask]
@@ -113,8 +117,17 @@ def test_cross_stage_recalls_is_stage_recalls_for_one_model_and_brute_force_acro
 @pytest.fixture(scope="module")
 def reported_run(tmp_path_factory):
     train, test = load_digits_splits()
-    config = OnlineConfig(method="finetune", epochs=1, iterations_per_epoch=15, batch_size=16, m_per_class=8, lr=1e-3,
-                          weight_decay=0.0, device="cpu", gallery_report=True)
+    config = OnlineConfig(
+        method="finetune",
+        epochs=1,
+        iterations_per_epoch=15,
+        batch_size=16,
+        m_per_class=8,
+        lr=1e-3,
+        weight_decay=0.0,
+        device="cpu",
+        gallery_report=True,
+    )
     run_dir = tmp_path_factory.mktemp("gallery_run")
     args = (EmbeddingMLP, train, test, stage_assignment(range(10), 4, 2))
     learner = OnlineLearner.from_class_assignment(*args, config=config, run_dir=run_dir, quiet=True)
@@ -134,11 +147,19 @@ def test_the_stage_loop_reports_every_gallery_after_every_stage(reported_run):
     assert first["stored"] == first["translation"] == first["learned"] == first["reembedded"]
     # finetune's model moves: an old gallery left as stored falls behind, and the learned map recovers part
     later = summary["stages"][1:]
-    assert np.mean([s["gallery"]["reembedded"]["all"][1] - s["gallery"]["stored"]["all"][1] for s in later]) > 0.02
+    assert (
+        np.mean([s["gallery"]["reembedded"]["all"][1] - s["gallery"]["stored"]["all"][1] for s in later])
+        > 0.02
+    )
     assert np.mean([s["gallery"]["learned"]["all"][1] - s["gallery"]["stored"]["all"][1] for s in later]) > 0
     assert "Gallery without re-embedding" in (run_dir / "results.md").read_text()
-    assert json.loads((run_dir / "results.json").read_text())["stages"][-1]["gallery"] == stage_result_to_json(summary["stages"][-1])["gallery"]
-    from pml_mutual.experiment import measure_gallery_update  # afterwards, from the checkpoints: the same numbers
+    assert (
+        json.loads((run_dir / "results.json").read_text())["stages"][-1]["gallery"]
+        == stage_result_to_json(summary["stages"][-1])["gallery"]
+    )
+    from pml_mutual.experiment import (
+        measure_gallery_update,  # afterwards, from the checkpoints: the same numbers
+    )
 
     for row, s in zip(measure_gallery_update(learner), later):
         for name in GALLERIES:
@@ -150,10 +171,14 @@ def test_a_resumed_run_reports_the_same_gallery(reported_run):
     copy = run_dir.parent / "resumed"
     shutil.copytree(run_dir, copy)
     last = len(summary["stages"]) - 1
-    (copy / f"stage_{last:03d}" / "stage.json").unlink()  # the last stage is trained again, from the checkpoints
+    (
+        copy / f"stage_{last:03d}" / "stage.json"
+    ).unlink()  # the last stage is trained again, from the checkpoints
     resumed = OnlineLearner.from_class_assignment(*args, config=config, run_dir=copy, quiet=True).run()
     want, got = summary["stages"][-1]["gallery"], resumed["stages"][-1]["gallery"]
-    assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in want.items() if k != "seconds"}
+    assert {k: v for k, v in got.items() if k != "seconds"} == {
+        k: v for k, v in want.items() if k != "seconds"
+    }
 
 
 def test_a_model_that_never_changes_reports_the_stored_gallery_as_re_embedded(tmp_path):
@@ -163,12 +188,30 @@ def test_a_model_that_never_changes_reports_the_stored_gallery_as_re_embedded(tm
     train, test = load_digits_splits()
     x = test.tensors[0]
     # near-collapsed: every test item one shared direction plus a tiny, class-free perturbation
-    collapsed = torch.utils.data.TensorDataset(torch.ones_like(x) * 8 + 1e-3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)),
-                                               test.tensors[1])
-    config = OnlineConfig(method="initial", epochs=1, iterations_per_epoch=2, batch_size=16, m_per_class=8, device="cpu",
-                          gallery_report=True)
-    summary = OnlineLearner.from_class_assignment(EmbeddingMLP, train, collapsed, stage_assignment(range(10), 4, 3),
-                                                  config=config, run_dir=tmp_path, quiet=True).run()
+    collapsed = torch.utils.data.TensorDataset(
+        torch.ones_like(x) * 8 + 1e-3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)),
+        test.tensors[1],
+    )
+    config = OnlineConfig(
+        method="initial",
+        epochs=1,
+        iterations_per_epoch=2,
+        batch_size=16,
+        m_per_class=8,
+        device="cpu",
+        gallery_report=True,
+    )
+    summary = OnlineLearner.from_class_assignment(
+        EmbeddingMLP,
+        train,
+        collapsed,
+        stage_assignment(range(10), 4, 3),
+        config=config,
+        run_dir=tmp_path,
+        quiet=True,
+    ).run()
     for s in summary["stages"]:
         g = s["gallery"]
-        assert g["stored"] == g["reembedded"], s["stage"]  # the same vectors, the same kernel: the same numbers
+        assert g["stored"] == g["reembedded"], s[
+            "stage"
+        ]  # the same vectors, the same kernel: the same numbers

@@ -1,4 +1,5 @@
 """Fingerprints of a run's identity (pml_mutual.identity)."""
+
 import warnings
 
 import numpy as np
@@ -15,7 +16,12 @@ from pml_mutual.models.backbones import backbone_factory, bn_inception
 def test_the_architecture_fingerprint_built_on_the_meta_device_is_the_cpu_builds(tmp_path):
     torch.save(bn_inception().state_dict(), tmp_path / "w.pth")
     pretrained = backbone_factory("bninception", tmp_path / "w.pth")  # loads weights into what it builds
-    for factory in (EmbeddingMLP, lambda: SmallCNN(in_channels=3), pretrained, lambda: EmbeddingMLP().double()):
+    for factory in (
+        EmbeddingMLP,
+        lambda: SmallCNN(in_channels=3),
+        pretrained,
+        lambda: EmbeddingMLP().double(),
+    ):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fingerprint = factory_fingerprint(factory)
@@ -49,6 +55,9 @@ def test_changing_any_one_box_changes_the_dataset_fingerprint(n, data):
     changed[i, data.draw(st.integers(0, 3))] += 1.0
 
     def fingerprint(b):
-        return dataset_fingerprint(ImageListDataset(ImageItems("/data", [f"x{j}.jpg" for j in range(n)], np.zeros(n), b)))
+        return dataset_fingerprint(
+            ImageListDataset(ImageItems("/data", [f"x{j}.jpg" for j in range(n)], np.zeros(n), b))
+        )
+
     assert fingerprint(boxes) != fingerprint(changed)
     assert fingerprint(boxes) == fingerprint(boxes.copy())

@@ -28,8 +28,17 @@ def digits():
 
 
 def tiny(method, **kw):
-    base = dict(method=method, epochs=1, iterations_per_epoch=4, batch_size=16, m_per_class=8, lr=1e-3,
-                weight_decay=0.0, device="cpu", ks=(1, 2))
+    base = dict(
+        method=method,
+        epochs=1,
+        iterations_per_epoch=4,
+        batch_size=16,
+        m_per_class=8,
+        lr=1e-3,
+        weight_decay=0.0,
+        device="cpu",
+        ks=(1, 2),
+    )
     base.update(kw)
     return OnlineConfig(**base)
 
@@ -64,8 +73,14 @@ def recorded_trainers(monkeypatch):
         before = {k: copy.deepcopy(m.state_dict()) for k, m in self.models.items() if k.endswith("trunk")}
         original(self, *args, **kwargs)
         after = {k: copy.deepcopy(m.state_dict()) for k, m in self.models.items() if k.endswith("trunk")}
-        records.append({"before": before, "after": after, "losses": dict(self.epoch_losses),
-                        "loss_funcs": set(self.loss_funcs)})
+        records.append(
+            {
+                "before": before,
+                "after": after,
+                "losses": dict(self.epoch_losses),
+                "loss_funcs": set(self.loss_funcs),
+            }
+        )
 
     monkeypatch.setattr(IncrementalTrainer, "train", train)
     return records
@@ -78,7 +93,13 @@ def same(a, b):
 def test_student_starts_from_teacher_and_teacher_never_changes(digits, tmp_path, recorded_trainers):
     train, test = digits
     learner = OnlineLearner.from_class_assignment(
-        EmbeddingMLP, train, test, stage_assignment(range(10), 4, 3), config=tiny("ours"), run_dir=tmp_path, quiet=True
+        EmbeddingMLP,
+        train,
+        test,
+        stage_assignment(range(10), 4, 3),
+        config=tiny("ours"),
+        run_dir=tmp_path,
+        quiet=True,
     )
     learner.run()
     assert len(recorded_trainers) == 3
@@ -96,21 +117,36 @@ def test_trainer_hook_sees_each_training_stage_trainer_before_it_trains(digits, 
     train, test = digits
     seen = []
     learner = OnlineLearner.from_class_assignment(
-        EmbeddingMLP, train, test, stage_assignment(range(10), 5), config=tiny("ours", weight_decay=1e-4),
-        run_dir=tmp_path, quiet=True)
+        EmbeddingMLP,
+        train,
+        test,
+        stage_assignment(range(10), 5),
+        config=tiny("ours", weight_decay=1e-4),
+        run_dir=tmp_path,
+        quiet=True,
+    )
     learner.trainer_hook = lambda stage, trainer: seen.append(
-        (stage, trainer, copy.deepcopy(trainer.models["trunk"].state_dict())))
+        (stage, trainer, copy.deepcopy(trainer.models["trunk"].state_dict()))
+    )
     learner.run()
     assert [s for s, _, _ in seen] == [0, 1]
     stage, trainer, before = seen[1]
-    assert set(trainer.loss_funcs) == {"metric_loss", "support_metric_loss", "correlation_loss", "mutual_loss"}
+    assert set(trainer.loss_funcs) == {
+        "metric_loss",
+        "support_metric_loss",
+        "correlation_loss",
+        "mutual_loss",
+    }
     assert all(g["weight_decay"] == 1e-4 for o in trainer.optimizers.values() for g in o.param_groups)
     final = torch.load(tmp_path / "stage_001" / "model.pt", weights_only=True)
-    assert same(before, torch.load(tmp_path / "stage_000" / "model.pt", weights_only=True))  # called before training
+    # called before training
+    assert same(before, torch.load(tmp_path / "stage_000" / "model.pt", weights_only=True))
     assert same(trainer.models["trunk"].state_dict(), final)  # the trainer that trained the saved model
 
 
-def test_default_metric_loss_mines_on_the_device_and_a_given_loss_gets_no_miner_it_was_not_given(digits, tmp_path):
+def test_default_metric_loss_mines_on_the_device_and_a_given_loss_gets_no_miner_it_was_not_given(
+    digits, tmp_path
+):
     from pytorch_metric_learning import losses, miners
 
     from pml_mutual.losses import BatchHardTripletLoss
@@ -118,7 +154,15 @@ def test_default_metric_loss_mines_on_the_device_and_a_given_loss_gets_no_miner_
     train, test = digits
     c2s = stage_assignment(range(10), 5)
     make = lambda **kw: OnlineLearner.from_class_assignment(  # noqa: E731
-        EmbeddingMLP, train, test, c2s, config=tiny("ours", triplet_margin=0.3), run_dir=tmp_path, quiet=True, **kw)
+        EmbeddingMLP,
+        train,
+        test,
+        c2s,
+        config=tiny("ours", triplet_margin=0.3),
+        run_dir=tmp_path,
+        quiet=True,
+        **kw,
+    )
     default = make()
     assert isinstance(default.metric_loss, BatchHardTripletLoss) and default.miner is None
     assert default.metric_loss.margin == 0.3
@@ -133,7 +177,13 @@ def test_default_metric_loss_mines_on_the_device_and_a_given_loss_gets_no_miner_
 def test_finetune_loss_is_the_metric_loss(digits, tmp_path, recorded_trainers):
     train, test = digits
     OnlineLearner.from_class_assignment(
-        EmbeddingMLP, train, test, stage_assignment(range(10), 5), config=tiny("finetune"), run_dir=tmp_path, quiet=True
+        EmbeddingMLP,
+        train,
+        test,
+        stage_assignment(range(10), 5),
+        config=tiny("finetune"),
+        run_dir=tmp_path,
+        quiet=True,
     ).run()
     rec = recorded_trainers[-1]
     assert rec["loss_funcs"] == {"metric_loss"}
@@ -144,7 +194,13 @@ def test_finetune_loss_is_the_metric_loss(digits, tmp_path, recorded_trainers):
 def test_initial_keeps_the_first_model(digits, tmp_path):
     train, test = digits
     OnlineLearner.from_class_assignment(
-        EmbeddingMLP, train, test, stage_assignment(range(10), 5), config=tiny("initial"), run_dir=tmp_path, quiet=True
+        EmbeddingMLP,
+        train,
+        test,
+        stage_assignment(range(10), 5),
+        config=tiny("initial"),
+        run_dir=tmp_path,
+        quiet=True,
     ).run()
     a = torch.load(tmp_path / "stage_000" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "stage_001" / "model.pt", weights_only=True)
@@ -165,7 +221,12 @@ def test_at_most_three_models_training_and_two_measuring_drift(digits, tmp_path)
         return model
 
     learner = OnlineLearner.from_class_assignment(
-        factory, train, test, stage_assignment(range(10), 2, 2), config=tiny("ours", batch_size=16), run_dir=tmp_path,
+        factory,
+        train,
+        test,
+        stage_assignment(range(10), 2, 2),
+        config=tiny("ours", batch_size=16),
+        run_dir=tmp_path,
         quiet=True,
     )
     holder["learner"] = learner
@@ -195,8 +256,14 @@ def test_loader_workers_fork_before_the_run_builds_a_network_to_train_or_embed_w
 
     before = {p.pid for p in multiprocessing.active_children()}
     learner = OnlineLearner.from_class_assignment(
-        factory, train, test, stage_assignment(range(10), 5, None), config=tiny("ours", num_workers=1),
-        run_dir=tmp_path, quiet=True)
+        factory,
+        train,
+        test,
+        stage_assignment(range(10), 5, None),
+        config=tiny("ours", num_workers=1),
+        run_dir=tmp_path,
+        quiet=True,
+    )
     learner.run()
     identity, *networks = live_children  # the first network only fingerprints the architecture
     assert len(networks) >= 3  # F_0; F_1 and F_s
@@ -214,8 +281,9 @@ def test_the_previous_model_is_reused_from_memory_and_loaded_only_after_a_resume
     c2s = stage_assignment(range(10), 4, 3)  # stages 0, 1, 2
 
     def run(**kw):
-        learner = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=tiny("ours"),
-                                                      run_dir=tmp_path, quiet=True, **kw)
+        learner = OnlineLearner.from_class_assignment(
+            EmbeddingMLP, train, test, c2s, config=tiny("ours"), run_dir=tmp_path, quiet=True, **kw
+        )
         loads, load = [], learner.load_stage_model
         learner.load_stage_model = lambda t: loads.append((learner.phase, t)) or load(t)
         return loads, learner.run()
@@ -228,11 +296,19 @@ def test_the_previous_model_is_reused_from_memory_and_loaded_only_after_a_resume
     assert resumed["stages"] == summary["stages"]
 
 
-@pytest.mark.parametrize("config", [tiny("ours_no_drift"), tiny("ours", drift_mode="none")], ids=["method", "mode"])
+@pytest.mark.parametrize(
+    "config", [tiny("ours_no_drift"), tiny("ours", drift_mode="none")], ids=["method", "mode"]
+)
 def test_without_drift_estimate_no_old_checkpoint_is_loaded_and_drift_stays_zero(digits, tmp_path, config):
     train, test = digits
     learner = OnlineLearner.from_class_assignment(
-        EmbeddingMLP, train, test, stage_assignment(range(10), 4, 2), config=config, run_dir=tmp_path, quiet=True,
+        EmbeddingMLP,
+        train,
+        test,
+        stage_assignment(range(10), 4, 2),
+        config=config,
+        run_dir=tmp_path,
+        quiet=True,
     )
     loaded_while_measuring = []
     load = learner.load_stage_model
@@ -252,11 +328,20 @@ def test_without_drift_estimate_no_old_checkpoint_is_loaded_and_drift_stays_zero
 def test_one_shared_initial_model(digits, tmp_path):
     train, test = digits
     c2s = stage_assignment(range(10), 5)
-    base = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=tiny("initial"), run_dir=tmp_path / "a", quiet=True)
+    base = OnlineLearner.from_class_assignment(
+        EmbeddingMLP, train, test, c2s, config=tiny("initial"), run_dir=tmp_path / "a", quiet=True
+    )
     base.run()
     weights = base.load_stage_model(0).state_dict()
     other = OnlineLearner.from_class_assignment(
-        EmbeddingMLP, train, test, c2s, config=tiny("fecd"), run_dir=tmp_path / "b", quiet=True, initial_state_dict=weights
+        EmbeddingMLP,
+        train,
+        test,
+        c2s,
+        config=tiny("fecd"),
+        run_dir=tmp_path / "b",
+        quiet=True,
+        initial_state_dict=weights,
     )
     summary = other.run()
     assert same(torch.load(tmp_path / "b" / "stage_000" / "model.pt", weights_only=True), weights)
@@ -273,14 +358,17 @@ def test_kill_and_resume_reaches_the_same_weights(tmp_path):
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
     reference = tmp_path / "uninterrupted"
-    subprocess.run([sys.executable, str(HELPER), str(reference)], check=True, env=env, timeout=300, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(HELPER), str(reference)], check=True, env=env, timeout=300, capture_output=True
+    )
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(HELPER), str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(HELPER), str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 240
     killed_mid_stage = False
     while time.monotonic() < deadline and proc.poll() is None:  # a timeout, not a timing assertion
-        ckpt = run / "in_progress.pt"
         try:
             state = RunDirectory(run).load_in_progress()
         except Exception:  # renamed away between exists() and load()
@@ -297,14 +385,26 @@ def test_kill_and_resume_reaches_the_same_weights(tmp_path):
     for path in run.rglob("*.pt"):
         torch.load(path, weights_only=True)
 
-    out = subprocess.run([sys.executable, str(HELPER), str(run)], check=True, env=env, timeout=300, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(HELPER), str(run)],
+        check=True,
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     assert "done" in out.stdout
     assert not list(run.rglob("*.tmp"))
     assert same(_final_weights(run), _final_weights(reference))
-    assert json.loads((run / "results.json").read_text())["stages"] == json.loads((reference / "results.json").read_text())["stages"]
+    assert (
+        json.loads((run / "results.json").read_text())["stages"]
+        == json.loads((reference / "results.json").read_text())["stages"]
+    )
 
 
-def test_the_last_epochs_checkpoint_holds_only_the_networks_and_a_resume_from_it_trains_nothing(digits, tmp_path, monkeypatch):
+def test_the_last_epochs_checkpoint_holds_only_the_networks_and_a_resume_from_it_trains_nothing(
+    digits, tmp_path, monkeypatch
+):
     from pml_mutual.run_dir import RunDirectory, RunDirectoryError
 
     train, test = digits
@@ -312,14 +412,24 @@ def test_the_last_epochs_checkpoint_holds_only_the_networks_and_a_resume_from_it
     config = tiny("ours", epochs=2)
     saved = []
     save = RunDirectory.save_in_background
-    monkeypatch.setattr(RunDirectory, "save_in_background",
-                        lambda self, state, *a: (saved.append((state["stage"], state["epoch"], "optimizers" in state)), save(self, state, *a))[1])
-    reference = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=config, run_dir=tmp_path / "ref", quiet=True)
+    monkeypatch.setattr(
+        RunDirectory,
+        "save_in_background",
+        lambda self, state, *a: (
+            saved.append((state["stage"], state["epoch"], "optimizers" in state)),
+            save(self, state, *a),
+        )[1],
+    )
+    reference = OnlineLearner.from_class_assignment(
+        EmbeddingMLP, train, test, c2s, config=config, run_dir=tmp_path / "ref", quiet=True
+    )
     reference.run()
     assert saved == [(0, 1, True), (0, 2, False), (1, 1, True), (1, 2, False)]
 
     run = tmp_path / "run"
-    crashing = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=config, run_dir=run, quiet=True)
+    crashing = OnlineLearner.from_class_assignment(
+        EmbeddingMLP, train, test, c2s, config=config, run_dir=run, quiet=True
+    )
     from pml_mutual.callbacks import Callback
 
     class CrashAfterTraining(Callback):
@@ -335,43 +445,66 @@ def test_the_last_epochs_checkpoint_holds_only_the_networks_and_a_resume_from_it
 
     trained = []
     monkeypatch.setattr(IncrementalTrainer, "train", lambda self, *a: trained.append(a))
-    resumed = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=config, run_dir=run, quiet=True)
+    resumed = OnlineLearner.from_class_assignment(
+        EmbeddingMLP, train, test, c2s, config=config, run_dir=run, quiet=True
+    )
     summary = resumed.run()
     assert trained == []  # stage 1 resumed after its last epoch
-    assert same(torch.load(run / "stage_001" / "model.pt", weights_only=True),
-                torch.load(tmp_path / "ref" / "stage_001" / "model.pt", weights_only=True))
-    assert summary["stages"] == stage_results_from_summary(json.loads((tmp_path / "ref" / "results.json").read_text()))
+    assert same(
+        torch.load(run / "stage_001" / "model.pt", weights_only=True),
+        torch.load(tmp_path / "ref" / "stage_001" / "model.pt", weights_only=True),
+    )
+    assert summary["stages"] == stage_results_from_summary(
+        json.loads((tmp_path / "ref" / "results.json").read_text())
+    )
 
     # a checkpoint without optimizer state before the last epoch is damaged: named, not trained from
     (run / "stage_001" / "stage.json").unlink()
     torch.save(dict(state, epoch=1), run / "in_progress.pt")
     with pytest.raises(RunDirectoryError, match=r"in_progress\.pt has no optimizer state for epoch 1 of 2"):
-        OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=config, run_dir=run, quiet=True).run()
+        OnlineLearner.from_class_assignment(
+            EmbeddingMLP, train, test, c2s, config=config, run_dir=run, quiet=True
+        ).run()
 
 
 def test_resume_refuses_a_different_config(digits, tmp_path):
     train, test = digits
     c2s = stage_assignment(range(10), 5)
-    OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=tiny("finetune"), run_dir=tmp_path, quiet=True).run()
+    OnlineLearner.from_class_assignment(
+        EmbeddingMLP, train, test, c2s, config=tiny("finetune"), run_dir=tmp_path, quiet=True
+    ).run()
     with pytest.raises(ValueError, match="different identity.*lambda_corr"):
         OnlineLearner.from_class_assignment(
-            EmbeddingMLP, train, test, c2s, config=tiny("finetune", lambda_corr=5.0), run_dir=tmp_path, quiet=True
+            EmbeddingMLP,
+            train,
+            test,
+            c2s,
+            config=tiny("finetune", lambda_corr=5.0),
+            run_dir=tmp_path,
+            quiet=True,
         ).run()
     # Same config: nothing left to train, the results come back from the checkpoints.
-    again = OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, c2s, config=tiny("finetune"), run_dir=tmp_path, quiet=True)
+    again = OnlineLearner.from_class_assignment(
+        EmbeddingMLP, train, test, c2s, config=tiny("finetune"), run_dir=tmp_path, quiet=True
+    )
     assert len(again.run()["stages"]) == 2
 
 
 def test_bad_input_is_refused_before_training(digits, tmp_path):
     train, test = digits
     stages = split_by_stage(train, stage_assignment(range(10), 5))
-    make = lambda st, cfg=None, t=test: OnlineLearner(EmbeddingMLP, st, t, config=cfg or tiny("ours"), run_dir=tmp_path)  # noqa: E731
+    # noqa: E731
+    make = lambda st, cfg=None, t=test: OnlineLearner(  # noqa: E731
+        EmbeddingMLP, st, t, config=cfg or tiny("ours"), run_dir=tmp_path
+    )
     with pytest.raises(ValueError, match="appears in stage 0 and in stage 1"):
         make([stages[0], stages[0]])
     one_class = Subset(train, np.flatnonzero(train.tensors[1].numpy() == 7).tolist())
     with pytest.raises(ValueError, match="stage 1 has 1 class"):
         make([stages[0], one_class])
-    few = Subset(train, [i for c in range(5, 10) for i in np.flatnonzero(train.tensors[1].numpy() == c)[:3].tolist()])
+    few = Subset(
+        train, [i for c in range(5, 10) for i in np.flatnonzero(train.tensors[1].numpy() == c)[:3].tolist()]
+    )
     with pytest.raises(ValueError, match="fewer than 8 training images"):
         make([stages[0], few])
     float_labels = TensorDataset(train.tensors[0], train.tensors[1].float())
@@ -408,8 +541,23 @@ def test_demo_ours_keeps_more_old_classes_than_finetune(tmp_path):
 def test_demo_quick_prints_the_table(tmp_path, capsys):
     from pml_mutual.demo import main
 
-    assert main(["--quick", "--settings", "one-task", "--methods", "finetune", "ours", "--out", str(tmp_path),
-                 "--json", str(tmp_path / "t.json")]) == 0
+    assert (
+        main(
+            [
+                "--quick",
+                "--settings",
+                "one-task",
+                "--methods",
+                "finetune",
+                "ours",
+                "--out",
+                str(tmp_path),
+                "--json",
+                str(tmp_path / "t.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "method" in out and "old" in out and "ours" in out and "finetune" in out
     table = json.loads((tmp_path / "t.json").read_text())["one-task"]
@@ -425,10 +573,18 @@ def test_batchnorm_freezing_modes(digits, tmp_path, mode):
     from pml_mutual.models import SmallCNN
 
     train, test = digits
-    factory = lambda: torch.nn.Sequential(torch.nn.Unflatten(1, (1, 8, 8)), SmallCNN(widths=(8, 8, 8), embedding_size=16))  # noqa: E731
+    # noqa: E731
+    factory = lambda: torch.nn.Sequential(  # noqa: E731
+        torch.nn.Unflatten(1, (1, 8, 8)), SmallCNN(widths=(8, 8, 8), embedding_size=16)
+    )
     learner = OnlineLearner.from_class_assignment(
-        factory, train, test, stage_assignment(range(10), 5), config=tiny("fecd", freeze_batchnorm=mode),
-        run_dir=tmp_path, quiet=True,
+        factory,
+        train,
+        test,
+        stage_assignment(range(10), 5),
+        config=tiny("fecd", freeze_batchnorm=mode),
+        run_dir=tmp_path,
+        quiet=True,
     )
     learner.run()
     init = _bn_stats(factory().state_dict())
@@ -455,9 +611,16 @@ def _cub_run(tmp_path, method, **kw):
     torch.manual_seed(0)
     initial = SmallCNN(in_channels=3, embedding_size=8).state_dict()
     return OnlineLearner.from_class_assignment(
-        lambda: SmallCNN(in_channels=3, embedding_size=8), train, test, stages_from_ends(range(4), [2]),
-        prototype_dataset=prototypes, config=config, run_dir=tmp_path / f"{method}-{config.embed_decode}",
-        quiet=True, initial_state_dict=initial)
+        lambda: SmallCNN(in_channels=3, embedding_size=8),
+        train,
+        test,
+        stages_from_ends(range(4), [2]),
+        prototype_dataset=prototypes,
+        config=config,
+        run_dir=tmp_path / f"{method}-{config.embed_decode}",
+        quiet=True,
+        initial_state_dict=initial,
+    )
 
 
 def test_embedding_passes_decoded_on_the_device_leave_training_alone_and_are_another_identity(tmp_path):
@@ -465,7 +628,9 @@ def test_embedding_passes_decoded_on_the_device_leave_training_alone_and_are_ano
     runs = {decode: _cub_run(tmp_path, "finetune", embed_decode=decode) for decode in ("workers", "device")}
     results = {decode: learner.run() for decode, learner in runs.items()}
     for stage in range(2):  # finetune trains on worker-decoded batches either way: the same weights
-        a, b = (torch.load(runs[d].run_dir / f"stage_{stage:03d}" / "model.pt") for d in ("workers", "device"))
+        a, b = (
+            torch.load(runs[d].run_dir / f"stage_{stage:03d}" / "model.pt") for d in ("workers", "device")
+        )
         assert all(torch.equal(a[k], b[k]) for k in a)
     model = runs["device"].load_stage_model(1)
     embedded = {d: runs[d]._extract(model, runs[d]._embedding_loader(runs[d].test_dataset))[0] for d in runs}
@@ -477,15 +642,26 @@ def test_embedding_passes_decoded_on_the_device_leave_training_alone_and_are_ano
     other.directory = runs["device"].directory
     with pytest.raises(ValueError, match="different identity.*embed_decode"):
         other.run()
-    drifted = _cub_run(tmp_path, "ours", embed_decode="device").run()  # drift measured on device-decoded images
+    drifted = _cub_run(
+        tmp_path, "ours", embed_decode="device"
+    ).run()  # drift measured on device-decoded images
     assert len(drifted["stages"]) == 2
 
 
 def test_embed_decode_device_refuses_datasets_that_are_not_image_files_before_training(digits, tmp_path):
     train, test = digits
-    with pytest.raises(ValueError, match="embed_decode='device' needs the prototype dataset to be an ImageListDataset"):
-        OnlineLearner.from_class_assignment(EmbeddingMLP, train, test, stage_assignment(range(10), 5),
-                                            config=tiny("ours", embed_decode="device"), run_dir=tmp_path / "r", quiet=True)
+    with pytest.raises(
+        ValueError, match="embed_decode='device' needs the prototype dataset to be an ImageListDataset"
+    ):
+        OnlineLearner.from_class_assignment(
+            EmbeddingMLP,
+            train,
+            test,
+            stage_assignment(range(10), 5),
+            config=tiny("ours", embed_decode="device"),
+            run_dir=tmp_path / "r",
+            quiet=True,
+        )
     assert not (tmp_path / "r" / "config.json").exists()
     with pytest.raises(ValueError, match="embed_decode must be one of"):
         tiny("ours", embed_decode="gpu")
@@ -494,6 +670,7 @@ def test_embed_decode_device_refuses_datasets_that_are_not_image_files_before_tr
 def test_embed_decode_device_without_torchvision_is_an_import_error_at_construction(tmp_path):
     try:
         import torchvision  # noqa: F401
+
         pytest.skip("torchvision is installed")
     except ImportError:
         pass
@@ -512,7 +689,15 @@ def test_images_replaced_under_the_same_paths_are_not_reported_with_the_old_numb
     first = _cub_run(tmp_path, "finetune")
     first.run()
     recorded = json.loads((first.run_dir / "data_files.json").read_text())
-    assert set(recorded) == {"training", "prototype", "test", "model_code", "items:training", "items:prototype", "items:test"}
+    assert set(recorded) == {
+        "training",
+        "prototype",
+        "test",
+        "model_code",
+        "items:training",
+        "items:prototype",
+        "items:test",
+    }
 
     (first.run_dir / "data_files.json").unlink()  # as a directory of an earlier version has it
     again = _cub_run(tmp_path, "finetune")
@@ -524,7 +709,11 @@ def test_images_replaced_under_the_same_paths_are_not_reported_with_the_old_numb
     Image.open(image).convert("RGB").save(image, "JPEG", quality=40)  # re-encoded: same path, same label
     assert image.stat().st_size != before
     replaced = _cub_run(tmp_path, "finetune")
-    with pytest.raises(RunDirectoryError, match=r"image files of the prototype dataset differ in size.*image files of the training dataset differ"):
+    with pytest.raises(
+        RunDirectoryError,
+        match=r"image files of the prototype dataset differ in size.*image files of the training dataset "
+        r"differ",
+    ):
         replaced.run()
     assert not (first.run_dir.parent / f"{first.run_dir.name}.old-1").exists()
     fresh = _cub_run(tmp_path, "finetune")
@@ -553,7 +742,8 @@ def test_a_damaged_or_foreign_epoch_checkpoint_is_refused_naming_what_to_delete(
                 raise Stop
 
     make = lambda **kw: OnlineLearner.from_class_assignment(  # noqa: E731
-        EmbeddingMLP, train, test, c2s, config=config, run_dir=run, quiet=True, **kw)
+        EmbeddingMLP, train, test, c2s, config=config, run_dir=run, quiet=True, **kw
+    )
     with pytest.raises(Stop):
         make(callbacks=[StopAfter()]).run()
     path = run / "in_progress.pt"
@@ -563,9 +753,11 @@ def test_a_damaged_or_foreign_epoch_checkpoint_is_refused_naming_what_to_delete(
 
     damaged = bytearray(good)
     middle = len(damaged) // 2
-    damaged[middle:middle + 64] = bytes(b ^ 0x10 for b in damaged[middle:middle + 64])  # 64 flipped bytes
+    damaged[middle : middle + 64] = bytes(b ^ 0x10 for b in damaged[middle : middle + 64])  # 64 flipped bytes
     path.write_bytes(bytes(damaged))
-    with pytest.raises(RunDirectoryError, match=r"in_progress\.pt (does not match the SHA-256|is not a readable)"):
+    with pytest.raises(
+        RunDirectoryError, match=r"in_progress\.pt (does not match the SHA-256|is not a readable)"
+    ):
         make().run()  # 0e3a6e5 resumed from it silently
     for field, value in (("epoch", 99), ("stage", 5), ("epoch", 0)):
         write_atomic(_checked_bytes(dict(state, **{field: value})), path)

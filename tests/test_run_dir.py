@@ -1,4 +1,5 @@
 """RunDirectory's background writes: stage files queued behind the epoch checkpoint, recorded, checked."""
+
 import json
 
 import pytest
@@ -28,21 +29,27 @@ def test_a_stage_file_written_in_the_background_is_the_snapshot_taken_at_the_cal
     directory.save_stage(0, {"model.pt": {"v": torch.zeros(3)}}, record())
     files = json.loads((directory.stage_dir(0) / "stage.json").read_text())["files"]
     assert set(files) == {"support.pt", "model.pt"}
-    assert torch.equal(directory.load_stage_file(0, "support.pt")["w"], expected)  # loaded against its SHA-256
-    assert not (directory.path / "in_progress.pt").exists()  # the stage is complete: its epoch checkpoint goes
+    # loaded against its SHA-256
+    assert torch.equal(directory.load_stage_file(0, "support.pt")["w"], expected)
+    assert not (
+        directory.path / "in_progress.pt"
+    ).exists()  # the stage is complete: its epoch checkpoint goes
 
     (directory.stage_dir(0) / "support.pt").write_bytes(run_files._bytes_of({"w": expected + 1}))
     with pytest.raises(RunDirectoryError, match="support.pt does not match the SHA-256"):
         directory.load_stage_file(0, "support.pt")
 
 
-def test_a_failed_background_write_surfaces_at_save_stage_and_the_stage_stays_incomplete(directory, monkeypatch):
+def test_a_failed_background_write_surfaces_at_save_stage_and_the_stage_stays_incomplete(
+    directory, monkeypatch
+):
     write = run_dir.write_atomic
 
     def full_disk(data, path):
         if path.name == "support.pt":
             raise OSError(28, "No space left on device")
         write(data, path)
+
     monkeypatch.setattr(run_dir, "write_atomic", full_disk)
     monkeypatch.setattr(run_files, "write_atomic", full_disk)  # the stage files' writer
     directory.save_stage_file_in_background(0, "support.pt", {"w": torch.ones(3)})
@@ -64,6 +71,7 @@ def test_background_writes_land_in_the_order_queued(directory, monkeypatch):
     def logged(data, path):
         write(data, path)
         landed.append(path.name)
+
     monkeypatch.setattr(run_dir, "write_atomic", logged)
     monkeypatch.setattr(run_files, "write_atomic", logged)
     directory.save_in_background({"epoch": 1, "models": {"w": torch.randn(1000, 1000)}})  # the larger, first
@@ -81,7 +89,8 @@ def test_data_files_are_recorded_once_and_a_change_is_refused_naming_the_dataset
     d.check_identity(identity, data_files=files)  # the same files: accepted
     with pytest.raises(RunDirectoryError, match=r"image files of the training dataset differ in size"):
         d.check_identity(identity, data_files={"training": ["a2"], "test": ["t1"]})
-    with pytest.raises(RunDirectoryError, match=r"different identity \(config.lr"):  # the identity is named first
+    # the identity is named first
+    with pytest.raises(RunDirectoryError, match=r"different identity \(config.lr"):
         d.check_identity({"config": {"lr": 2}}, data_files={"training": ["a2"], "test": ["t1"]})
     d.check_identity(identity, data_files={"training": ["a2"], "test": ["t1"]}, fresh=True)  # moved aside
     assert json.loads((tmp_path / "run.old-1" / "data_files.json").read_text()) == files
@@ -98,7 +107,9 @@ def test_a_directory_that_recorded_no_data_files_records_them_and_none_are_recor
         d.check_identity({"config": {}}, data_files={"test": ["t2"]})
 
 
-def test_a_second_live_process_on_the_directory_is_refused_naming_the_holder_and_a_dead_ones_lock_is_gone(tmp_path):
+def test_a_second_live_process_on_the_directory_is_refused_naming_the_holder_and_a_dead_ones_lock_is_gone(
+    tmp_path,
+):
     import os
     import subprocess
     import sys
@@ -106,14 +117,18 @@ def test_a_second_live_process_on_the_directory_is_refused_naming_the_holder_and
     first = RunDirectory(tmp_path / "run")
     first.lock()
     with pytest.raises(RunDirectoryError, match=rf"in use by a running process \(pid {os.getpid()} on "):
-        RunDirectory(tmp_path / "run").lock()  # another open file description: flock refuses it, in-process too
+        RunDirectory(
+            tmp_path / "run"
+        ).lock()  # another open file description: flock refuses it, in-process too
     first.unlock()
     second = RunDirectory(tmp_path / "run")
     second.lock()
     second.unlock()
     # a process killed while holding the lock leaves no lock behind
-    code = ("import os, signal, sys; from pml_mutual.run_dir import RunDirectory; "
-            "RunDirectory(sys.argv[1]).lock(); os.kill(os.getpid(), signal.SIGKILL)")
+    code = (
+        "import os, signal, sys; from pml_mutual.run_dir import RunDirectory; "
+        "RunDirectory(sys.argv[1]).lock(); os.kill(os.getpid(), signal.SIGKILL)"
+    )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], timeout=120)
     RunDirectory(tmp_path / "run").lock()
 

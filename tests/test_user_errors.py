@@ -1,5 +1,6 @@
 """What a PML user gets wrong, refused before training with what to pass instead; edits of their code or data
 are seen by the run directory (issue: "A PML plug-in in practice")."""
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,9 @@ def digits():
 
 
 def tiny(**kw):
-    base = dict(method="finetune", epochs=1, iterations_per_epoch=2, batch_size=16, m_per_class=8, device="cpu")
+    base = dict(
+        method="finetune", epochs=1, iterations_per_epoch=2, batch_size=16, m_per_class=8, device="cpu"
+    )
     base.update(kw)
     return OnlineConfig(**base)
 
@@ -29,8 +32,15 @@ def tiny(**kw):
 def make(digits, run_dir, factory=EmbeddingMLP, c2s=C2S, train=None, test=None, **kw):
     tr, te = digits
     kw.setdefault("config", tiny())
-    return OnlineLearner.from_class_assignment(factory, tr if train is None else train, te if test is None else test,
-                                               c2s, run_dir=run_dir, quiet=True, **kw)
+    return OnlineLearner.from_class_assignment(
+        factory,
+        tr if train is None else train,
+        te if test is None else test,
+        c2s,
+        run_dir=run_dir,
+        quiet=True,
+        **kw,
+    )
 
 
 class Scaled(Dataset):
@@ -62,7 +72,8 @@ def mlp(activation):
 def test_a_model_code_edit_is_refused_naming_the_model(digits, tmp_path):
     make(digits, tmp_path, factory=mlp(nn.ReLU)).run()
     make(digits, tmp_path, factory=mlp(nn.ReLU)).run()  # the same code resumes (all stages done)
-    with pytest.raises(RunDirectoryError, match="the model's code differs"):  # 0e3a6e5 printed the old numbers
+    # 0e3a6e5 printed the old numbers
+    with pytest.raises(RunDirectoryError, match="the model's code differs"):
         make(digits, tmp_path, factory=mlp(nn.GELU)).run()
 
 
@@ -71,7 +82,9 @@ def test_a_datasets_preprocessing_edit_is_refused_naming_the_dataset(digits, tmp
     make(digits, tmp_path, train=Scaled(tr), test=Scaled(te)).run()
     make(digits, tmp_path, train=Scaled(tr), test=Scaled(te)).run()
     edited = type("Scaled", (Scaled,), {"divisor": 1.0})
-    with pytest.raises(RunDirectoryError, match=r"the test dataset's items differ.*the training dataset's items differ"):
+    with pytest.raises(
+        RunDirectoryError, match=r"the test dataset's items differ.*the training dataset's items differ"
+    ):
         make(digits, tmp_path, train=edited(tr), test=edited(te)).run()
 
 
@@ -82,23 +95,40 @@ def test_fresh_moves_aside_only_what_the_run_wrote(digits, tmp_path):
     make(digits, run, config=tiny(seed=1), fresh=True).run()
     assert (run / "notes.txt").read_text() == "mine"  # 0e3a6e5 moved it into run.old-1
     assert not (tmp_path / "run.old-1" / "notes.txt").exists()
-    assert (tmp_path / "run.old-1" / "stage_001" / "model.pt").exists() and (run / "stage_001" / "model.pt").exists()
+    assert (tmp_path / "run.old-1" / "stage_001" / "model.pt").exists() and (
+        run / "stage_001" / "model.pt"
+    ).exists()
 
 
-@pytest.mark.parametrize("case, error, message", [
-    ("list assignment", TypeError, r"class_to_stage must be a mapping class → stage"),
-    ("model instance", TypeError, r"got a EmbeddingMLP instance: pass its class or a function"),
-    ("dict items", TypeError, r"Dicts\[0\] is a dict, not an \(input, label\) pair"),
-    ("labels beyond num_classes", ValueError, r"ArcFaceLoss\(num_classes=5\).*labels \[5, 6, 7, 8, 9\].*num_classes=10"),
-    ("labels beyond W's width", ValueError, r"NormalizedSoftmaxLoss\(num_classes=5\).*labels \[5, 6, 7, 8, 9\]"),
-    ("run_dir is a file", NotADirectoryError, r"is a file, not a directory"),
-    ("untested classes", ValueError, r"training classes \[3\] have no item in the test set"),
-    ("one class per batch", ValueError, r"a batch holds one class"),
-    ("one item per class", ValueError, r"m_per_class=1: a batch holds one item per class"),
-    ("no initial epochs", ValueError, r"initial_epochs must be at least 1"),
-    ("config of another type", TypeError, r"config must be an OnlineConfig"),
-    ("a tensor as initial weights", TypeError, r"initial_state_dict must be a state dict \(name → tensor"),
-])
+@pytest.mark.parametrize(
+    "case, error, message",
+    [
+        ("list assignment", TypeError, r"class_to_stage must be a mapping class → stage"),
+        ("model instance", TypeError, r"got a EmbeddingMLP instance: pass its class or a function"),
+        ("dict items", TypeError, r"Dicts\[0\] is a dict, not an \(input, label\) pair"),
+        (
+            "labels beyond num_classes",
+            ValueError,
+            r"ArcFaceLoss\(num_classes=5\).*labels \[5, 6, 7, 8, 9\].*num_classes=10",
+        ),
+        (
+            "labels beyond W's width",
+            ValueError,
+            r"NormalizedSoftmaxLoss\(num_classes=5\).*labels \[5, 6, 7, 8, 9\]",
+        ),
+        ("run_dir is a file", NotADirectoryError, r"is a file, not a directory"),
+        ("untested classes", ValueError, r"training classes \[3\] have no item in the test set"),
+        ("one class per batch", ValueError, r"a batch holds one class"),
+        ("one item per class", ValueError, r"m_per_class=1: a batch holds one item per class"),
+        ("no initial epochs", ValueError, r"initial_epochs must be at least 1"),
+        ("config of another type", TypeError, r"config must be an OnlineConfig"),
+        (
+            "a tensor as initial weights",
+            TypeError,
+            r"initial_state_dict must be a state dict \(name → tensor",
+        ),
+    ],
+)
 def test_unhelpful_cases_fail_before_training_naming_the_fix(digits, tmp_path, case, error, message):
     tr, te = digits
     kw = {}
@@ -134,8 +164,13 @@ def test_unhelpful_cases_fail_before_training_naming_the_fix(digits, tmp_path, c
 
 
 def test_a_classification_loss_may_see_one_item_per_class(digits, tmp_path):
-    make(digits, tmp_path, metric_loss=losses.ArcFaceLoss(num_classes=10, embedding_size=64),
-         config=tiny(batch_size=4, m_per_class=1, method="finetune"))  # no positive pair needed: accepted
+    # no positive pair needed: accepted
+    make(
+        digits,
+        tmp_path,
+        metric_loss=losses.ArcFaceLoss(num_classes=10, embedding_size=64),
+        config=tiny(batch_size=4, m_per_class=1, method="finetune"),
+    )
 
 
 @pytest.mark.parametrize("where", ["test", "prototype", "untrained class", "custom test"])

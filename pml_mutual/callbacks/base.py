@@ -1,11 +1,20 @@
 """The callback interface of :class:`~pml_mutual.OnlineLearner` and the context it hands over."""
+
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-EVENTS = ("before_stage", "before_train", "after_epoch", "after_train", "after_drift", "after_eval",
-          "after_stage", "after_run")
+EVENTS = (
+    "before_stage",
+    "before_train",
+    "after_epoch",
+    "after_train",
+    "after_drift",
+    "after_eval",
+    "after_stage",
+    "after_run",
+)
 
 
 @dataclasses.dataclass
@@ -67,3 +76,14 @@ class Callback:
 def fire(callbacks, event: str, ctx: StageContext) -> None:
     for callback in callbacks:
         getattr(callback, event)(ctx)
+
+
+def check_callbacks(callbacks) -> list:
+    """The callbacks as a list, each with every event of :class:`Callback` (a TypeError names one without)."""
+    callbacks = list(callbacks)
+    for c in callbacks:
+        if not all(callable(getattr(c, e, None)) for e in EVENTS):
+            raise TypeError(
+                f"callbacks must be pml_mutual.callbacks.Callback instances, got {type(c).__name__}"
+            )
+    return callbacks

@@ -4,6 +4,7 @@ Values are read once per epoch (the epoch means the trainer computes anyway), ne
 logging adds no host synchronisation to a GPU step. A resumed run logs again the epochs it trains
 again, with the same steps.
 """
+
 from __future__ import annotations
 
 import csv
@@ -72,7 +73,9 @@ class TensorBoardLogger(_ScalarLogger):
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ImportError("TensorBoardLogger needs the tensorboard package: pip install tensorboard") from e
+                raise ImportError(
+                    "TensorBoardLogger needs the tensorboard package: pip install tensorboard"
+                ) from e
             writer = SummaryWriter(log_dir=None if log_dir is None else str(log_dir))
         self.writer = writer
 
@@ -92,7 +95,9 @@ class RecordKeeperLogger(_ScalarLogger):
 
     def __init__(self, record_keeper):
         if not (hasattr(record_keeper, "append_primitive") and hasattr(record_keeper, "save_records")):
-            raise TypeError(f"record_keeper must be a record_keeper.RecordKeeper, got {type(record_keeper).__name__}")
+            raise TypeError(
+                f"record_keeper must be a record_keeper.RecordKeeper, got {type(record_keeper).__name__}"
+            )
         self.record_keeper = record_keeper
 
     def write(self, ctx: StageContext, values: dict[str, float]) -> None:
@@ -122,11 +127,17 @@ class ProgressPrinter(Callback):
     def after_stage(self, ctx: StageContext) -> None:
         fmt = lambda r: "  –  " if r is None else f"{100 * r[1]:5.1f}"  # noqa: E731
         res = ctx.results
-        print(f"[{ctx.method}] stage {ctx.stage}: R@1 (%) old {fmt(res['old'])} new {fmt(res['new'])} "
-              f"all {fmt(res['all'])}  ({ctx.seconds.get('total', 0.0):.1f}s)", flush=True)
+        print(
+            f"[{ctx.method}] stage {ctx.stage}: R@1 (%) old {fmt(res['old'])} new {fmt(res['new'])} all "
+            f"{fmt(res['all'])}  ({ctx.seconds.get('total', 0.0):.1f}s)",
+            flush=True,
+        )
 
     def after_run(self, ctx: StageContext) -> None:
         s = ctx.summary
         if len(s["stages"]) > 1:
-            print(f"[{ctx.method}] average forgetting {100 * s['average_forgetting']:.2f} pp, backward transfer "
-                  f"{100 * s['backward_transfer']:+.2f} pp (Recall@1, percentage points)", flush=True)
+            print(
+                f"[{ctx.method}] average forgetting {100 * s['average_forgetting']:.2f} pp, backward "
+                f"transfer {100 * s['backward_transfer']:+.2f} pp (Recall@1, percentage points)",
+                flush=True,
+            )

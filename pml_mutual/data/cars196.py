@@ -1,6 +1,7 @@
 """Cars196 (Stanford Cars) from ``cars_annos.mat`` or the devkit layout, split by the paper's protocol.
 
-    <root>/cars_annos.mat        annotations: relative_im_path, bbox_x1, bbox_y1, bbox_x2, bbox_y2, class, test
+    <root>/cars_annos.mat        annotations: relative_im_path, bbox_x1, bbox_y1, bbox_x2, bbox_y2, class,
+    test
     <root>/car_ims/000001.jpg ...
 or the devkit layout:
     <root>/devkit/cars_train_annos.mat, <root>/cars_test_annos_withlabels.mat (or under devkit/),
@@ -12,6 +13,7 @@ train, the rest test — the rule of the CUB split, which predicts the paper's c
 123–147, 148–172, 173–195 (the paper's 1–98, 99–123, 124–148, 149–173, 174–196). Images are whole
 pictures by default (``crop=False``, as in the DML literature); ``crop=True`` uses the boxes.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,14 +36,25 @@ def _loadmat(path: Path) -> dict:
         raise ImportError("reading Cars196 .mat files needs scipy: pip install 'pml-mutual[vision]'") from e
     try:
         return loadmat(require(path, "Cars196 annotation file"), squeeze_me=True, struct_as_record=True)
-    except (ValueError, TypeError, OSError, EOFError, IndexError, KeyError) as e:  # scipy's messages name no file
-        raise ValueError(f"{path} is not a readable .mat file ({type(e).__name__}: {e}); replace it with the "
-                         "dataset's own cars_annos.mat") from None
+    except (
+        ValueError,
+        TypeError,
+        OSError,
+        EOFError,
+        IndexError,
+        KeyError,
+    ) as e:  # scipy's messages name no file
+        raise ValueError(
+            f"{path} is not a readable .mat file ({type(e).__name__}: {e}); replace it with the "
+            "dataset's own cars_annos.mat"
+        ) from None
 
 
 def _records(mat: dict, path: Path) -> np.ndarray:
     if "annotations" not in mat:
-        raise ValueError(f"{path} has no 'annotations' struct (keys: {sorted(k for k in mat if not k.startswith('__'))})")
+        raise ValueError(
+            f"{path} has no 'annotations' struct (keys: {sorted(k for k in mat if not k.startswith('__'))})"
+        )
     return np.atleast_1d(mat["annotations"])
 
 
@@ -66,7 +79,17 @@ def read_cars196(root: str | os.PathLike, crop: bool = False, allow_outside_root
             labels.append(int(_field(a, "class", path)) - 1)
             boxes.append([float(_field(a, k, path)) for k in _BOX])
     else:
-        test_annos = next((p for p in (root / "cars_test_annos_withlabels.mat", root / "devkit" / "cars_test_annos_withlabels.mat") if p.is_file()), None)
+        test_annos = next(
+            (
+                p
+                for p in (
+                    root / "cars_test_annos_withlabels.mat",
+                    root / "devkit" / "cars_test_annos_withlabels.mat",
+                )
+                if p.is_file()
+            ),
+            None,
+        )
         train_annos = root / "devkit" / "cars_train_annos.mat"
         if test_annos is None or not train_annos.is_file():
             raise FileNotFoundError(
@@ -86,7 +109,10 @@ def read_cars196(root: str | os.PathLike, crop: bool = False, allow_outside_root
 
 
 def load_cars196(
-    root: str | os.PathLike, seed: int = 0, train_fraction: float = TRAIN_FRACTION, crop: bool = False,
+    root: str | os.PathLike,
+    seed: int = 0,
+    train_fraction: float = TRAIN_FRACTION,
+    crop: bool = False,
     allow_outside_root: bool = False,
 ) -> tuple[ImageItems, ImageItems]:
     """(train, test) items of Cars196 under the paper's per-class split (see the module docstring)."""

@@ -1,4 +1,5 @@
 """Data of the CPU real-data benchmark (Fashion-MNIST and the glyph dataset), split into stages."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,9 @@ def _validation_split(ds: TensorDataset, fraction: float, rng) -> tuple[TensorDa
     return t(~val), t(val)
 
 
-def load_cpu_benchmark(name: str, validation: bool = False, quick: bool = False, per_class_train: int | None = 1000):
+def load_cpu_benchmark(
+    name: str, validation: bool = False, quick: bool = False, per_class_train: int | None = 1000
+):
     """(train, test, {setting: class_to_stage}) of the CPU benchmark, labels 0..C−1.
 
     ``fashion-mnist``: ``per_class_train`` training images per class (all 10,000 test images);
@@ -52,7 +55,9 @@ def load_cpu_benchmark(name: str, validation: bool = False, quick: bool = False,
         n_total = meta["n_classes"]
         n_classes = 80 if quick else 200
         if n_total < n_classes:
-            raise ValueError(f"the glyph dataset has {n_total} classes, {n_classes} are needed: install more fonts")
+            raise ValueError(
+                f"the glyph dataset has {n_total} classes, {n_classes} are needed: install more fonts"
+            )
         chosen = np.unique(np.linspace(0, n_total - 1, n_classes).round().astype(int))
         remap = np.full(n_total, -1)
         remap[chosen] = np.arange(len(chosen))
@@ -64,8 +69,10 @@ def load_cpu_benchmark(name: str, validation: bool = False, quick: bool = False,
 
         train, test = relabel(train), relabel(test)
         half = n_classes // 2
-        stages = {"one-task": stage_assignment(range(n_classes), half),
-                  "multi-task": stage_assignment(range(n_classes), half, half // 4)}
+        stages = {
+            "one-task": stage_assignment(range(n_classes), half),
+            "multi-task": stage_assignment(range(n_classes), half, half // 4),
+        }
     if validation:
         train, test = _validation_split(train, 0.2, rng)
     return train, test, stages

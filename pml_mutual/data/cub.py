@@ -10,6 +10,7 @@ Protocol: per class, floor(0.6·n_c) random images train and the rest test (7,04
 0–99 old, 100–199 new (one-task), or 0–99 then 100–124, 125–149, 150–174, 175–199 (multi-task).
 FECD's list files (``<train|test>/<NNN.Class_Name>/<file>.jpg <label>``) can be given instead of the seed.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,7 +41,10 @@ def _read_table(path: Path, what: str, integer_values: bool = False) -> list[lis
         if integer_values and not r[1].strip().lstrip("-").isdigit():
             raise ValueError(f"{path}:{n}: {r[1].strip()!r} is not an integer")
         if r[0] in seen:
-            raise ValueError(f"{path}:{n}: image id {r[0]} given twice (first on line {seen[r[0]]}): one image would be dropped")
+            raise ValueError(
+                f"{path}:{n}: image id {r[0]} given twice (first on line {seen[r[0]]}): one image would be "
+                f"dropped"
+            )
         seen[r[0]] = n
         rows.append(r)
     return rows
@@ -52,12 +56,20 @@ def read_cub(root: str | os.PathLike, allow_outside_root: bool = False) -> tuple
     root = Path(root)
     require(root, "CUB-200-2011 directory (the one holding images.txt)")
     paths = dict(_read_table(root / "images.txt", "CUB images.txt"))
-    labels = {i: int(c) - 1 for i, c in _read_table(root / "image_class_labels.txt", "CUB image_class_labels.txt",
-                                                    integer_values=True)}
-    official = {i: v.strip() == "1" for i, v in _read_table(root / "train_test_split.txt", "CUB train_test_split.txt")}
+    labels = {
+        i: int(c) - 1
+        for i, c in _read_table(
+            root / "image_class_labels.txt", "CUB image_class_labels.txt", integer_values=True
+        )
+    }
+    official = {
+        i: v.strip() == "1" for i, v in _read_table(root / "train_test_split.txt", "CUB train_test_split.txt")
+    }
     missing = set(paths) - set(labels)
     if missing:
-        raise ValueError(f"image ids {sorted(missing, key=int)[:5]} of images.txt have no class in image_class_labels.txt")
+        raise ValueError(
+            f"image ids {sorted(missing, key=int)[:5]} of images.txt have no class in image_class_labels.txt"
+        )
     ids = sorted(paths, key=int)
     items = ImageItems(root / "images", [paths[i].strip() for i in ids], np.array([labels[i] for i in ids]))
     if items.labels.min() < 0:
@@ -67,7 +79,8 @@ def read_cub(root: str | os.PathLike, allow_outside_root: bool = False) -> tuple
 
 
 def _resolve_list_items(items: ImageItems, root: Path) -> ImageItems:
-    """Point FECD-style ``train/<class dir>/<file>`` paths at ``images/<class dir>/<file>`` when the list's own
+    """Point FECD-style ``train/<class dir>/<file>`` paths at ``images/<class dir>/<file>`` when the list's
+    own
     layout is not on disk, so FECD's list files work with an untouched CUB directory."""
     if all((items.root / p).is_file() for p in items.paths[:20]):
         return items

@@ -1,7 +1,8 @@
 """DeepFashion2 clothing identities from the per-image JSON annotations, cropped by bounding box.
 
     <root>/annos/000001.json   {"source": "user"|"shop", "pair_id": 1,
-                                "item1": {"style": 1, "category_id": 7, "bounding_box": [x1, y1, x2, y2], ...}, ...}
+                                "item1": {"style": 1, "category_id": 7, "bounding_box": [x1, y1, x2, y2],
+                                ...}, ...}
     <root>/image/000001.jpg
 (``root`` may also hold several such splits, e.g. ``train/`` and ``validation/``: all are read.)
 
@@ -11,6 +12,7 @@ items cannot be in both train and test and are dropped. The paper's counts (Tabl
 110,430 train / 87,710 test crops; per identity floor(0.6·n) train, which predicts 110,408 from these totals.
 Stages: identities 1–10,595 old; multi-task 10,596–13,256, 13,257–15,890, 15,891–18,558, 18,559–21,190.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +59,9 @@ def read_deepfashion2(root: str | os.PathLike, min_items: int = 2) -> ImageItems
                 try:
                     style = int(item.get("style", 0))
                 except (TypeError, ValueError):
-                    raise ValueError(f"{anno}: {name}'s style {item.get('style')!r} is not an integer") from None
+                    raise ValueError(
+                        f"{anno}: {name}'s style {item.get('style')!r} is not an integer"
+                    ) from None
                 if style <= 0:
                     continue
                 box = item.get("bounding_box")
@@ -66,7 +70,10 @@ def read_deepfashion2(root: str | os.PathLike, min_items: int = 2) -> ImageItems
                 try:
                     box = [float(v) for v in box]
                 except (TypeError, ValueError):
-                    raise ValueError(f"{anno}: {name}'s bounding_box {item['bounding_box']!r} holds a value that is not a number") from None
+                    raise ValueError(
+                        f"{anno}: {name}'s bounding_box {item['bounding_box']!r} holds a value that is not a "
+                        f"number"
+                    ) from None
                 paths.append(image)
                 keys.append((pair_id, style))
                 boxes.append(box)
@@ -78,7 +85,9 @@ def read_deepfashion2(root: str | os.PathLike, min_items: int = 2) -> ImageItems
     relabel = np.full(len(identities), -1)
     relabel[keep_ids] = np.arange(len(keep_ids))
     keep = relabel[inverse] >= 0
-    items = ImageItems(root, [p for p, k in zip(paths, keep) if k], relabel[inverse][keep], np.array(boxes)[keep])
+    items = ImageItems(
+        root, [p for p, k in zip(paths, keep) if k], relabel[inverse][keep], np.array(boxes)[keep]
+    )
     items.identities = identities[keep_ids]  # (pair_id, style) of each label
     return items
 

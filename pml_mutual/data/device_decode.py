@@ -10,7 +10,8 @@ What changes against decoding with Pillow in the workers: the pixels, slightly. 
 another implementation, and the resize is torch's antialiased bilinear in float32 (the algorithm of
 Pillow's ``BILINEAR``, which rounds to 8 bits between its horizontal and vertical passes): pixels differ by
 at most one level of 255 per resize (tested against Pillow; libjpeg-turbo, torchvision's CPU decoder, is
-Pillow's too and bit-equal; nvJPEG is not measured here). A run's identity therefore records ``embed_decode``. Files that are
+Pillow's too and bit-equal; nvJPEG is not measured here). A run's identity therefore records
+``embed_decode``. Files that are
 not JPEG (PNG, 16-bit TIFF, ...) and JPEGs the device's decoder refuses are decoded by Pillow, exactly as
 before, and only resized on the device. Training keeps decoding in the workers: its random augmentations
 are drawn there per batch (bit-identical resume), and a training step needs far fewer images per second
@@ -23,6 +24,7 @@ means the previous batch's input, read by a forward not yet run.
 Use it through ``OnlineConfig(embed_decode="device")`` (or :class:`~pml_mutual.data.loaders.LoaderPool`'s
 ``decode_on_device``); it needs torchvision (``pip install pml-mutual[vision]``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,14 +48,20 @@ def require_torchvision_decoder() -> None:
     try:
         from torchvision.io import decode_jpeg  # noqa: F401
     except ImportError as e:
-        raise ImportError("embed_decode='device' decodes JPEGs with torchvision: pip install 'pml-mutual[vision]'") from e
+        raise ImportError(
+            "embed_decode='device' decodes JPEGs with torchvision: pip install 'pml-mutual[vision]'"
+        ) from e
 
 
 def decodable_on_device(dataset: Dataset) -> bool:
     """Whether :class:`EncodedImageDataset` can stand in for ``dataset``: image files read through
     the protocol's deterministic test transform."""
     transform = getattr(dataset, "transform", None)
-    return isinstance(dataset, ImageListDataset) and isinstance(transform, ProtocolTransform) and not transform.train
+    return (
+        isinstance(dataset, ImageListDataset)
+        and isinstance(transform, ProtocolTransform)
+        and not transform.train
+    )
 
 
 @dataclasses.dataclass
@@ -75,7 +83,8 @@ class EncodedImageDataset(Dataset):
     def __init__(self, dataset: ImageListDataset):
         if not decodable_on_device(dataset):
             raise ValueError(
-                "decoding on the device needs an ImageListDataset with a test ProtocolTransform (train=False), "
+                "decoding on the device needs an ImageListDataset with a test ProtocolTransform "
+                "(train=False), "
                 f"got {type(dataset).__name__} with transform {getattr(dataset, 'transform', None)!r}"
             )
         self.dataset = dataset
@@ -92,13 +101,21 @@ class EncodedImageDataset(Dataset):
             raise FileNotFoundError(f"image file missing: {path}")
         raw = np.fromfile(path, dtype=np.uint8)
         if raw[:3].tobytes() == JPEG_MAGIC:
-            return EncodedImage(torch.from_numpy(raw), True, str(path), box, self.dataset.transform), int(self.labels[i])
-        return EncodedImage(pillow_pixels(path), False, str(path), box, self.dataset.transform), int(self.labels[i])
+            return EncodedImage(torch.from_numpy(raw), True, str(path), box, self.dataset.transform), int(
+                self.labels[i]
+            )
+        return EncodedImage(pillow_pixels(path), False, str(path), box, self.dataset.transform), int(
+            self.labels[i]
+        )
 
 
 def pillow_pixels(path) -> torch.Tensor:
     """(3, H, W) uint8 RGB pixels of an image file, decoded as the workers decode it (16-bit scaled, ...)."""
-    return torch.from_numpy(np.asarray(open_image(Path(path)), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    return (
+        torch.from_numpy(np.asarray(open_image(Path(path)), dtype=np.uint8).copy())
+        .permute(2, 0, 1)
+        .contiguous()
+    )
 
 
 class EncodedBatch:
@@ -135,7 +152,9 @@ def decode_jpegs(images: list[EncodedImage], device: torch.device) -> list[torch
     def decode(data):
         if device.type != "cuda":
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        return decode_off_queued_memory(lambda: decode_jpeg(data, mode=ImageReadMode.RGB, device=device), device)
+        return decode_off_queued_memory(
+            lambda: decode_jpeg(data, mode=ImageReadMode.RGB, device=device), device
+        )
 
     try:
         return list(decode([im.data for im in images]))
@@ -203,7 +222,7 @@ def resized_center_crop(pixels: torch.Tensor, transform: ProtocolTransform) -> t
         nw, nh = shorter_side_size(nw, nh, size)
         pixels = resize_pixels(pixels, nw, nh)
     left, top = (nw - size) // 2, (nh - size) // 2
-    return pixels[..., top:top + size, left:left + size]
+    return pixels[..., top : top + size, left : left + size]
 
 
 def decode_batch(images: list[EncodedImage], device: torch.device) -> torch.Tensor:

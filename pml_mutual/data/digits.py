@@ -1,4 +1,5 @@
 """scikit-learn's bundled 8×8 digits (1,797 real images, 10 classes): the embedded default, no download."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@
 10 classes, 60,000 training and 10,000 test images of 28×28. The benchmark's protocol: one-task
 old = classes 0–4, new = 5–9; multi-task 5 stages of 2 classes.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -33,11 +34,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
     dtype, ndim = np.dtype(_DTYPES[data[2]]), data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - offset != expected:
-        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but holds {len(data) - offset} bytes")
+        raise ValueError(
+            f"{path}: header says shape {shape} ({expected} bytes) but holds {len(data) - offset} bytes"
+        )
     return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
 
 
@@ -59,7 +62,8 @@ def default_root() -> Path:
 
 
 def load_fashion_mnist(root: str | os.PathLike | None = None, split: str = "train") -> TensorDataset:
-    """``split`` ∈ {"train", "test"} as a TensorDataset of float32 (1, 28, 28) images in [0, 1] and int64 labels."""
+    """``split`` ∈ {"train", "test"} as a TensorDataset of float32 (1, 28, 28) images in [0, 1] and int64
+    labels."""
     if split not in FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root) if root is not None else default_root()

@@ -4,6 +4,7 @@ Used by the tests (the loaders must read them back exactly) and by the benchmark
 runs. Each class gets its own colour and a bright square at its own place plus per-image noise and
 jitter, so a network can learn them in a few steps. Needs Pillow (JPEGs) and, for Cars196, scipy.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,14 @@ def class_image(label: int, rng: np.random.Generator, size: tuple[int, int] = (4
     from PIL import Image
 
     w, h = size
-    colour = np.array([(label * 53) % 256, (label * 101 + 40) % 256, (label * 197 + 90) % 256], dtype=np.float32)
+    colour = np.array(
+        [(label * 53) % 256, (label * 101 + 40) % 256, (label * 197 + 90) % 256], dtype=np.float32
+    )
     pixels = colour + rng.normal(0, 18, (h, w, 3))
     side = max(4, min(w, h) // 3)
     x = (label * 7) % max(1, w - side) + int(rng.integers(0, 3))
     y = (label * 11) % max(1, h - side) + int(rng.integers(0, 3))
-    pixels[y: y + side, x: x + side] = 255 - colour
+    pixels[y : y + side, x : x + side] = 255 - colour
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
@@ -33,13 +36,20 @@ def _save(image, path: Path) -> None:
     image.save(path, quality=90)
 
 
-def write_cub_fixture(root: str | os.PathLike, counts: Sequence[int], seed: int = 0, official_train_every: int = 2,
-                      size: tuple[int, int] = (48, 40), workers: int = 1) -> Path:
+def write_cub_fixture(
+    root: str | os.PathLike,
+    counts: Sequence[int],
+    seed: int = 0,
+    official_train_every: int = 2,
+    size: tuple[int, int] = (48, 40),
+    workers: int = 1,
+) -> Path:
     """CUB-200-2011 layout with ``len(counts)`` classes holding ``counts[c]`` images each of ``size``
     (width, height; CUB's own are about 500 × 375); returns the directory.
 
     Every ``official_train_every``-th image of a class is in the official train split. ``workers`` > 1
-    writes classes in forked processes (call it before CUDA starts), each class drawn from its own generator (seeded from
+    writes classes in forked processes (call it before CUDA starts), each class drawn from its own generator
+    (seeded from
     ``seed`` and the class): other images than ``workers=1`` draws, equally deterministic."""
     root = Path(root)
     images, labels, split, classes, jobs = [], [], [], [], []
@@ -65,8 +75,12 @@ def write_cub_fixture(root: str | os.PathLike, counts: Sequence[int], seed: int 
         rng = np.random.default_rng(seed)  # one stream through every class, as this writer always drew
         for c, files in jobs:
             _write_class(c, files, size, rng)
-    for name, lines in (("images.txt", images), ("image_class_labels.txt", labels),
-                        ("train_test_split.txt", split), ("classes.txt", classes)):
+    for name, lines in (
+        ("images.txt", images),
+        ("image_class_labels.txt", labels),
+        ("train_test_split.txt", split),
+        ("classes.txt", classes),
+    ):
         (root / name).write_text("\n".join(lines) + "\n")
     return root
 
@@ -86,8 +100,11 @@ def _mat_struct(records: list[dict]) -> np.ndarray:
     return out
 
 
-def write_cars196_fixture(root: str | os.PathLike, counts: Sequence[int], layout: str = "annos", seed: int = 0) -> Path:
-    """Cars196 with ``counts[c]`` images of class c+1, as ``cars_annos.mat`` (``layout="annos"``) or the devkit
+def write_cars196_fixture(
+    root: str | os.PathLike, counts: Sequence[int], layout: str = "annos", seed: int = 0
+) -> Path:
+    """Cars196 with ``counts[c]`` images of class c+1, as ``cars_annos.mat`` (``layout="annos"``) or the
+    devkit
     layout (``"devkit"``: devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat, devkit/cars_meta.mat).
     Each image holds the car in a box (x1, y1, x2, y2) written to the annotations."""
     from scipy.io import savemat
@@ -106,16 +123,35 @@ def write_cars196_fixture(root: str | os.PathLike, counts: Sequence[int], layout
             part = "train" if j % 2 == 0 else "test"
             if layout == "annos":
                 rel = f"car_ims/{n:06d}.jpg"
-                records["all"].append(dict(relative_im_path=rel, bbox_x1=box[0], bbox_y1=box[1], bbox_x2=box[2],
-                                           bbox_y2=box[3], **{"class": c + 1}, test=int(part == "test")))
+                records["all"].append(
+                    dict(
+                        relative_im_path=rel,
+                        bbox_x1=box[0],
+                        bbox_y1=box[1],
+                        bbox_x2=box[2],
+                        bbox_y2=box[3],
+                        **{"class": c + 1},
+                        test=int(part == "test"),
+                    )
+                )
             else:
                 rel = f"cars_{part}/{len(records[part]) + 1:05d}.jpg"
-                records[part].append(dict(bbox_x1=box[0], bbox_y1=box[1], bbox_x2=box[2], bbox_y2=box[3],
-                                          **{"class": c + 1}, fname=Path(rel).name))
+                records[part].append(
+                    dict(
+                        bbox_x1=box[0],
+                        bbox_y1=box[1],
+                        bbox_x2=box[2],
+                        bbox_y2=box[3],
+                        **{"class": c + 1},
+                        fname=Path(rel).name,
+                    )
+                )
             _save(image, root / rel)
     names = np.array([f"Car {c + 1}" for c in range(len(counts))], dtype=object)
     if layout == "annos":
-        savemat(root / "cars_annos.mat", {"annotations": _mat_struct(records["all"]), "class_names": names[None]})
+        savemat(
+            root / "cars_annos.mat", {"annotations": _mat_struct(records["all"]), "class_names": names[None]}
+        )
     else:
         (root / "devkit").mkdir(parents=True, exist_ok=True)
         savemat(root / "devkit" / "cars_train_annos.mat", {"annotations": _mat_struct(records["train"])})
@@ -124,8 +160,13 @@ def write_cars196_fixture(root: str | os.PathLike, counts: Sequence[int], layout
     return root
 
 
-def write_deepfashion2_fixture(root: str | os.PathLike, n_pairs: int, images_per_pair: int = 4, seed: int = 0,
-                               splits: Sequence[str] = ("train",)) -> Path:
+def write_deepfashion2_fixture(
+    root: str | os.PathLike,
+    n_pairs: int,
+    images_per_pair: int = 4,
+    seed: int = 0,
+    splits: Sequence[str] = ("train",),
+) -> Path:
     """DeepFashion2 layout (``<split>/annos/*.json``, ``<split>/image/*.jpg``) with ``n_pairs`` pair ids.
 
     Every image of pair p holds two items: style 1 (identity (p, 1)) on the left and style 2 on the right

@@ -23,12 +23,12 @@ How it is built (deterministic for a given set of font files):
 
 The result is cached as an ``.npz`` under ``$PML_MUTUAL_CACHE`` or ``~/.cache/pml_mutual``.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import zlib
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -50,10 +50,13 @@ BASELINE = 25
 
 def candidate_characters() -> list[str]:
     ranges = [
-        (0x30, 0x39), (0x41, 0x5A), (0x61, 0x7A),  # digits, Basic Latin letters
+        (0x30, 0x39),
+        (0x41, 0x5A),
+        (0x61, 0x7A),  # digits, Basic Latin letters
         (0xC0, 0xFF),  # Latin-1 letters
         (0x100, 0x17F),  # Latin Extended-A
-        (0x391, 0x3A9), (0x3B1, 0x3C9),  # Greek
+        (0x391, 0x3A9),
+        (0x3B1, 0x3C9),  # Greek
         (0x401, 0x45F),  # Cyrillic
     ]
     chars = [chr(c) for a, b in ranges for c in range(a, b + 1)]
@@ -78,7 +81,9 @@ def _imports():
         from fontTools.ttLib import TTFont
         from PIL import Image, ImageDraw, ImageFont
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("building the glyph dataset needs Pillow and fontTools: pip install Pillow fonttools") from e
+        raise ImportError(
+            "building the glyph dataset needs Pillow and fontTools: pip install Pillow fonttools"
+        ) from e
     return TTFont, Image, ImageDraw, ImageFont
 
 
@@ -162,7 +167,8 @@ def build_glyphs(
         idx = np.flatnonzero(present[fi])
         x = images[fi, idx].reshape(len(idx), -1).astype(np.float32)
         sq = (x * x).sum(1)
-        dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0) / x.shape[1])  # RMS pixel difference
+        # RMS pixel difference
+        dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0) / x.shape[1])
         both[np.ix_(idx, idx)] += 1
         same[np.ix_(idx, idx)] += dist < homoglyph_tolerance
     alias = np.arange(n_chars)
@@ -175,12 +181,16 @@ def build_glyphs(
     coverage = present[fonts].sum(0)
     class_chars = [i for i in range(n_chars) if alias[i] == i and coverage[i] >= min_fonts]
     if not class_chars:
-        raise ValueError(f"no character is drawn by {min_fonts} distinct fonts: install more fonts ({FONT_PACKAGES})")
+        raise ValueError(
+            f"no character is drawn by {min_fonts} distinct fonts: install more fonts ({FONT_PACKAGES})"
+        )
 
     # Train/test split by font family, fixed seed.
     fams = sorted({families[fi] for fi in fonts})
     rng = np.random.default_rng(seed)
-    test_fams = set(np.array(fams)[rng.permutation(len(fams))[: int(round(test_fraction * len(fams)))]].tolist())
+    test_fams = set(
+        np.array(fams)[rng.permutation(len(fams))[: int(round(test_fraction * len(fams)))]].tolist()
+    )
     xs, ys, is_test, font_of = [], [], [], []
     for label, ci in enumerate(class_chars):
         for fi in fonts:
@@ -226,7 +236,10 @@ def load_glyphs(
     path = Path(cache) if cache is not None else cache_dir() / f"glyphs-{_cache_key(files, **params)}.npz"
     if rebuild or not path.is_file():
         if progress:
-            print(f"building the glyph dataset from {len(files)} font files (once; cached at {path})", flush=True)
+            print(
+                f"building the glyph dataset from {len(files)} font files (once; cached at {path})",
+                flush=True,
+            )
         data = build_glyphs(font_dirs, progress=progress, **params)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")

@@ -4,6 +4,7 @@ The three datasets of the paper (CUB-200-2011, Cars196, DeepFashion2) are read f
 formats into :class:`ImageItems` by :mod:`.cub`, :mod:`.cars196` and :mod:`.deepfashion2`; this module
 holds what they share. Pillow is needed only to open images (``pip install pml-mutual[vision]``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,11 +36,17 @@ class ImageItems:
             if len(self.boxes) != len(self.paths):
                 raise ValueError(f"{len(self.paths)} paths but {len(self.boxes)} boxes")
             # known now, not when the image is decoded mid-run: an inverted or non-finite box, named
-            bad = ~np.isfinite(self.boxes).all(1) | (self.boxes[:, 2] <= self.boxes[:, 0]) | (self.boxes[:, 3] <= self.boxes[:, 1])
+            bad = (
+                ~np.isfinite(self.boxes).all(1)
+                | (self.boxes[:, 2] <= self.boxes[:, 0])
+                | (self.boxes[:, 3] <= self.boxes[:, 1])
+            )
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"item {i + 1} ({self.paths[i]}) has the box {tuple(self.boxes[i].tolist())}: a box is "
-                                 f"(x1, y1, x2, y2) with x2 > x1 and y2 > y1 ({int(bad.sum())} such box(es))")
+                raise ValueError(
+                    f"item {i + 1} ({self.paths[i]}) has the box {tuple(self.boxes[i].tolist())}: a box is "
+                    f"(x1, y1, x2, y2) with x2 > x1 and y2 > y1 ({int(bad.sum())} such box(es))"
+                )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -47,7 +54,9 @@ class ImageItems:
     def subset(self, index) -> "ImageItems":
         index = np.asarray(index, dtype=np.int64)
         return ImageItems(
-            self.root, [self.paths[i] for i in index], self.labels[index],
+            self.root,
+            [self.paths[i] for i in index],
+            self.labels[index],
             None if self.boxes is None else self.boxes[index],
         )
 
@@ -63,8 +72,9 @@ class ImageItems:
             parts = Path(os.path.normpath(p)).parts
             if os.path.isabs(p) or (parts and parts[0] == ".."):
                 raise ValueError(
-                    f"{source}: image path {p!r} (item {i + 1}) lies outside the dataset root {self.root}; refused "
-                    "(pass allow_outside_root=True, or --allow-outside-root on the command line, if that is intended)"
+                    f"{source}: image path {p!r} (item {i + 1}) lies outside the dataset root {self.root}; "
+                    "refused (pass allow_outside_root=True, or --allow-outside-root on the command line, "
+                    "if that is intended)"
                 )
         return self
 
@@ -91,8 +101,8 @@ class ImageItems:
             sizes[i] = st.st_size
         if missing:
             raise FileNotFoundError(
-                f"{len(missing)} of the {len(self.paths)} image files of {what} do not exist under {self.root}, "
-                f"e.g. {', '.join(missing[:3])}"
+                f"{len(missing)} of the {len(self.paths)} image files of {what} do not exist under "
+                f"{self.root}, e.g. {', '.join(missing[:3])}"
             )
         return sizes
 
@@ -133,8 +143,14 @@ def open_image(path: Path):
                 # 16-bit (or 32-bit integer) grey levels: Pillow's convert("RGB") clips them at 255 (a
                 # white image); scaled to 8 bits instead (65535 → 255)
                 pixels = np.asarray(im, dtype=np.float64)
-                scale = 257.0 if im.mode.startswith("I;16") or pixels.max(initial=0) <= 65535 else pixels.max() / 255.0
-                return Image.fromarray(np.clip(np.round(pixels / scale), 0, 255).astype(np.uint8)).convert("RGB")
+                scale = (
+                    257.0
+                    if im.mode.startswith("I;16") or pixels.max(initial=0) <= 65535
+                    else pixels.max() / 255.0
+                )
+                return Image.fromarray(np.clip(np.round(pixels / scale), 0, 255).astype(np.uint8)).convert(
+                    "RGB"
+                )
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError) as e:  # truncated, corrupt or not an image: say which file
         raise OSError(f"cannot decode image {path}: {e}") from e
@@ -150,7 +166,9 @@ def box_pixels(width: int, height: int, box: Sequence[float]) -> tuple[int, int,
     x1, y1, x2, y2 = (int(round(v)) for v in box)
     x1, y1, x2, y2 = max(0, x1), max(0, y1), min(width, x2), min(height, y2)
     if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"bounding box {tuple(float(v) for v in box)} is empty inside an image of size {width}×{height}")
+        raise ValueError(
+            f"bounding box {tuple(float(v) for v in box)} is empty inside an image of size {width}×{height}"
+        )
     return x1, y1, x2, y2
 
 
@@ -160,7 +178,9 @@ def read_text_utf8(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the file as UTF-8") from None
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the file as UTF-8"
+        ) from None
 
 
 def require(path: Path, what: str) -> Path:
@@ -171,7 +191,9 @@ def require(path: Path, what: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- list files
-def read_list_file(path: str | os.PathLike, root: str | os.PathLike | None = None, allow_outside_root: bool = False) -> ImageItems:
+def read_list_file(
+    path: str | os.PathLike, root: str | os.PathLike | None = None, allow_outside_root: bool = False
+) -> ImageItems:
     """Read a ``<relative path> <label>[ x1 y1 x2 y2]`` list file (one item per line, labels 0-based).
 
     This is the format of the FECD reference split files for CUB (``train/<class dir>/<file>.jpg 12``).
@@ -188,7 +210,9 @@ def read_list_file(path: str | os.PathLike, root: str | os.PathLike | None = Non
         n_tail = 5 if len(tokens) >= 6 and all(_is_number(t) for t in tokens[-5:]) else 1
         parts = line.rsplit(None, n_tail)
         if len(parts) < 2:
-            raise ValueError(f"{path}:{n}: expected '<path> <label>' or '<path> <label> x1 y1 x2 y2', got {line!r}")
+            raise ValueError(
+                f"{path}:{n}: expected '<path> <label>' or '<path> <label> x1 y1 x2 y2', got {line!r}"
+            )
         try:
             labels.append(int(parts[1]))
             if n_tail == 5:
@@ -202,7 +226,12 @@ def read_list_file(path: str | os.PathLike, root: str | os.PathLike | None = Non
         raise ValueError(f"{path}: either every line has a box or none does")
     if min(labels) < 0:
         raise ValueError(f"{path}: labels must be ≥ 0, got {min(labels)}")
-    items = ImageItems(Path(root) if root is not None else path.parent, paths, np.array(labels), np.array(boxes) if boxes else None)
+    items = ImageItems(
+        Path(root) if root is not None else path.parent,
+        paths,
+        np.array(labels),
+        np.array(boxes) if boxes else None,
+    )
     return items.check_inside_root(path, allow_outside_root)
 
 
@@ -227,7 +256,9 @@ def write_list_file(items: ImageItems, path: str | os.PathLike) -> None:
 
 
 # ----------------------------------------------------------------------------- splits
-def per_class_split(labels: np.ndarray, train_fraction: float = 0.6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def per_class_split(
+    labels: np.ndarray, train_fraction: float = 0.6, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, test): per class, floor(train_fraction · n_c) random images train, the rest test.
 
     The FECD protocol for CUB (7,048 / 4,740 images at 0.6). Classes with fewer than two images, or
@@ -243,7 +274,8 @@ def per_class_split(labels: np.ndarray, train_fraction: float = 0.6, seed: int =
         n_train = int(np.floor(train_fraction * len(idx)))
         if n_train < 1 or n_train >= len(idx):
             raise ValueError(
-                f"class {c} has {len(idx)} image(s): a {train_fraction:g} split leaves its train or test part empty"
+                f"class {c} has {len(idx)} image(s): a {train_fraction:g} split leaves its train or test "
+                "part empty"
             )
         idx = rng.permutation(idx)
         train.append(idx[:n_train])
@@ -251,7 +283,9 @@ def per_class_split(labels: np.ndarray, train_fraction: float = 0.6, seed: int =
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def split_items(items: ImageItems, train_fraction: float = 0.6, seed: int = 0) -> tuple[ImageItems, ImageItems]:
+def split_items(
+    items: ImageItems, train_fraction: float = 0.6, seed: int = 0
+) -> tuple[ImageItems, ImageItems]:
     """(train, test) items under :func:`per_class_split`, checked by :func:`check_split`."""
     tr, te = per_class_split(items.labels, train_fraction, seed)
     train, test = items.subset(tr), items.subset(te)
@@ -261,13 +295,20 @@ def split_items(items: ImageItems, train_fraction: float = 0.6, seed: int = 0) -
 
 def check_split(train: ImageItems, test: ImageItems) -> None:
     """Refuse a split where an image is in both parts or a class is missing from one of them."""
-    overlap = set(zip(train.paths, map(tuple, train.boxes.tolist()) if train.boxes is not None else [None] * len(train)))
-    overlap &= set(zip(test.paths, map(tuple, test.boxes.tolist()) if test.boxes is not None else [None] * len(test)))
+    overlap = set(
+        zip(train.paths, map(tuple, train.boxes.tolist()) if train.boxes is not None else [None] * len(train))
+    )
+    overlap &= set(
+        zip(test.paths, map(tuple, test.boxes.tolist()) if test.boxes is not None else [None] * len(test))
+    )
     if overlap:
-        raise ValueError(f"{len(overlap)} item(s) are in both train and test, e.g. {sorted(overlap, key=str)[0][0]}")
+        raise ValueError(
+            f"{len(overlap)} item(s) are in both train and test, e.g. {sorted(overlap, key=str)[0][0]}"
+        )
     only_train = np.setdiff1d(train.classes(), test.classes())
     only_test = np.setdiff1d(test.classes(), train.classes())
     if len(only_train) or len(only_test):
         raise ValueError(
-            f"classes must be in both parts: train-only {only_train[:10].tolist()}, test-only {only_test[:10].tolist()}"
+            f"classes must be in both parts: train-only {only_train[:10].tolist()}, test-only "
+            f"{only_test[:10].tolist()}"
         )

@@ -18,6 +18,7 @@ loader per dataset, and changes only what they iterate over:
   :meth:`LoaderPool.share_embedding` (the prototype and the test datasets of a run) share one embedding
   loader, so drift measurement and evaluation start one set of workers between them, not one each.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -46,7 +47,8 @@ class EpochBatchSampler(Sampler):
         self.index_map: np.ndarray | None = None
 
     def set_epoch(self, sampler: Iterable[int], epoch_seed: int, index_map: np.ndarray | None = None) -> None:
-        """``index_map[i]`` is the loader's item for the sampler's index ``i`` (a stage subset inside its base)."""
+        """``index_map[i]`` is the loader's item for the sampler's index ``i`` (a stage subset inside its
+        base)."""
         self.sampler, self.epoch_seed, self.index_map = sampler, int(epoch_seed), index_map
 
     def __iter__(self) -> Iterator[tuple[int, list[int]]]:
@@ -85,19 +87,26 @@ class SeededBatches(Dataset):
         return self.__getitems__(seeded_batch)
 
 
-def train_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False, collate_fn=None):
+def train_loader(
+    dataset: Dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False, collate_fn=None
+):
     """(loader, batch sampler): one loader for every epoch of a stage; call ``batch_sampler.set_epoch``
     before each ``iter(loader)``."""
     batches = EpochBatchSampler(batch_size)
     loader = DataLoader(
-        SeededBatches(dataset), batch_sampler=batches, num_workers=num_workers, collate_fn=collate_fn,
-        persistent_workers=num_workers > 0, pin_memory=pin_memory,
+        SeededBatches(dataset),
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )
     return loader, batches
 
 
 class _Tasks(Sampler):
-    """Consecutive chunks of ``indices``, ``size`` items each (the last may be shorter): one worker task each."""
+    """Consecutive chunks of ``indices``, ``size`` items each (the last may be shorter): one worker task
+    each."""
 
     def __init__(self):
         self.indices: Sequence[int] = []
@@ -105,7 +114,7 @@ class _Tasks(Sampler):
 
     def __iter__(self):
         for start in range(0, len(self.indices), self.size):
-            yield list(self.indices[start:start + self.size])
+            yield list(self.indices[start : start + self.size])
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.size)
@@ -128,14 +137,26 @@ class EmbeddingLoader:
     DataLoader's (e.g. :func:`~pml_mutual.data.device_decode.collate_encoded`).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int = 256, num_workers: int = 0, pin_memory: bool = False,
-                 tasks_per_worker: int | None = None, min_task: int = 16, collate_fn=None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        tasks_per_worker: int | None = None,
+        min_task: int = 16,
+        collate_fn=None,
+    ):
         self.dataset, self.batch_size = dataset, int(batch_size)
         self.num_workers, self.tasks_per_worker, self.min_task = num_workers, tasks_per_worker, min_task
         self._tasks = _Tasks()
         self._loader = DataLoader(
-            dataset, batch_sampler=self._tasks, num_workers=num_workers,
-            persistent_workers=num_workers > 0, pin_memory=pin_memory, collate_fn=collate_fn,
+            dataset,
+            batch_sampler=self._tasks,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            pin_memory=pin_memory,
+            collate_fn=collate_fn,
         )
 
     def task_size(self, n: int) -> int:
@@ -171,7 +192,9 @@ class EmbeddingView:
         self.dataset, self._loader, self._index = dataset, loader, index
 
     def __call__(self, indices: Sequence[int] | None = None) -> DataLoader:
-        return self._loader(self._index if indices is None else self._index[np.asarray(indices, dtype=np.int64)])
+        return self._loader(
+            self._index if indices is None else self._index[np.asarray(indices, dtype=np.int64)]
+        )
 
 
 def return_free_heap() -> None:
@@ -200,20 +223,31 @@ class LoaderPool:
     :class:`~pml_mutual.data.ProtocolTransform` (else ``ValueError``, naming it).
     """
 
-    def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int = 0, pin_memory: bool = False,
-                 embed_tasks_per_worker: int | None = None, decode_on_device: bool = False):
+    def __init__(
+        self,
+        batch_size: int,
+        eval_batch_size: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        embed_tasks_per_worker: int | None = None,
+        decode_on_device: bool = False,
+    ):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.embed_tasks_per_worker = embed_tasks_per_worker  # see EmbeddingLoader
         self.decode_on_device = decode_on_device
         self._train: tuple | None = None  # (base, loader, batch sampler, collate_fn)
-        self._embed: dict[int, tuple[Dataset, EmbeddingLoader, int]] = {}  # id(base) → (base, loader, its offset there)
+        self._embed: dict[
+            int, tuple[Dataset, EmbeddingLoader, int]
+        ] = {}  # id(base) → (base, loader, its offset there)
 
     def train(self, dataset: Dataset, collate_fn=None):
         base, index = base_indices(dataset)
         if self._train is None or self._train[0] is not base or self._train[3] is not collate_fn:
             self._train = None  # the old base's workers end before new ones start
-            loader, batches = train_loader(base, self.batch_size, self.num_workers, self.pin_memory, collate_fn)
+            loader, batches = train_loader(
+                base, self.batch_size, self.num_workers, self.pin_memory, collate_fn
+            )
             self._train = (base, loader, batches, collate_fn)
         return self._train[1], self._train[2], index
 
@@ -239,8 +273,14 @@ class LoaderPool:
 
     def _embedding_loader(self, dataset: Dataset) -> EmbeddingLoader:
         collate = collate_encoded if self.decode_on_device else None
-        return EmbeddingLoader(dataset, self.eval_batch_size, self.num_workers, self.pin_memory, self.embed_tasks_per_worker,
-                               collate_fn=collate)
+        return EmbeddingLoader(
+            dataset,
+            self.eval_batch_size,
+            self.num_workers,
+            self.pin_memory,
+            self.embed_tasks_per_worker,
+            collate_fn=collate,
+        )
 
     def embed(self, dataset: Dataset) -> EmbeddingView:
         base, index = base_indices(dataset)

@@ -10,6 +10,7 @@ copy differ from the original's by that re-encoding only. Images whose shorter s
 ``short_side`` or less are copied byte for byte (the loader resizes them as before). The copy is a new
 dataset: a run directory made on the original refuses it (its identity includes the images' directory).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,13 @@ def _resize_many(jobs: list[tuple[Path, Path]], short_side: int, quality: int) -
         _resize_one(src, dst, short_side, quality)
 
 
-def write_resized_cub(src_root: str | os.PathLike, dst_root: str | os.PathLike, short_side: int = 256,
-                      quality: int = 95, workers: int = 1) -> Path:
+def write_resized_cub(
+    src_root: str | os.PathLike,
+    dst_root: str | os.PathLike,
+    short_side: int = 256,
+    quality: int = 95,
+    workers: int = 1,
+) -> Path:
     """Write the copy to ``dst_root`` (a new or empty directory) and return it; the source is only read."""
     src, dst = Path(src_root), Path(dst_root)
     if isinstance(short_side, bool) or not isinstance(short_side, int) or short_side < 1:
@@ -77,7 +83,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=Path, help="CUB_200_2011 directory (holding images.txt)")
     p.add_argument("dst", type=Path, help="new or empty directory for the copy")
-    p.add_argument("--short-side", type=int, default=256, help="the transforms' first Resize (256 in the protocol)")
+    p.add_argument(
+        "--short-side", type=int, default=256, help="the transforms' first Resize (256 in the protocol)"
+    )
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of the resized images")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)

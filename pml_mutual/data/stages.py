@@ -1,10 +1,10 @@
 """Stages of classes: splitting a dataset by class, and checking stages before any training starts."""
+
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 
@@ -38,17 +38,19 @@ def _label_of(dataset: Dataset, i: int):
     item = dataset[i]
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         raise TypeError(
-            f"{type(dataset).__name__}[{i}] is a {type(item).__name__}, not an (input, label) pair: the stage loop "
-            "reads items as PML's trainers do; make __getitem__ return (input, label), or give the dataset a "
-            "`targets` / `labels` attribute and wrap it so that items are pairs"
+            f"{type(dataset).__name__}[{i}] is a {type(item).__name__}, not an (input, label) pair: the "
+            "stage loop reads items as PML's trainers do; make __getitem__ return (input, label), or give "
+            "the dataset a `targets` / `labels` attribute and wrap it so that items are pairs"
         )
     return item[1]
 
 
 def check_class_to_stage(class_to_stage) -> Mapping[int, int]:
     if not isinstance(class_to_stage, Mapping):
-        raise TypeError(f"class_to_stage must be a mapping class → stage, e.g. stage_assignment(classes, first=50, "
-                        f"per_stage=10) or {{0: 0, 1: 0, 2: 1}}; got a {type(class_to_stage).__name__}")
+        raise TypeError(
+            "class_to_stage must be a mapping class → stage, e.g. stage_assignment(classes, first=50, "
+            f"per_stage=10) or {{0: 0, 1: 0, 2: 1}}; got a {type(class_to_stage).__name__}"
+        )
     if not class_to_stage:
         raise ValueError("class_to_stage is empty: map every training class to its stage")
     return class_to_stage
@@ -72,7 +74,9 @@ def stage_assignment(classes: Sequence[int], first: int, per_stage: int | None =
     The last stage takes the remainder."""
     classes = [int(c) for c in classes]
     if not 0 < first < len(classes):
-        raise ValueError(f"first must leave classes for later stages: 0 < first < {len(classes)}, got {first}")
+        raise ValueError(
+            f"first must leave classes for later stages: 0 < first < {len(classes)}, got {first}"
+        )
     rest = classes[first:]
     per_stage = len(rest) if per_stage is None else per_stage
     if per_stage <= 0:
@@ -90,13 +94,18 @@ def class_to_stage_of(stage_labels: Sequence[np.ndarray]) -> dict[int, int]:
     for s, labels in enumerate(stage_labels):
         for c in np.unique(labels).tolist():
             if c in mapping:
-                raise ValueError(f"class {c} appears in stage {mapping[c]} and in stage {s}: stages must be disjoint")
+                raise ValueError(
+                    f"class {c} appears in stage {mapping[c]} and in stage {s}: stages must be disjoint"
+                )
             mapping[c] = s
     return mapping
 
 
 def check_stages(
-    stage_labels: Sequence[np.ndarray], batch_size: int, m_per_class: int, min_images_per_class: int | None = None
+    stage_labels: Sequence[np.ndarray],
+    batch_size: int,
+    m_per_class: int,
+    min_images_per_class: int | None = None,
 ) -> dict[int, int]:
     """Everything that would make a stage untrainable, as one clear error before training starts.
 
@@ -111,23 +120,26 @@ def check_stages(
     for s, labels in enumerate(stage_labels):
         classes, counts = np.unique(labels, return_counts=True)
         if len(classes) < 2:
-            raise ValueError(f"stage {s} has {len(classes)} class(es): metric learning needs at least 2 per stage")
+            raise ValueError(
+                f"stage {s} has {len(classes)} class(es): metric learning needs at least 2 per stage"
+            )
         if len(classes) * m_per_class < batch_size:
             raise ValueError(
-                f"stage {s} has {len(classes)} classes: a batch of {batch_size} with {m_per_class} images per "
-                f"class needs at least {batch_size // m_per_class}"
+                f"stage {s} has {len(classes)} classes: a batch of {batch_size} with {m_per_class} images "
+                f"per class needs at least {batch_size // m_per_class}"
             )
         few = classes[counts < min_images]
         if len(few):
             raise ValueError(
-                f"stage {s}: classes {few[:10].tolist()} have fewer than {min_images} training images "
-                f"(the sampler draws {m_per_class} per class; lower min_images_per_class to accept repeats)"
+                f"stage {s}: classes {few[:10].tolist()} have fewer than {min_images} training images (the "
+                f"sampler draws {m_per_class} per class; lower min_images_per_class to accept repeats)"
             )
     return mapping
 
 
 def stages_from_ends(classes: Sequence[int], ends: Sequence[int]) -> dict[int, int]:
-    """class → stage where stage s holds the sorted ``classes[ends[s-1]:ends[s]]`` (the last stage takes the rest).
+    """class → stage where stage s holds the sorted ``classes[ends[s-1]:ends[s]]`` (the last stage takes the
+    rest).
 
     ``ends`` are the paper's stage boundaries as class counts, e.g. CUB multi-task (100, 125, 150, 175):
     classes 1–100, 101–125, 126–150, 151–175, 176–200.

@@ -9,6 +9,7 @@ Randomness comes from torch's global generator, so a run seeded by
 :func:`pml_mutual.online.seed_everything` replays its crops exactly (an interrupted run resumes
 bit-identically).
 """
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,9 @@ def center_crop(image, size: int):
     return image.crop((left, top, left + size, top + size))
 
 
-def random_resized_crop_box(width: int, height: int, scale=(0.16, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    width: int, height: int, scale=(0.16, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """(left, top, w, h) of a random crop covering ``scale`` of the area with aspect ``ratio`` (the
     Inception crop: 10 tries, then the largest centred crop of an allowed aspect)."""
     area = width * height
@@ -78,7 +81,9 @@ def random_resized_crop_box(width: int, height: int, scale=(0.16, 1.0), ratio=(3
 
 
 def to_tensor(image, input_space: str) -> torch.Tensor:
-    return to_input_space(torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1), input_space)
+    return to_input_space(
+        torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1), input_space
+    )
 
 
 def to_input_space(pixels: torch.Tensor, input_space: str) -> torch.Tensor:
@@ -96,14 +101,27 @@ def to_input_space(pixels: torch.Tensor, input_space: str) -> torch.Tensor:
 class ProtocolTransform:
     """The paper's train (``train=True``) or test transform, ending in a (3, size, size) float tensor."""
 
-    def __init__(self, train: bool, input_space: str = "imagenet", size: int = 224, resize: int | None = None,
-                 scale=(0.16, 1.0)):
+    def __init__(
+        self,
+        train: bool,
+        input_space: str = "imagenet",
+        size: int = 224,
+        resize: int | None = None,
+        scale=(0.16, 1.0),
+    ):
         if input_space not in INPUT_SPACES:
             raise ValueError(f"input_space must be one of {sorted(INPUT_SPACES)}, got {input_space!r}")
         if not (0 < scale[0] <= scale[1] <= 1):
             raise ValueError(f"scale must satisfy 0 < min ≤ max ≤ 1, got {scale}")
-        resize = round(size * 256 / 224) if resize is None else resize  # the protocol's 256 → 224, kept at any size
-        self.train, self.input_space, self.size, self.resize, self.scale = train, input_space, size, resize, tuple(scale)
+        # the protocol's 256 → 224, kept at any size
+        resize = round(size * 256 / 224) if resize is None else resize
+        self.train, self.input_space, self.size, self.resize, self.scale = (
+            train,
+            input_space,
+            size,
+            resize,
+            tuple(scale),
+        )
 
     def __call__(self, image) -> torch.Tensor:
         image = resize_shorter(image.convert("RGB"), self.resize)
@@ -120,4 +138,7 @@ class ProtocolTransform:
 
     def __repr__(self) -> str:
         kind = "train" if self.train else "test"
-        return f"ProtocolTransform({kind}, {self.input_space}, resize={self.resize}, size={self.size}, scale={self.scale})"
+        return (
+            f"ProtocolTransform({kind}, {self.input_space}, resize={self.resize}, size={self.size}, "
+            f"scale={self.scale})"
+        )

@@ -20,19 +20,26 @@ Modes (``DriftCompensator(mode=...)``), after stage b:
   teacher feature itself — the ablation that keeps Eq. 6's one term per earlier stage (and so its
   total weight) but removes what Eq. 3–4 estimate.
 """
+
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..checks import check_embeddings
-from .equations import (DRIFT_MODES, LEARNED_MODES, SIMILARITIES, _check_same_dim, apply_maps, batched_virtual_features,
-                        check_stage_index, fit_linear_map, pad_stages, prototype_drift, prototypes, translate_forward,
-                        virtual_features)
-from .state import check_state
+from .equations import (
+    LEARNED_MODES,
+    _check_same_dim,
+    apply_maps,
+    batched_virtual_features,
+    fit_linear_map,
+    pad_stages,
+    prototype_drift,
+    prototypes,
+    translate_forward,
+    virtual_features,
+)
+from .state import check_gallery_update, check_new_stage, check_settings, check_state
 
 
 class DriftCompensator:
@@ -57,24 +64,16 @@ class DriftCompensator:
         eps: float = 1e-6,
         normalize: bool = True,
     ):
-        if mode not in DRIFT_MODES:
-            raise ValueError(f"mode must be one of {DRIFT_MODES}, got {mode!r}")
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-        for name, value in (("sigma", sigma), ("eps", eps)):
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                    or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r} (eps keeps the similarity weights' "
-                                 "sums away from 0: eps=0 divides by zero when no prototype is similar)")
-        sigma, eps = float(sigma), float(eps)
-        self.mode, self.similarity, self.sigma, self.eps, self.normalize = mode, similarity, sigma, eps, normalize
+        self.sigma, self.eps = check_settings(mode, similarity, sigma, eps)
+        self.mode, self.similarity, self.normalize = mode, similarity, normalize
         self.class_ids: list[torch.Tensor] = []
         self.stage_prototypes: list[torch.Tensor] = []  # μ^b_b, in F_b's space
         self.prototype_drifts: list[torch.Tensor] = []  # Δμ^{b→latest}
         # (device, ...): the earlier stages on the features' device — padded prototypes, drifts and mask,
         # or the stacked learned maps — rebuilt after any change
         self._device_cache = None
-        self.maps: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # learned: (W, b) latest → F_t, per stage t
+        # learned: (W, b) latest → F_t, per stage t
+        self.maps: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self.forward_maps: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # learned: F_t → latest
 
     @property
@@ -85,16 +84,10 @@ class DriftCompensator:
         return {"sigma": self.sigma, "eps": self.eps}
 
     def add_stage(self, embeddings: torch.Tensor, labels: torch.Tensor) -> int:
-        """Store the prototypes of the stage that just finished (its own model's embeddings); returns its index."""
+        """Store the prototypes of the stage that just finished (its own model's embeddings); returns its
+        index."""
         class_ids, means = prototypes(embeddings.detach(), labels)
-        if self.stage_prototypes and means.shape[1] != self.stage_prototypes[0].shape[1]:
-            raise ValueError(
-                f"embedding size {means.shape[1]} differs from the earlier stages' {self.stage_prototypes[0].shape[1]}"
-            )
-        for t, earlier in enumerate(self.class_ids):
-            overlap = set(earlier.tolist()) & set(class_ids.tolist())
-            if overlap:
-                raise ValueError(f"classes {sorted(overlap)[:10]} already belong to stage {t}: stages must be disjoint")
+        check_new_stage(self.class_ids, self.stage_prototypes, class_ids, means)
         self.class_ids.append(class_ids.cpu())
         self.stage_prototypes.append(means)
         self.prototype_drifts.append(torch.zeros_like(means))
@@ -120,7 +113,9 @@ class DriftCompensator:
         """μ^{latest}_{stage,k} = μ^{stage}_{stage,k} + Δμ^{stage→latest}_{stage,k}."""
         return self.stage_prototypes[stage] + self.prototype_drifts[stage]
 
-    def update_drift(self, old_feats: torch.Tensor, new_feats: torch.Tensor, stage: int | None = None) -> None:
+    def update_drift(
+        self, old_feats: torch.Tensor, new_feats: torch.Tensor, stage: int | None = None
+    ) -> None:
         """Bring the drift of earlier stages up to the latest model (Eq. 3).
 
         ``new_feats``: the latest model on the latest stage's training images. ``old_feats``: the same
@@ -137,11 +132,16 @@ class DriftCompensator:
             if stage not in allowed:
                 raise ValueError(f"learned mode: stage must be one of {allowed}, got {stage!r}")
             # latest → F_stage gives the virtual features, F_stage → latest moves its prototypes
-            self._set_learned_maps(stage, fit_linear_map(new_feats, old_feats), fit_linear_map(old_feats, new_feats))
+            self._set_learned_maps(
+                stage, fit_linear_map(new_feats, old_feats), fit_linear_map(old_feats, new_feats)
+            )
             return
         if self.mode == "learned_chained":
             if stage not in (None, allowed[0]):
-                raise ValueError(f"learned_chained mode measures only the previous stage ({allowed[0]}), got stage={stage!r}")
+                raise ValueError(
+                    f"learned_chained mode measures only the previous stage ({allowed[0]}), got "
+                    f"stage={stage!r}"
+                )
             (bw, bb), (fw, fb) = fit_linear_map(new_feats, old_feats), fit_linear_map(old_feats, new_feats)
             for t in range(self.num_stages - 2):  # x ↦ (x W₁ + b₁) W₂ + b₂ = x (W₁W₂) + (b₁W₂ + b₂)
                 (w, b), (w_fwd, b_fwd) = self.maps[t], self.forward_maps[t]
@@ -156,8 +156,11 @@ class DriftCompensator:
             )
             return
         if stage not in (None, allowed[0]):
-            raise ValueError(f"chained mode measures only the previous stage ({allowed[0]}), got stage={stage!r}")
-        # Step drift F_{latest-1} → F_latest, weighted by prototypes already carried into F_{latest-1}'s space.
+            raise ValueError(
+                f"chained mode measures only the previous stage ({allowed[0]}), got stage={stage!r}"
+            )
+        # Step drift F_{latest-1} → F_latest, weighted by prototypes already carried into F_{latest-1}'s
+        # space.
         for t in range(self.num_stages - 1):
             self.prototype_drifts[t] = self.prototype_drifts[t] + prototype_drift(
                 old_feats, new_feats, self.drifted_prototypes(t), self.similarity, **self._weight_kwargs()
@@ -185,22 +188,33 @@ class DriftCompensator:
         if self.mode in LEARNED_MODES:
             return apply_maps(feats, *self._stacked_maps(feats.device), normalize=self.normalize)
         if self.similarity == "cosine":  # the raw weights must be checked per stage (a sum ≈ 0 raises)
-            return torch.stack([
-                virtual_features(feats, self.drifted_prototypes(t).to(feats.device), self.prototype_drifts[t].to(feats.device),
-                                 self.similarity, normalize=self.normalize, **self._weight_kwargs())
-                for t in range(earlier)
-            ])
+            return torch.stack(
+                [
+                    virtual_features(
+                        feats,
+                        self.drifted_prototypes(t).to(feats.device),
+                        self.prototype_drifts[t].to(feats.device),
+                        self.similarity,
+                        normalize=self.normalize,
+                        **self._weight_kwargs(),
+                    )
+                    for t in range(earlier)
+                ]
+            )
         protos, drifts, mask = self._padded_stages(feats.device)
         _check_same_dim(protos[0], feats, "prototypes", "teacher_feats")
-        return batched_virtual_features(feats, protos, drifts, mask, self.similarity, normalize=self.normalize,
-                                        **self._weight_kwargs())
+        return batched_virtual_features(
+            feats, protos, drifts, mask, self.similarity, normalize=self.normalize, **self._weight_kwargs()
+        )
 
     def _stacked_maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._device_cache is None or self._device_cache[0] != device:
             earlier = range(self.num_stages - 1)
             missing = [t for t in earlier if self.maps[t] is None]
             if missing:
-                raise ValueError(f"learned mode: no map fitted for stage(s) {missing}: call update_drift for each")
+                raise ValueError(
+                    f"learned mode: no map fitted for stage(s) {missing}: call update_drift for each"
+                )
             weights = torch.stack([self.maps[t][0] for t in earlier]).to(device)
             biases = torch.stack([self.maps[t][1] for t in earlier]).to(device)
             self._device_cache = (device, weights, biases)
@@ -209,41 +223,37 @@ class DriftCompensator:
     def _padded_stages(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._device_cache is None or self._device_cache[0] != device:
             earlier = range(self.num_stages - 1)
-            padded = pad_stages([self.drifted_prototypes(t) for t in earlier], [self.prototype_drifts[t] for t in earlier])
+            padded = pad_stages(
+                [self.drifted_prototypes(t) for t in earlier], [self.prototype_drifts[t] for t in earlier]
+            )
             self._device_cache = (device, *(x.to(device) for x in padded))
         return self._device_cache[1:]
 
     @torch.no_grad()
-    def update_gallery(self, embeddings: torch.Tensor, stage: int, method: str = "translation") -> torch.Tensor:
+    def update_gallery(
+        self, embeddings: torch.Tensor, stage: int, method: str = "translation"
+    ) -> torch.Tensor:
         """Move embeddings that stage ``stage``'s model F_stage computed into the latest model's space,
         without the images or F_stage: ``"translation"`` (Eq. 4 forward with stage ``stage``'s prototypes
         and their drift, any mode that measures drift) or ``"learned"`` (the forward map F_stage → latest;
         learned mode). The latest stage's own embeddings are returned as they are. O(N·K·D) or O(N·D²),
         on the embeddings' device; float32, re-normalised when the compensator normalises."""
-        check_embeddings(embeddings, "embeddings")
-        stage = check_stage_index(stage, self.num_stages)
-        if method not in ("translation", "learned"):
-            raise ValueError(f"method must be 'translation' or 'learned', got {method!r}")
-        if embeddings.shape[1] != self.stage_prototypes[0].shape[1]:
-            raise ValueError(f"embeddings have {embeddings.shape[1]} columns, the compensator's stages "
-                             f"{self.stage_prototypes[0].shape[1]}: pass embeddings of the models it measured")
-        if method == "translation" and self.mode == "none":
-            raise ValueError("a compensator of mode='none' measures no drift: 'translation' would return the "
-                             "embeddings unchanged; use mode='direct' or 'chained' to move a gallery")
+        stage = check_gallery_update(self, embeddings, stage, method)
         feats = embeddings.detach().float()
         if stage == self.num_stages - 1:
             return feats
         if method == "learned":
-            if self.forward_maps[stage] is None:
-                raise ValueError(f"no learned map of stage {stage}: gallery updates by map need a learned drift mode {LEARNED_MODES}")
             w, b = (v.to(feats.device) for v in self.forward_maps[stage])
             moved = feats @ w + b
             return F.normalize(moved, dim=1) if self.normalize else moved
-        if method != "translation":
-            raise ValueError(f"method must be 'translation' or 'learned', got {method!r}")
-        return translate_forward(feats, self.stage_prototypes[stage].to(feats.device),
-                                 self.prototype_drifts[stage].to(feats.device), self.similarity,
-                                 normalize=self.normalize, **self._weight_kwargs())
+        return translate_forward(
+            feats,
+            self.stage_prototypes[stage].to(feats.device),
+            self.prototype_drifts[stage].to(feats.device),
+            self.similarity,
+            normalize=self.normalize,
+            **self._weight_kwargs(),
+        )
 
     def state_dict(self) -> dict:
         return {
@@ -255,8 +265,8 @@ class DriftCompensator:
             "class_ids": [c.clone() for c in self.class_ids],
             "stage_prototypes": [p.detach().cpu().clone() for p in self.stage_prototypes],
             "prototype_drifts": [d.detach().cpu().clone() for d in self.prototype_drifts],
-            "maps": [None if m is None else [m[0].cpu().clone(), m[1].cpu().clone()] for m in self.maps],
-            "forward_maps": [None if m is None else [m[0].cpu().clone(), m[1].cpu().clone()] for m in self.forward_maps],
+            "maps": _cpu_copies(self.maps),
+            "forward_maps": _cpu_copies(self.forward_maps),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -268,10 +278,21 @@ class DriftCompensator:
             [None if m is None else (m[0].clone().float(), m[1].clone().float()) for m in all_maps[key]]
             for key in ("maps", "forward_maps")
         )
-        self.sigma, self.eps, self.normalize = float(state["sigma"]), float(state["eps"]), bool(state["normalize"])
+        self.sigma, self.eps, self.normalize = (
+            float(state["sigma"]),
+            float(state["eps"]),
+            bool(state["normalize"]),
+        )
         self.class_ids = [c.clone() for c in state["class_ids"]]
         self.stage_prototypes = [p.clone().float() for p in state["stage_prototypes"]]
         self.prototype_drifts = [d.clone().float() for d in state["prototype_drifts"]]
 
     def __repr__(self) -> str:
-        return f"DriftCompensator(mode={self.mode!r}, similarity={self.similarity!r}, stages={self.num_stages})"
+        return (
+            f"DriftCompensator(mode={self.mode!r}, similarity={self.similarity!r}, stages={self.num_stages})"
+        )
+
+
+def _cpu_copies(maps: list) -> list:
+    """Learned maps as the state holds them: ``[W, b]`` CPU copies, None where a stage has none."""
+    return [None if m is None else [m[0].cpu().clone(), m[1].cpu().clone()] for m in maps]

@@ -15,6 +15,7 @@ The similarity weight S: the paper uses the cosine, which can be negative and ma
 ratio then explodes). ``"cosine_relu"`` (default) uses max(cos, 0) + eps, ``"cosine"`` is the paper's
 raw weights and raises when a weight sum is ≈ 0, ``"gaussian"`` is SDC's exp(−‖f − μ‖² / 2σ²).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -157,7 +158,9 @@ def virtual_features(
     ``normalize`` re-projects onto the unit sphere: the Gram loss normalises rows anyway, and the
     models output L2-normalised embeddings, so drift is measured and undone in that space.
     """
-    virtual = teacher_feats.float() + feature_drift(teacher_feats, prototypes, prototype_drift, similarity, **weight_kwargs)
+    virtual = teacher_feats.float() + feature_drift(
+        teacher_feats, prototypes, prototype_drift, similarity, **weight_kwargs
+    )
     return F.normalize(virtual, dim=1) if normalize else virtual
 
 
@@ -173,10 +176,14 @@ def translate_forward(
     (``feats``, in the space of its ``prototypes`` μ) by their prototypes' drift Δμ toward a later model's
     space — SDC's update of stored embeddings, with no image and no model. It is :func:`virtual_features`
     with the drift reversed. Float32, (N, D)."""
-    return virtual_features(feats, prototypes, -prototype_drift.float(), similarity, normalize, **weight_kwargs)
+    return virtual_features(
+        feats, prototypes, -prototype_drift.float(), similarity, normalize, **weight_kwargs
+    )
 
 
-def fit_linear_map(source: torch.Tensor, target: torch.Tensor, ridges=RIDGES, holdout_every: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_linear_map(
+    source: torch.Tensor, target: torch.Tensor, ridges=RIDGES, holdout_every: int = 5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(W, b) with ``target ≈ source @ W + b``: ridge regression toward the identity, in float64.
 
     W = (XᵀX + λI)⁻¹ (XᵀY + λI) on centred X (source) and Y (target); b = ȳ − x̄W. Shrinking toward I (not
@@ -188,7 +195,10 @@ def fit_linear_map(source: torch.Tensor, target: torch.Tensor, ridges=RIDGES, ho
     check_embeddings(source, "source")
     check_embeddings(target, "target")
     if source.shape != target.shape:
-        raise ValueError(f"source and target must embed the same images in one space size: {tuple(source.shape)} vs {tuple(target.shape)}")
+        raise ValueError(
+            f"source and target must embed the same images in one space size: {tuple(source.shape)} vs "
+            f"{tuple(target.shape)}"
+        )
     x, y = source.detach().double().cpu(), target.detach().double().cpu()
     eye = torch.eye(x.shape[1], dtype=torch.float64)
 
@@ -201,8 +211,13 @@ def fit_linear_map(source: torch.Tensor, target: torch.Tensor, ridges=RIDGES, ho
         n = a[0] + b[0]
         dx, dy = b[1] - a[1], b[2] - a[2]
         f = a[0] * b[0] / n
-        return (n, a[1] + dx * b[0] / n, a[2] + dy * b[0] / n,
-                a[3] + b[3] + f * torch.outer(dx, dx), a[4] + b[4] + f * torch.outer(dx, dy))
+        return (
+            n,
+            a[1] + dx * b[0] / n,
+            a[2] + dy * b[0] / n,
+            a[3] + b[3] + f * torch.outer(dx, dx),
+            a[4] + b[4] + f * torch.outer(dx, dy),
+        )
 
     def solve(stats, ridge):
         _, mx, my, scatter, cross = stats
@@ -230,14 +245,24 @@ def check_stage_index(stage, num_stages: int) -> int:
     if isinstance(stage, (bool, np.bool_)) or not isinstance(stage, (int, np.integer)):
         raise ValueError(f"stage must be an integer index of the {num_stages} stages added, got {stage!r}")
     if not 0 <= stage < num_stages:
-        raise ValueError(f"stage must be one of the {num_stages} stages added (0–{max(num_stages - 1, 0)}), got {stage!r}")
+        raise ValueError(
+            f"stage must be one of the {num_stages} stages added (0–{max(num_stages - 1, 0)}), got {stage!r}"
+        )
     return int(stage)
 
 
-def batched_virtual_features(feats: torch.Tensor, protos: torch.Tensor, drifts: torch.Tensor, mask: torch.Tensor,
-                             similarity: str, sigma: float = 0.2, eps: float = 1e-6,
-                             normalize: bool = True) -> torch.Tensor:
-    """Eq. 4 for S earlier stages at once: ``feats`` (B, D) teacher features, ``protos`` / ``drifts`` (S, K, D)
+def batched_virtual_features(
+    feats: torch.Tensor,
+    protos: torch.Tensor,
+    drifts: torch.Tensor,
+    mask: torch.Tensor,
+    similarity: str,
+    sigma: float = 0.2,
+    eps: float = 1e-6,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Eq. 4 for S earlier stages at once: ``feats`` (B, D) teacher features, ``protos`` / ``drifts`` (S, K,
+    D)
     each stage's drifted prototypes and their drift, padded to K classes (``mask`` (S, K) marks the real
     ones); returns (S, B, D). ``"cosine_relu"`` or ``"gaussian"`` weights (the raw cosine's sums must be
     checked stage by stage: :func:`virtual_features`)."""
@@ -250,25 +275,34 @@ def batched_virtual_features(feats: torch.Tensor, protos: torch.Tensor, drifts: 
         logits = -torch.cdist(feats.expand(earlier, *feats.shape), protos).pow(2) / (2 * sigma**2)
         weights = torch.softmax(logits.masked_fill(~mask[:, None, :].bool(), float("-inf")), dim=2)
     else:
-        raise ValueError(f"batched virtual features take 'cosine_relu' or 'gaussian' weights, got {similarity!r}")
+        raise ValueError(
+            f"batched virtual features take 'cosine_relu' or 'gaussian' weights, got {similarity!r}"
+        )
     virtual = feats - weights @ drifts  # f + Δf, Δf = −Σ_k S Δμ_k / Σ_k S
     return F.normalize(virtual, dim=2) if normalize else virtual
 
 
-def apply_maps(feats: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+def apply_maps(
+    feats: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor, normalize: bool = True
+) -> torch.Tensor:
     """The learned virtual features of S earlier stages: ``feats`` (B, D) through each stage's linear map
     (``weights`` (S, D, D), ``biases`` (S, D)), one batched matmul; (S, B, D)."""
     virtual = torch.baddbmm(biases[:, None, :], feats.expand(weights.shape[0], *feats.shape), weights)
     return F.normalize(virtual, dim=2) if normalize else virtual
 
 
-
-def pad_stages(prototypes: list[torch.Tensor], drifts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_stages(
+    prototypes: list[torch.Tensor], drifts: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each stage's (K_t, D) prototypes and drifts padded to one (S, K, D) stack, with the (S, K) mask of real
     rows, for :func:`batched_virtual_features`. Padding rows get a unit prototype, so that normalising them
     divides by no zero; their weight is masked."""
     k_max, dim = max(p.shape[0] for p in prototypes), prototypes[0].shape[1]
-    protos, drift, mask = torch.zeros(len(prototypes), k_max, dim), torch.zeros(len(prototypes), k_max, dim), torch.zeros(len(prototypes), k_max)
+    protos, drift, mask = (
+        torch.zeros(len(prototypes), k_max, dim),
+        torch.zeros(len(prototypes), k_max, dim),
+        torch.zeros(len(prototypes), k_max),
+    )
     for t, (p, d) in enumerate(zip(prototypes, drifts)):
         protos[t, : p.shape[0]] = p.float().cpu()
         drift[t, : p.shape[0]] = d.float().cpu()

@@ -13,6 +13,7 @@ KL(σ_T(G_estimate) ‖ σ_T(G_teacher)) · T² (``GramCorrelationLoss``), the d
 the estimate gives and the teacher's own. For the real F_b it is what a perfect estimate would add; for
 the teacher itself it is 0.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -41,7 +42,9 @@ def fidelity_rows(
     labels = np.asarray(labels)
     corr = GramCorrelationLoss(temperature=temperature)
     order = torch.from_numpy(np.random.default_rng(0).permutation(len(labels)))
-    batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)] or [order]
+    batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)] or [
+        order
+    ]
     teacher = teacher.float()
 
     def gram_kl(estimate: torch.Tensor) -> float:
@@ -53,8 +56,11 @@ def fidelity_rows(
 
         def score(estimate: torch.Tensor) -> dict:
             estimate = F.normalize(estimate.float(), dim=1)
-            return {"cosine": float((estimate * target).sum(1).mean()),
-                    "recall@1": cross_recall_at_k(target, estimate, labels, (1,))[1], "gram_kl": gram_kl(estimate)}
+            return {
+                "cosine": float((estimate * target).sum(1).mean()),
+                "recall@1": cross_recall_at_k(target, estimate, labels, (1,))[1],
+                "gram_kl": gram_kl(estimate),
+            }
 
         row = {"stage": b, "teacher": score(teacher), "real": score(real_b)}
         for mode, stack in virtual.items():

@@ -15,6 +15,7 @@ Ties are resolved on the chunk's scores themselves (the items above the k-th sco
 indices among those tied at it), so memory stays O(chunk·N + N·k) whatever the data, a collapsed model
 (all rows equal) included; on the CPU the scores come in blocks of gallery rows (O(chunk·block + N·k)).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,16 +25,16 @@ import faiss
 import numpy as np
 import torch
 
+from .exact_topk import exact_topk
+
 BACKENDS = ("auto", "faiss", "torch")
 # Bytes of working memory per score-matrix element: the float32 score, a boolean mask and a float32
 # key (only for rows whose k-th score is tied beyond k).
 _BYTES_PER_SCORE = 12
 _CPU_BUDGET = 256 * 2**20
 # On the CPU, queries are scored CPU_CHUNK_ROWS at a time against CPU_COLUMN_BLOCK gallery rows at a
-# time, into one reused buffer (4 MiB), so the score matrix's memory no longer grows with N. At N = 20k,
-# D = 128 the kernel took 1.01–1.19 s per 20k queries this way (1,024 rows: 0.94–1.13 s, for twice the
-# memory), against 1.23–1.61 s in chunks of 139–512 whole rows (a fresh chunk × N matrix each; the
-# FAISS path's tie fallback used 139).
+# time, into one reused buffer (4 MiB), so the score matrix's memory no longer grows with N (measured:
+# docs, Performance).
 CPU_CHUNK_ROWS, CPU_COLUMN_BLOCK = 512, 2048
 _GPU_RESOURCES = None
 
@@ -42,7 +43,9 @@ def faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def resolve_backend(backend: str = "auto", use_gpu: bool | None = None, device=None) -> tuple[str, torch.device]:
+def resolve_backend(
+    backend: str = "auto", use_gpu: bool | None = None, device=None
+) -> tuple[str, torch.device]:
     """(backend, torch device for the torch kernel) after applying ``"auto"`` and ``use_gpu``.
 
     ``use_gpu=False`` keeps everything on the CPU; ``use_gpu=True`` demands a GPU (FAISS's if the
@@ -55,7 +58,9 @@ def resolve_backend(backend: str = "auto", use_gpu: bool | None = None, device=N
     cuda = torch.cuda.is_available() and use_gpu is not False
     if backend == "faiss" or (backend == "auto" and faiss_has_gpu() and use_gpu is not False):
         if use_gpu and not faiss_has_gpu():
-            raise RuntimeError("use_gpu=True but this faiss build sees no GPU (use backend='torch', or install faiss-gpu)")
+            raise RuntimeError(
+                "use_gpu=True but this faiss build sees no GPU (use backend='torch', or install faiss-gpu)"
+            )
         return "faiss", torch.device("cpu")
     if backend == "auto" and not cuda and device is None:
         if use_gpu:
@@ -72,7 +77,9 @@ def check_chunk_size(chunk_size) -> int | None:
     if chunk_size is None:
         return None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None (sized from memory), got {chunk_size!r}")
+        raise ValueError(
+            f"chunk_size must be a positive integer or None (sized from memory), got {chunk_size!r}"
+        )
     return int(chunk_size)
 
 
@@ -92,115 +99,6 @@ def column_block(device: torch.device) -> int | None:
     return CPU_COLUMN_BLOCK if device.type == "cpu" else None
 
 
-def exact_topk(queries: torch.Tensor, gallery: torch.Tensor, self_index: torch.Tensor, k: int,
-               column_block: int | None = None) -> torch.Tensor:
-    """Indices (c, k) of each query's k best gallery rows other than ``self_index``, ordered by
-    (score desc, index asc). ``queries`` (c, D) and ``gallery`` (N, D) on one device; k ≤ N − 1.
-
-    ``column_block``: gallery rows scored at a time (None: all N in one matrix, the GPU's shape). On the
-    CPU one chunk × N matrix per chunk costs a fresh allocation and cache misses that small blocks
-    reused in place do not (see :data:`CPU_COLUMN_BLOCK`); each block's top k + 1 are merged into the
-    running top k + 1, which holds the same scores as one top-k over the whole row."""
-    n = gallery.shape[0]
-    width = min(k + 1, n)  # one past k tells whether the k-th score's tie continues beyond k
-    scores = _ScoreBlocks(queries, gallery, self_index, column_block)
-    values = idx = None
-    for start, block in scores.blocks():
-        v, i = block.topk(min(width, block.shape[1]), dim=1)
-        i = i + start
-        if values is not None:
-            v, i = torch.cat([values, v], 1), torch.cat([idx, i], 1)
-            v, pos = v.topk(min(width, v.shape[1]), dim=1)
-            i = i.gather(1, pos)
-        values, idx = v, i
-    # Any item scored above the k-th score is in every top-k list, whatever the blocks; items tied at it
-    # are chosen by topk arbitrarily: when the tie continues past k, the lowest indices tied there replace them.
-    idx = idx[:, :k]
-    if width > k:
-        open_tie = values[:, k - 1] == values[:, k]
-        if bool(open_tie.any()):  # one host sync per chunk: evaluation, not a training step
-            r = open_tie.nonzero().squeeze(1)
-            kth = values[r, k - 1 : k]
-            n_above = (values[r, :k] > kth).sum(1, keepdim=True)
-            tied_first = _lowest_tied(scores, r, kth, k)
-            j = torch.arange(k, device=idx.device)
-            from_tie = tied_first.gather(1, (j - n_above).clamp(min=0))
-            idx = idx.clone()
-            idx[r] = torch.where(j < n_above, idx[r], from_tie)  # topk puts the items above the tie first
-    values = values[:, :k]  # sorted: the tied positions already hold the k-th score
-    idx, by_index = idx.sort(dim=1)
-    order = values.gather(1, by_index).argsort(dim=1, descending=True, stable=True)
-    return idx.gather(1, order)
-
-
-class _ScoreBlocks:
-    """Inner products of ``queries`` with blocks of ``column_block`` gallery rows, each query's own row
-    (``self_index``) at −inf. One block of all N is kept for the tie scan; smaller blocks are computed
-    into one reused buffer (also the tie scan's: its blocks are recomputed there), so a collapsed model's
-    tie scan allocates no score matrix of its own on the CPU."""
-
-    def __init__(self, queries: torch.Tensor, gallery: torch.Tensor, self_index: torch.Tensor, column_block: int | None):
-        self.queries, self.gallery, self.self_index = queries, gallery, self_index
-        self.n = gallery.shape[0]
-        self.block = self.n if column_block is None else max(1, min(int(column_block), self.n))
-        self.whole: torch.Tensor | None = None
-        self._buffer: torch.Tensor | None = None
-
-    def compute(self, start: int, stop: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores of ``rows`` (all queries by default) against gallery rows ``start:stop`` (at most one
-        block): a view of the whole matrix, a copy of its rows, or the reused buffer, which the next call
-        overwrites; the tie scan may write into what it gets with ``rows``."""
-        if self.whole is not None:  # self already at −inf; with rows, a copy
-            return self.whole[:, start:stop] if rows is None else self.whole[rows, start:stop]
-        q = self.queries if rows is None else self.queries[rows]
-        own = (self.self_index if rows is None else self.self_index[rows]) - start
-        if self._buffer is None:  # sized for the widest block of all queries: every later call fits
-            self._buffer = torch.empty(len(self.queries) * self.block, dtype=q.dtype, device=q.device)
-        out = self._buffer[: len(q) * (stop - start)].view(len(q), stop - start)
-        s = torch.matmul(q, self.gallery[start:stop].T, out=out)
-        inside = (own >= 0) & (own < stop - start)
-        at = own.clamp(0, stop - start - 1).unsqueeze(1)
-        s.scatter_(1, at, torch.where(inside.unsqueeze(1), float("-inf"), s.gather(1, at)))
-        return s
-
-    def blocks(self):
-        """(start, scores) of every block of columns, in order, for all queries."""
-        if self.block == self.n:
-            self.whole = self.compute(0, self.n)
-            yield 0, self.whole
-            return
-        for start in range(0, self.n, self.block):
-            yield start, self.compute(start, min(start + self.block, self.n))
-
-
-def _lowest_tied(scores: _ScoreBlocks, rows: torch.Tensor, kth: torch.Tensor, k: int, first: int = 1024) -> torch.Tensor:
-    """The k lowest column indices, per row of ``rows``, whose score equals ``kth`` (len(rows), 1): columns
-    scanned in order, a row leaving the scan once it has k. Heavy ties (a collapsed model: every item
-    ties) are settled on the first ``first`` columns; other rows go on through the rest (all of it at
-    once for a whole score matrix, else block by block)."""
-    n = scores.n
-    first = min(n if n <= 2 * first else first, scores.block)  # a block of columns at most: it fits the buffer
-    best = torch.full((len(rows), k), float("-inf"), device=kth.device)  # −index of the tied items found
-    minus_inf = torch.full((), float("-inf"), device=kth.device)  # made on the device: no host copy per block
-    found = torch.zeros(len(rows), dtype=torch.int64, device=kth.device)
-    active = torch.arange(len(rows), device=kth.device)
-    start, stop = 0, first
-    while True:
-        cols = scores.compute(start, stop, rows[active])
-        tied = cols == kth[active]
-        neg_index = -torch.arange(start, stop, device=cols.device, dtype=torch.float32)
-        cand = torch.where(tied, neg_index, minus_inf, out=cols).topk(min(k, stop - start), dim=1).values
-        best[active] = torch.cat([best[active], cand], 1).topk(k, dim=1).values
-        found[active] += tied.sum(1)
-        if stop == n:
-            break
-        active = active[found[active] < k]
-        if len(active) == 0:
-            break
-        start, stop = stop, (n if scores.block == n else min(stop + scores.block, n))
-    return (-best).clamp(max=n - 1).to(torch.int64)  # −inf: fewer ties than k, positions never read
-
-
 def normalized_rows(emb: np.ndarray) -> np.ndarray:
     """Float32 rows scaled to unit L2 norm in float64 (rows of 1e20 or 1e-30 keep their direction; zero
     rows stay zero, with a warning); NaN or inf is a ValueError."""
@@ -214,8 +112,12 @@ def normalized_rows(emb: np.ndarray) -> np.ndarray:
 
 def warn_zero_rows(n: int) -> None:
     if n:
-        warnings.warn(f"{n} embedding row(s) are all zero: they have no direction, so every item ties with them "
-                      "(a collapsed model?); Recall@K counts them by index order", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{n} embedding row(s) are all zero: they have no direction, so every item ties with them "
+            "(a collapsed model?); Recall@K counts them by index order",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _on_device(emb: np.ndarray, device: torch.device, normalize: bool) -> torch.Tensor:
@@ -234,8 +136,13 @@ def _on_device(emb: np.ndarray, device: torch.device, normalize: bool) -> torch.
     return x
 
 
-def _chunked_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int | None,
-                  rows: torch.Tensor | None = None) -> np.ndarray:
+def _chunked_topk(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    chunk_size: int | None,
+    rows: torch.Tensor | None = None,
+) -> np.ndarray:
     """:func:`exact_topk` of each query row i of ``rows`` (all by default) against ``gallery`` without
     its row i, in chunks (sized by :func:`auto_chunk_rows`, scored in the device's :func:`column_block`)."""
     device = queries.device
@@ -259,7 +166,9 @@ def ieee_float32_matmul(device: torch.device):
     exact kNN would then order near-ties differently from FAISS's float32. The setting is restored
     after, through the API torch reads first (``fp32_precision``), so a process that set it either way
     reads back what it set."""
-    backend = {"cuda": torch.backends.cuda.matmul, "cpu": getattr(torch.backends.mkldnn, "matmul", None)}.get(device.type)
+    backend = {"cuda": torch.backends.cuda.matmul, "cpu": getattr(torch.backends.mkldnn, "matmul", None)}.get(
+        device.type
+    )
     if hasattr(backend, "fp32_precision"):
         name, ieee = "fp32_precision", "ieee"
     elif device.type == "cuda":  # torch < 2.9: the one flag there (and no reduced precision on the CPU)
@@ -275,19 +184,28 @@ def ieee_float32_matmul(device: torch.device):
         setattr(backend, name, before)
 
 
-def torch_neighbours(emb: np.ndarray, k: int, device: torch.device, chunk_size: int | None = None,
-                     normalize: bool = False) -> np.ndarray:
+def torch_neighbours(
+    emb: np.ndarray, k: int, device: torch.device, chunk_size: int | None = None, normalize: bool = False
+) -> np.ndarray:
     """The torch kernel of a set against itself; ``normalize`` as in :func:`_on_device`."""
     x = _on_device(emb, device, normalize)
     return _chunked_topk(x, x, k, chunk_size)
 
 
-def torch_cross_neighbours(queries: np.ndarray, gallery: np.ndarray, k: int, device: torch.device,
-                           chunk_size: int | None = None, normalize: bool = True) -> np.ndarray:
+def torch_cross_neighbours(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    device: torch.device,
+    chunk_size: int | None = None,
+    normalize: bool = True,
+) -> np.ndarray:
     """Row i of ``queries`` against every row of ``gallery`` except row i (the same item embedded by
     another model), L2-normalised on ``device`` unless ``normalize=False``; same ordering and tie rule as
     :func:`torch_neighbours`."""
-    return _chunked_topk(_on_device(queries, device, normalize), _on_device(gallery, device, normalize), k, chunk_size)
+    return _chunked_topk(
+        _on_device(queries, device, normalize), _on_device(gallery, device, normalize), k, chunk_size
+    )
 
 
 def make_index(dim: int, use_gpu: bool | None = None):
@@ -295,7 +213,9 @@ def make_index(dim: int, use_gpu: bool | None = None):
     global _GPU_RESOURCES
     index = faiss.IndexFlatIP(dim)
     if use_gpu and not faiss_has_gpu():
-        raise RuntimeError("use_gpu=True but this faiss build sees no GPU (use backend='torch', or install faiss-gpu)")
+        raise RuntimeError(
+            "use_gpu=True but this faiss build sees no GPU (use backend='torch', or install faiss-gpu)"
+        )
     if faiss_has_gpu() and use_gpu is not False:
         if _GPU_RESOURCES is None:
             _GPU_RESOURCES = faiss.StandardGpuResources()
@@ -303,7 +223,9 @@ def make_index(dim: int, use_gpu: bool | None = None):
     return index
 
 
-def faiss_neighbours(emb: np.ndarray, k: int, chunk_size: int | None = None, use_gpu: bool | None = None) -> np.ndarray:
+def faiss_neighbours(
+    emb: np.ndarray, k: int, chunk_size: int | None = None, use_gpu: bool | None = None
+) -> np.ndarray:
     n = emb.shape[0]
     index = make_index(emb.shape[1], use_gpu)
     index.add(emb)

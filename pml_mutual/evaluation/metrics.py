@@ -1,4 +1,6 @@
-"""Continual-learning summaries of an accuracy matrix R[i][j] = Recall@1 on stage j's classes after stage i."""
+"""Continual-learning summaries of an accuracy matrix R[i][j] = Recall@1 on stage j's classes after stage
+i."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -26,7 +28,8 @@ def accuracy_matrix(stage_results: Sequence[dict], k: int = 1) -> list[list[floa
 
 
 def average_forgetting(matrix) -> float:
-    """Mean over earlier stages j < T of max_{i<T} R[i][j] − R[T][j] (Chaudhry et al. 2018); 0 for one stage."""
+    """Mean over earlier stages j < T of max_{i<T} R[i][j] − R[T][j] (Chaudhry et al. 2018); 0 for one
+    stage."""
     R = _square(matrix)
     T = len(R) - 1
     if T == 0:

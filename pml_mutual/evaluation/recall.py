@@ -18,6 +18,7 @@ Ties at equal similarity are broken toward the lower gallery index, so results a
 Euclidean distance of the raw rows (``"euclidean"``, PML's ``AccuracyCalculator`` default with its
 FAISS L2 search); on embeddings that are not unit-norm these give other neighbours than the cosine.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Sequence
@@ -42,7 +43,9 @@ def _to_numpy(x, name: str) -> np.ndarray:
 
 def check_ks(ks: Iterable[int]) -> tuple[int, ...]:
     if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool):
-        raise TypeError(f"ks must be a sequence of positive integers, e.g. ({ks},), got the bare integer {ks!r}")
+        raise TypeError(
+            f"ks must be a sequence of positive integers, e.g. ({ks},), got the bare integer {ks!r}"
+        )
     ks = tuple(ks)
     if not ks:
         raise ValueError("ks must name at least one K")
@@ -64,7 +67,9 @@ def check_inputs(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
     if emb.shape[1] == 0:
         raise ValueError(f"embeddings have no dimension (shape {emb.shape}): nothing to compare")
     if lab.ndim != 1 or lab.shape[0] != emb.shape[0]:
-        raise ValueError(f"labels must be 1-D with one entry per embedding ({emb.shape[0]}), got shape {lab.shape}")
+        raise ValueError(
+            f"labels must be 1-D with one entry per embedding ({emb.shape[0]}), got shape {lab.shape}"
+        )
     if not np.issubdtype(lab.dtype, np.integer):
         raise TypeError(f"labels must be integers, got {lab.dtype}")
     return np.ascontiguousarray(emb, dtype=np.float32), lab.astype(np.int64, copy=False)
@@ -111,7 +116,9 @@ def nearest_neighbours(
     if backend == "torch":
         candidates = knn.torch_neighbours(emb, k_search, torch_device, chunk_size, normalize=normalize)
     else:
-        candidates = knn.faiss_neighbours(knn.normalized_rows(emb) if normalize else emb, k_search, chunk_size, use_gpu)
+        candidates = knn.faiss_neighbours(
+            knn.normalized_rows(emb) if normalize else emb, k_search, chunk_size, use_gpu
+        )
         torch_device = torch.device("cpu")
     return rescore.certified_neighbours(emb, candidates, k, normalize, torch_device)
 
@@ -156,7 +163,9 @@ def recall_at_k(
         raise ValueError("embeddings contain NaN or inf values")
     if distance == "euclidean":
         return _recalls(_euclidean_neighbours(emb, max(ks), chunk_size, device), lab, ks)
-    nbrs = nearest_neighbours(emb, max(ks), chunk_size, use_gpu, backend, device, normalize=distance == "cosine")
+    nbrs = nearest_neighbours(
+        emb, max(ks), chunk_size, use_gpu, backend, device, normalize=distance == "cosine"
+    )
     return _recalls(nbrs, lab, ks)
 
 
@@ -170,17 +179,16 @@ def _euclidean_neighbours(emb: np.ndarray, k: int, chunk_size: int | None, devic
     x = emb.astype(np.float64)
     queries = np.ascontiguousarray(np.concatenate([x, np.ones((n, 1))], axis=1))
     gallery = np.ascontiguousarray(np.concatenate([x, -0.5 * (x * x).sum(1, keepdims=True)], axis=1))
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     return knn.torch_cross_neighbours(queries, gallery, k, dev, chunk_size, normalize=False)
 
 
 def cross_recall_at_k(
-    queries,
-    gallery,
-    labels,
-    ks: Sequence[int] = (1, 2, 4, 8),
-    chunk_size: int | None = None,
-    device=None,
+    queries, gallery, labels, ks: Sequence[int] = (1, 2, 4, 8), chunk_size: int | None = None, device=None
 ) -> dict[int, float]:
     """Recall@K of ``queries`` (N, D) against ``gallery`` (N, D) embedded by another model: item i is the
     query of row i and the gallery entry of row i, and is excluded from its own neighbours by index, as
@@ -195,5 +203,9 @@ def cross_recall_at_k(
     k = min(max(ks), q.shape[0] - 1)
     if k <= 0:
         return {kk: 0.0 for kk in ks}
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     return _recalls(knn.torch_cross_neighbours(q, g, k, dev, chunk_size), lab, ks)

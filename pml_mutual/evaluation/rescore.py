@@ -11,6 +11,7 @@ most ``lowest candidate's float64 score + 2·error`` in float64, with the float3
 certified (near-collapsed data) are searched again exactly in float64. The result is the float64 ranking
 with ties by index, so both backends return the same neighbours.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,9 +27,11 @@ def float32_dot_error(dim: int) -> float:
 
 
 @torch.no_grad()
-def certified_neighbours(emb: np.ndarray, candidates: np.ndarray, k: int, normalize: bool, device,
-                         chunk_rows: int = 1024) -> np.ndarray:
-    """(N, k) neighbours in float64 order, ties by lower index, from (N, k') float32 ``candidates`` (k' ≥ k, self
+def certified_neighbours(
+    emb: np.ndarray, candidates: np.ndarray, k: int, normalize: bool, device, chunk_rows: int = 1024
+) -> np.ndarray:
+    """(N, k) neighbours in float64 order, ties by lower index, from (N, k') float32 ``candidates`` (k' ≥ k,
+    self
     excluded); rows that the candidates cannot certify are searched exactly in float64."""
     n = emb.shape[0]
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -71,13 +74,14 @@ def _by_score_then_index(scores: torch.Tensor, index: torch.Tensor) -> torch.Ten
 
 
 def _exact_float64(x: torch.Tensor, rows: torch.Tensor, k: int, chunk_rows: int = 256) -> torch.Tensor:
-    """The float64 ranking of ``rows`` against every other row, ties by index (a stable sort keeps index order).
+    """The float64 ranking of ``rows`` against every other row, ties by index (a stable sort keeps index
+    order).
     Scored against the distinct rows only and spread back, so that exact duplicates score exactly alike
     (a matrix product may round two equal columns differently)."""
     distinct, inverse = torch.unique(x, dim=0, return_inverse=True)
     out = []
     for start in range(0, len(rows), chunk_rows):
-        r = rows[start:start + chunk_rows]
+        r = rows[start : start + chunk_rows]
         scores = (x[r] @ distinct.T)[:, inverse]
         scores[torch.arange(len(r), device=x.device), r] = -torch.inf  # self excluded by index
         out.append(torch.argsort(-scores, dim=1, stable=True)[:, :k])

@@ -21,6 +21,7 @@ Schema ``pml-mutual/results/v1``::
 
 Recall values are fractions in [0, 1]; JSON object keys are strings, so K is written as "1", "2", ...
 """
+
 from __future__ import annotations
 
 import json
@@ -44,11 +45,18 @@ def _keys_to_int(rec):
 def map_recalls(res: dict, fn) -> dict:
     """A stage result (:func:`stage_recalls`' layout, with its gallery report if any) with ``fn`` applied
     to every Recall@K record (``None`` included)."""
-    out = {"stage": res["stage"], "old": fn(res["old"]), "new": fn(res["new"]), "all": fn(res["all"]),
-           "per_stage": [fn(r) for r in res["per_stage"]]}
+    out = {
+        "stage": res["stage"],
+        "old": fn(res["old"]),
+        "new": fn(res["new"]),
+        "all": fn(res["all"]),
+        "per_stage": [fn(r) for r in res["per_stage"]],
+    }
     if "gallery" in res:
         gallery = res["gallery"]
-        out["gallery"] = {name: (dict(v) if name == "seconds" else map_recalls(v, fn)) for name, v in gallery.items()}
+        out["gallery"] = {
+            name: (dict(v) if name == "seconds" else map_recalls(v, fn)) for name, v in gallery.items()
+        }
     return out
 
 
@@ -100,7 +108,6 @@ def save_json(summary: dict, path: str | os.PathLike) -> None:
     write_atomic(json.dumps(summary, indent=2).encode(), Path(path))
 
 
-
 def load_json(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -136,7 +143,9 @@ def to_markdown(summary: dict, k: int = 1) -> str:
         "",
         f"| final model | {header} | all |",
         "|---" * (len(final["per_stage"]) + 2) + "|",
-        "| Recall@%d | " % k + " | ".join(_pct(r, k) for r in final["per_stage"]) + f" | {_pct(final['all'], k)} |",
+        "| Recall@%d | " % k
+        + " | ".join(_pct(r, k) for r in final["per_stage"])
+        + f" | {_pct(final['all'], k)} |",
         "",
         f"average forgetting: {100 * summary['average_forgetting']:.2f} pp · "
         f"backward transfer: {100 * summary['backward_transfer']:+.2f} pp (Recall@1, percentage points)",
@@ -146,25 +155,42 @@ def to_markdown(summary: dict, k: int = 1) -> str:
     return "\n".join(lines)
 
 
-GALLERY_COLUMNS = (("stored", "(a) stored"), ("translation", "(b) translation"), ("learned", "(c) learned map"),
-                   ("reembedded", "(d) re-embedded"))
+GALLERY_COLUMNS = (
+    ("stored", "(a) stored"),
+    ("translation", "(b) translation"),
+    ("learned", "(c) learned map"),
+    ("reembedded", "(d) re-embedded"),
+)
 
 
 def gallery_markdown(summary: dict, k: int = 1) -> list[str]:
     """The gallery report's table: all-class Recall@k of the latest model's queries against the gallery
     (a) as stored, (b)/(c) moved, (d) re-embedded, after each stage; the gap to (d) that (c) recovers;
     the seconds of the learned update against those of re-embedding."""
-    lines = [f"Gallery without re-embedding: Recall@{k} (%), all classes, latest model's queries", "",
-             "| after stage | " + " | ".join(title for _, title in GALLERY_COLUMNS) + " | (c) recovers | (c) s / (d) s |",
-             "|---" * (len(GALLERY_COLUMNS) + 3) + "|"]
+    lines = [
+        f"Gallery without re-embedding: Recall@{k} (%), all classes, latest model's queries",
+        "",
+        "| after stage | "
+        + " | ".join(title for _, title in GALLERY_COLUMNS)
+        + " | (c) recovers | (c) s / (d) s |",
+        "|---" * (len(GALLERY_COLUMNS) + 3) + "|",
+    ]
     for s in summary["stages"]:
         g = s.get("gallery")
         if g is None:
             continue
         cells = [_pct(g[name]["all"], k) for name, _ in GALLERY_COLUMNS]
         gap = recall_at(g["reembedded"]["all"], k) - recall_at(g["stored"]["all"], k)
-        recovered = "–" if abs(gap) < 1e-12 else f"{100 * (recall_at(g['learned']['all'], k) - recall_at(g['stored']['all'], k)) / gap:.0f} %"
+        recovered = (
+            "–"
+            if abs(gap) < 1e-12
+            else f"{100 * (recall_at(g['learned']['all'], k) - recall_at(g['stored']['all'], k)) / gap:.0f} %"
+        )
         sec = g["seconds"]
-        ratio = f"{sec['learned']:.3g} / {sec['reembed']:.3g}" if "reembed" in sec else f"{sec['learned']:.3g} / –"
+        ratio = (
+            f"{sec['learned']:.3g} / {sec['reembed']:.3g}"
+            if "reembed" in sec
+            else f"{sec['learned']:.3g} / –"
+        )
         lines.append(f"| {s['stage']} | " + " | ".join(cells) + f" | {recovered} | {ratio} |")
     return lines

@@ -1,4 +1,5 @@
 """Per-stage retrieval evaluation: old / new / all classes and each earlier stage (paper Tables 2–3)."""
+
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -71,7 +72,9 @@ def extract_embeddings(
         for m, mode in zip(models, was_training):
             m.train(mode)
     embeddings = [torch.cat(c).cpu() for c in chunks]
-    return (embeddings[0] if isinstance(model, torch.nn.Module) else embeddings), torch.cat(labels).cpu().long()
+    return (embeddings[0] if isinstance(model, torch.nn.Module) else embeddings), torch.cat(
+        labels
+    ).cpu().long()
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
@@ -90,8 +93,14 @@ def _recall_on(emb, lab, mask, ks, backend):
 def _by_stage(item_stage: np.ndarray, stage: int, recall_on, last: int) -> dict:
     """The per-stage layout of a stage's results: ``recall_on(mask)`` on old / new / all seen classes and
     on each stage's classes; ``last``: the last stage of the class → stage map."""
-    if isinstance(stage, (bool, np.bool_)) or not isinstance(stage, (int, np.integer)) or not 0 <= stage <= last:
-        raise ValueError(f"stage must be an integer of the class → stage map's stages (0–{last}), got {stage!r}")
+    if (
+        isinstance(stage, (bool, np.bool_))
+        or not isinstance(stage, (int, np.integer))
+        or not 0 <= stage <= last
+    ):
+        raise ValueError(
+            f"stage must be an integer of the class → stage map's stages (0–{last}), got {stage!r}"
+        )
     return {
         "stage": int(stage),
         "old": recall_on(item_stage < stage),
@@ -125,17 +134,16 @@ def stage_recalls(
     ks = check_ks(ks)
     emb = _to_numpy(embeddings, "embeddings")
     lab = _to_numpy(labels, "labels")
-    return _by_stage(_item_stages(lab, class_to_stage), stage, lambda mask: _recall_on(emb, lab, mask, ks, backend),
-                     max(class_to_stage.values()))
+    return _by_stage(
+        _item_stages(lab, class_to_stage),
+        stage,
+        lambda mask: _recall_on(emb, lab, mask, ks, backend),
+        max(class_to_stage.values()),
+    )
 
 
 def cross_stage_recalls(
-    queries,
-    gallery,
-    labels,
-    class_to_stage: Mapping[int, int],
-    stage: int,
-    ks: Sequence[int] = (1, 2, 4, 8),
+    queries, gallery, labels, class_to_stage: Mapping[int, int], stage: int, ks: Sequence[int] = (1, 2, 4, 8)
 ) -> dict:
     """:func:`stage_recalls` across two embeddings of the same items: row i of ``queries`` (e.g. the latest
     model's) searches ``gallery`` (e.g. a stored gallery embedded by older models), its own row excluded

@@ -1,4 +1,5 @@
 """OBD-SD: Online Batch Diffusion-based Self-Distillation (Zeng et al., arXiv 2211.07566), as a PML loss."""
+
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,7 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from .gram import PairedGramLoss, check_embeddings, check_pair, check_temperature, log_softmax_gram, rowwise_kl
+from .gram import PairedGramLoss, check_embeddings, check_pair, check_temperature, log_softmax_gram
 
 # Released defaults of the OBD-SD code per dataset (SPEC.md): α, λ, τ_d; τ = 1, base loss MS(2, 40, 0.5).
 OBDSD_DEFAULTS = {
@@ -97,7 +98,9 @@ class BatchDiffusionSelfDistillationLoss(PairedGramLoss):
             indices_tuple = self.miner(embeddings, labels)
         base = self.base_loss(embeddings, labels, indices_tuple)
         self._base_value = base
-        return super(PairedGramLoss, self).forward(embeddings.float(), labels, indices_tuple, ref_emb.float(), ref_labels)
+        return super(PairedGramLoss, self).forward(
+            embeddings.float(), labels, indices_tuple, ref_emb.float(), ref_labels
+        )
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         target = batch_diffusion_target(ref_emb, self.alpha, self.temperature, self.diffusion_temperature)
@@ -107,7 +110,11 @@ class BatchDiffusionSelfDistillationLoss(PairedGramLoss):
         scale = self.weight * self.weight_scale * self.temperature**2
         return {
             "base": {"losses": self._base_value, "indices": None, "reduction_type": "already_reduced"},
-            "distill": {"losses": scale * kl, "indices": c_f.torch_arange_from_size(embeddings), "reduction_type": "element"},
+            "distill": {
+                "losses": scale * kl,
+                "indices": c_f.torch_arange_from_size(embeddings),
+                "reduction_type": "element",
+            },
         }
 
     def _sub_loss_names(self):

@@ -9,6 +9,7 @@ relative up to T = 1000. The B × B matrices are small: the cost is in the launc
 Rows are scaled by their largest entry before normalising (the cosine does not change), so rows of
 1e19 or 1e-13 do not overflow or fall under the normalisation's epsilon.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,9 +24,11 @@ from ..checks import check_embeddings
 
 def check_pair(embeddings: torch.Tensor, ref_emb: torch.Tensor | None, ref_name: str = "ref_emb") -> None:
     if ref_emb is None:
-        raise ValueError(f"{ref_name} is required: pass the other network's embeddings of the same batch "
-                         "(loss(emb, ref_emb=other_emb); inside a combination of losses use "
-                         "pml_mutual.losses.MultipleLossesWithRef, in a PML trainer pml_mutual.trainers.TeacherMixin)")
+        raise ValueError(
+            f"{ref_name} is required: pass the other network's embeddings of the same batch "
+            "(loss(emb, ref_emb=other_emb); inside a combination of losses use "
+            "pml_mutual.losses.MultipleLossesWithRef, in a PML trainer pml_mutual.trainers.TeacherMixin)"
+        )
     check_embeddings(embeddings, "embeddings")
     check_embeddings(ref_emb, ref_name)
     if ref_emb.shape[0] != embeddings.shape[0]:
@@ -41,9 +44,14 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1000.0
 def check_temperature(temperature: float) -> float:
     """T in [0.001, 1000] (numpy scalars accepted). Beyond 1000 σ(G / T) is uniform to float32 resolution of G
     itself; below 0.001 the T² factor scales every loss to 1e-6 of its size and the softmax is one-hot."""
-    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
-            or not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
-        raise ValueError(f"temperature must be a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature!r}")
+    if (
+        isinstance(temperature, (bool, np.bool_))
+        or not isinstance(temperature, (int, float, np.integer, np.floating))
+        or not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE
+    ):
+        raise ValueError(
+            f"temperature must be a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature!r}"
+        )
     return float(temperature)
 
 
@@ -105,11 +113,15 @@ class PairedGramLoss(BaseMetricLossFunction):
         value: the loss compares whole batches' Gram matrices, whatever their classes. A miner's
         ``indices_tuple`` and ``ref_labels`` have no meaning here and are refused."""
         if indices_tuple is not None:
-            raise ValueError(f"{type(self).__name__} compares the whole batch's Gram matrices: a miner's indices_tuple "
-                             "has no meaning for it; call it without one (mine for the metric loss only)")
+            raise ValueError(
+                f"{type(self).__name__} compares the whole batch's Gram matrices: a miner's indices_tuple "
+                "has no meaning for it; call it without one (mine for the metric loss only)"
+            )
         if ref_labels is not None:
-            raise ValueError(f"{type(self).__name__} takes no ref_labels: ref_emb is the other network's embeddings of "
-                             "the same batch, row for row")
+            raise ValueError(
+                f"{type(self).__name__} takes no ref_labels: ref_emb is the other network's embeddings of "
+                "the same batch, row for row"
+            )
         check_pair(embeddings, ref_emb, self.ref_name)
         # Cast up front: PML's reducers allocate the sub-loss vector in the embeddings' dtype.
         return super().forward(embeddings.float(), labels, indices_tuple, ref_emb.float(), ref_labels)
@@ -126,7 +138,10 @@ class PairedGramLoss(BaseMetricLossFunction):
         :func:`~pml_mutual.losses.gram_distillation.gram_distillation_losses` reproduces."""
         distance, reducer = self.distance, self.reducer
         if type(reducer) is MultipleReducers:
-            reducers = [reducer.reducers[k] if k in reducer.reducers else reducer.default_reducer for k in self.sub_loss_names()]
+            reducers = [
+                reducer.reducers[k] if k in reducer.reducers else reducer.default_reducer
+                for k in self.sub_loss_names()
+            ]
         else:
             reducers = [reducer]
         # anything else the stacked form does not compute takes the plain calls: an embedding regulariser

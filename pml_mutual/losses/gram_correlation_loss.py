@@ -57,4 +57,6 @@ class GramCorrelationLoss(PairedGramLoss):
         all teachers are one batched computation (see :func:`~pml_mutual.losses.gram_distillation_losses`);
         otherwise it is the plain sum of calls. Both give the same value.
         """
-        return gram_distillation_losses(embeddings, teachers=teachers, correlation_loss=self)["correlation_loss"]
+        return gram_distillation_losses(embeddings, teachers=teachers, correlation_loss=self)[
+            "correlation_loss"
+        ]

@@ -8,6 +8,7 @@ symmetric mutual loss) this function stacks the two students and, apart, all tea
 one normalisation, one batched Gram and one log-softmax per stack (63 ops for one teacher, 64 for
 five). Any other configuration gets the plain calls, with the same values.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -55,11 +56,19 @@ def gram_distillation_losses(
         raise ValueError("teachers given without a correlation_loss")
     if support is not None and mutual_loss is None:
         raise ValueError("support given without a mutual_loss")
-    used = [loss for loss, present in ((correlation_loss, teacher_rows), (mutual_loss, support is not None)) if present]
-    fused = bool(used) and all(getattr(loss, "fusable", lambda: False)() for loss in used) and (
-        len({loss.temperature for loss in used}) == 1
-        and len({tuple(t.shape) for t in teacher_rows} | {tuple(student.shape)}) == 1
-        and (support is None or support.shape == student.shape)
+    used = [
+        loss
+        for loss, present in ((correlation_loss, teacher_rows), (mutual_loss, support is not None))
+        if present
+    ]
+    fused = (
+        bool(used)
+        and all(getattr(loss, "fusable", lambda: False)() for loss in used)
+        and (
+            len({loss.temperature for loss in used}) == 1
+            and len({tuple(t.shape) for t in teacher_rows} | {tuple(student.shape)}) == 1
+            and (support is None or support.shape == student.shape)
+        )
     )
     if not fused:
         out = {}
@@ -76,7 +85,9 @@ def gram_distillation_losses(
     temperature = used[0].temperature
     scale = temperature**2 / student.shape[0]
 
-    def log_probs(rows: list[torch.Tensor]) -> torch.Tensor:  # log σ_T(G) of each (B, D) slice, one computation
+    def log_probs(
+        rows: list[torch.Tensor],
+    ) -> torch.Tensor:  # log σ_T(G) of each (B, D) slice, one computation
         z = F.normalize(rescale_rows(rows[0] if len(rows) == 1 else torch.cat(rows)), dim=2)
         # G in float32, the softmax and KL in float64 (gram's module docstring: float32 cancels at large T)
         return F.log_softmax((z @ z.transpose(1, 2)).double() / temperature, dim=2)
@@ -85,7 +96,9 @@ def gram_distillation_losses(
     with torch.autocast(device_type=student.device.type, enabled=False):
         # the students' rows carry gradients; the teachers' are constants, computed without autograd so
         # that the backward pass touches only the students' B × B matrices
-        log_students = log_probs([student.float()[None]] + ([support.float()[None]] if support is not None else []))
+        log_students = log_probs(
+            [student.float()[None]] + ([support.float()[None]] if support is not None else [])
+        )
         # unbind, not indexing: its backward is one stack, where each index's would write a zero-filled copy
         (log_p, *log_s), (probs_p, *probs_s) = log_students.unbind(0), log_students.exp().unbind(0)
         if support is not None:

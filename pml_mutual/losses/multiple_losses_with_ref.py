@@ -1,4 +1,5 @@
 """PML's ``MultipleLosses`` that passes the other network's embeddings to the distillation losses."""
+
 from __future__ import annotations
 
 from pytorch_metric_learning.losses import MultipleLosses
@@ -21,7 +22,9 @@ class MultipleLossesWithRef(MultipleLosses):
         super().__init__(losses, miners=miners, weights=weights)
         for i, loss in self._items():
             if isinstance(loss, PairedGramLoss) and self.miners is not None and self._miner_of(i) is not None:
-                raise ValueError(f"loss {i!r} ({type(loss).__name__}) compares whole batches: give it no miner")
+                raise ValueError(
+                    f"loss {i!r} ({type(loss).__name__}) compares whole batches: give it no miner"
+                )
 
     def _items(self):
         return self.losses.items() if self.is_dict else enumerate(self.losses)
@@ -33,8 +36,10 @@ class MultipleLossesWithRef(MultipleLosses):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if ref_labels is not None:
-            raise ValueError("MultipleLossesWithRef takes no ref_labels: ref_emb is the other network's embeddings "
-                             "of the same batch, row for row")
+            raise ValueError(
+                "MultipleLossesWithRef takes no ref_labels: ref_emb is the other network's embeddings "
+                "of the same batch, row for row"
+            )
         if self.miners:
             assert indices_tuple is None
         total = 0

@@ -33,14 +33,26 @@ class MutualGramLoss(PairedGramLoss):
         scale = 0.5 * self.temperature**2
         indices = c_f.torch_arange_from_size(embeddings)
         return {
-            "kl_p_s": {"losses": (scale * rowwise_kl(target_p, log_s)).float(), "indices": indices, "reduction_type": "element"},
-            "kl_s_p": {"losses": (scale * rowwise_kl(target_s, log_p)).float(), "indices": indices, "reduction_type": "element"},
+            "kl_p_s": {
+                "losses": (scale * rowwise_kl(target_p, log_s)).float(),
+                "indices": indices,
+                "reduction_type": "element",
+            },
+            "kl_s_p": {
+                "losses": (scale * rowwise_kl(target_s, log_p)).float(),
+                "indices": indices,
+                "reduction_type": "element",
+            },
         }
 
     def fusable(self) -> bool:
         """Whether :func:`~pml_mutual.losses.gram_distillation.gram_distillation_losses` may compute this
         loss in its stacked form: symmetric mode, default math, not changed by a subclass."""
-        return type(self).compute_loss is MutualGramLoss.compute_loss and self.mode == "symmetric" and self.has_default_math()
+        return (
+            type(self).compute_loss is MutualGramLoss.compute_loss
+            and self.mode == "symmetric"
+            and self.has_default_math()
+        )
 
     def _sub_loss_names(self):
         return ["kl_p_s", "kl_s_p"]

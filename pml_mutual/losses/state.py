@@ -4,6 +4,7 @@ A metric loss can carry trained state: parameters (ArcFace's ``W``, ProxyAnchor'
 centres) and memory (``CrossBatchMemory``'s queue, whose position and fill flag are plain attributes, not
 buffers). A resumed run must get both back bit for bit, and each trained network needs its own copy.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,11 +26,16 @@ def training_state(module: torch.nn.Module) -> dict:
     """``module``'s state dict plus the queue attributes of any ``CrossBatchMemory`` inside it; ``{}``
     when it holds nothing (a plain triplet loss)."""
     state = dict(module.state_dict())
-    queues = {name: {a: getattr(m, a) for a in _QUEUE_ATTRIBUTES}
-              for name, m in module.named_modules() if all(hasattr(m, a) for a in _QUEUE_ATTRIBUTES)}
+    queues = {
+        name: {a: getattr(m, a) for a in _QUEUE_ATTRIBUTES}
+        for name, m in module.named_modules()
+        if all(hasattr(m, a) for a in _QUEUE_ATTRIBUTES)
+    }
     if queues:
-        state["__queues__"] = {name: {"queue_idx": int(q["queue_idx"]), "has_been_filled": bool(q["has_been_filled"])}
-                               for name, q in queues.items()}
+        state["__queues__"] = {
+            name: {"queue_idx": int(q["queue_idx"]), "has_been_filled": bool(q["has_been_filled"])}
+            for name, q in queues.items()
+        }
     return state
 
 

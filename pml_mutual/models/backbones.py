@@ -5,6 +5,7 @@ conversion, torchvision's ``resnet50-*.pth`` / ``vit_b_16-*.pth``. ResNet-50 and
 (``pip install 'pml-mutual[vision]'``); BN-Inception is implemented here. BatchNorm freezing is the
 trainer's job (``OnlineConfig.freeze_batchnorm=True``, the paper's setting).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,8 @@ from torch import nn
 from .bn_inception import FEATURE_SIZE, bn_inception, load_checkpoint_into
 
 BACKBONES = ("bninception", "resnet50", "vit_b16")
-# The backbone's expected input (see pml_mutual.data.transforms.INPUT_SPACES) and the paper's batch (classes × images).
+# The backbone's expected input (see pml_mutual.data.transforms.INPUT_SPACES) and the paper's batch (classes ×
+# images).
 INPUT_SPACE = {"bninception": "bgr255", "resnet50": "imagenet", "vit_b16": "imagenet"}
 BATCH = {"bninception": (16, 5), "resnet50": (16, 3), "vit_b16": (16, 3)}
 
@@ -52,13 +54,19 @@ def _torchvision(name: str):
 
 
 def resnet50_trunk(weights: str | os.PathLike | None = None) -> tuple[nn.Module, int]:
-    """torchvision ResNet-50 up to layer4 (feature map, 2048 channels); ``weights``: a torchvision state dict."""
+    """torchvision ResNet-50 up to layer4 (feature map, 2048 channels); ``weights``: a torchvision state
+    dict."""
     tvm = _torchvision("resnet50")
     model = tvm.resnet50(weights=None)
     model.fc = nn.Identity()  # the ImageNet classifier is dropped before loading
     if weights is not None:
         load_checkpoint_into(model, weights, "ResNet-50", ignore_prefixes=("fc.",))
-    trunk = nn.Sequential(*(getattr(model, k) for k in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")))
+    trunk = nn.Sequential(
+        *(
+            getattr(model, k)
+            for k in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        )
+    )
     return trunk, 2048
 
 
@@ -76,7 +84,8 @@ class _ViTClassToken(nn.Module):
 
 
 def vit_b16_trunk(weights: str | os.PathLike | None = None) -> tuple[nn.Module, int]:
-    """torchvision ViT-B/16 (224×224 input) returning the class token; ``weights``: a torchvision state dict."""
+    """torchvision ViT-B/16 (224×224 input) returning the class token; ``weights``: a torchvision state
+    dict."""
     tvm = _torchvision("vit_b16")
     model = tvm.vit_b_16(weights=None)
     model.heads = nn.Identity()
@@ -85,8 +94,11 @@ def vit_b16_trunk(weights: str | os.PathLike | None = None) -> tuple[nn.Module, 
     return _ViTClassToken(model), model.hidden_dim
 
 
-def build_backbone(name: str, weights: str | os.PathLike | None = None, embedding_size: int = 512) -> EmbeddingNet:
-    """One embedding network of the paper: ``name`` in :data:`BACKBONES`, pretrained from ``weights`` if given."""
+def build_backbone(
+    name: str, weights: str | os.PathLike | None = None, embedding_size: int = 512
+) -> EmbeddingNet:
+    """One embedding network of the paper: ``name`` in :data:`BACKBONES`, pretrained from ``weights`` if
+    given."""
     if name == "bninception":
         return EmbeddingNet(bn_inception(weights), FEATURE_SIZE, embedding_size, pool="max")
     if name == "resnet50":
@@ -115,15 +127,20 @@ def supported_image_sizes(name: str, sizes) -> list[int]:
 
 
 def check_image_size(name: str, size: int) -> None:
-    """A ValueError naming nearby sizes that work when backbone ``name`` cannot take ``size`` × ``size`` crops."""
+    """A ValueError naming nearby sizes that work when backbone ``name`` cannot take ``size`` × ``size``
+    crops."""
     if supported_image_sizes(name, [size]):
         return
     near = sorted(range(max(16, size - 64), size + 65, 8), key=lambda s: (abs(s - size), s))
     works = sorted(supported_image_sizes(name, near)[:4]) or supported_image_sizes(name, [224])
-    raise ValueError(f"the {name} backbone cannot take {size}×{size} images; sizes that work near it: {works}")
+    raise ValueError(
+        f"the {name} backbone cannot take {size}×{size} images; sizes that work near it: {works}"
+    )
 
 
-def backbone_factory(name: str, weights: str | os.PathLike | None = None, embedding_size: int = 512) -> Callable[[], nn.Module]:
+def backbone_factory(
+    name: str, weights: str | os.PathLike | None = None, embedding_size: int = 512
+) -> Callable[[], nn.Module]:
     """A ``model_factory`` for :class:`~pml_mutual.OnlineLearner`: checks the weights once, then builds
     each network from a CPU copy of the pretrained state (the file is read only once). Without weights
     every network is freshly random (so F_s differs from F_0)."""
@@ -152,6 +169,8 @@ def check_batch_memory(batch: int, size: int, device: torch.device) -> None:
     need = batch * 3 * size * size * 4
     if need > total / 8:
         fits = int((total / 8 / (batch * 3 * 4)) ** 0.5)
-        raise SystemExit(f"--image-size {size}: a batch of {batch} crops is {need / 2**30:.1f} GiB of inputs alone, over "
-                         f"an eighth of the {total / 2**30:.0f} GiB of {device}; use a size of at most {fits} (the "
-                         "protocol's is 224)")
+        raise SystemExit(
+            f"--image-size {size}: a batch of {batch} crops is {need / 2**30:.1f} GiB of inputs alone, over "
+            f"an eighth of the {total / 2**30:.0f} GiB of {device}; use a size of at most {fits} (the "
+            "protocol's is 224)"
+        )

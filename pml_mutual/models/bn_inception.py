@@ -5,6 +5,7 @@ Module names follow the Caffe model as converted to PyTorch and widely used in d
 loads without renaming. Input: BGR, 0–255, minus the mean [104, 117, 128] (see
 :class:`pml_mutual.data.transforms.ProtocolTransform` with ``input_space="bgr255"``).
 """
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,11 @@ class BNInception(nn.Module):
             if stride == 2:
                 setattr(self, f"{p}_pool", nn.MaxPool2d(3, stride=2, ceil_mode=True))
             elif pool == "avg":
-                setattr(self, f"{p}_pool", nn.AvgPool2d(3, stride=1, padding=1, ceil_mode=True, count_include_pad=True))
+                setattr(
+                    self,
+                    f"{p}_pool",
+                    nn.AvgPool2d(3, stride=1, padding=1, ceil_mode=True, count_include_pad=True),
+                )
             else:
                 setattr(self, f"{p}_pool", nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True))
             if proj is not None:
@@ -108,9 +113,11 @@ def load_checkpoint_into(
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a text file, a truncated download, a pickle that weights_only refuses
-        raise ValueError(f"{path} is not a PyTorch state dict file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                         f"pass the {what} weights saved with torch.save(state_dict); files that need "
-                         "weights_only=False are not loaded (they could run code)") from None
+        raise ValueError(
+            f"{path} is not a PyTorch state dict file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"pass the {what} weights saved with torch.save(state_dict); files that need "
+            "weights_only=False are not loaded (they could run code)"
+        ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -127,14 +134,18 @@ def load_checkpoint_into(
     if missing or unexpected:
         raise ValueError(
             f"{path} does not match the {what} architecture: missing keys {missing[:8]}"
-            f"{' …' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}"
+            f"{' …' if len(missing) > 8 else ''}, unexpected keys "
+            f"{unexpected[:8]}{' …' if len(unexpected) > 8 else ''}"
         )
     for k, v in state.items():
         if v.shape != own[k].shape:
             if v.numel() == own[k].numel() and v.squeeze().shape == own[k].squeeze().shape:
                 state[k] = v.reshape(own[k].shape)
             else:
-                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the {what} architecture needs {tuple(own[k].shape)}")
+                raise ValueError(
+                    f"{path}: {k} has shape {tuple(v.shape)}, the {what} architecture needs "
+                    f"{tuple(own[k].shape)}"
+                )
     model.load_state_dict(state)
 
 

@@ -10,7 +10,9 @@ class EmbeddingMLP(nn.Module):
 
     def __init__(self, in_features: int = 64, hidden: int = 256, embedding_size: int = 64):
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.trunk = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
+        )
         self.embedding = nn.Linear(hidden, embedding_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,12 @@ from torch import nn
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
         nn.MaxPool2d(2),
     )
 
@@ -19,7 +23,9 @@ class SmallCNN(nn.Module):
     The CPU benchmark's backbone for 28×28 / 32×32 grey images (~0.3 M parameters at the defaults).
     """
 
-    def __init__(self, in_channels: int = 1, widths: tuple[int, int, int] = (32, 64, 128), embedding_size: int = 128):
+    def __init__(
+        self, in_channels: int = 1, widths: tuple[int, int, int] = (32, 64, 128), embedding_size: int = 128
+    ):
         super().__init__()
         chans = (in_channels,) + tuple(widths)
         self.trunk = nn.Sequential(*[_block(a, b) for a, b in zip(chans[:-1], chans[1:])])

@@ -6,6 +6,7 @@ produces over in the :class:`~pml_mutual.callbacks.StageContext` (student, teach
 The learner runs ``learner.steps`` in order for every stage and fires the callbacks between them; a
 subclass may replace a step (``steps = [MyTrainStep(), DriftStep(), EvalStep(), CheckpointStep()]``).
 """
+
 from .checkpoint import CheckpointStep
 from .drift import DriftStep
 from .evaluate import EvalStep

@@ -1,5 +1,6 @@
 """The checkpoint step, and the resume that reads what it wrote: each stage's files, then ``stage.json``
 with their SHA-256 (its presence marks the stage complete)."""
+
 from __future__ import annotations
 
 from ..callbacks import StageContext
@@ -22,7 +23,12 @@ class CheckpointStep:
         if learner.gallery is not None:
             files["gallery.pt"] = learner.gallery.stage_state(stage)
         phases = {k: ctx.seconds[k] for k in ("train", "drift", "eval") if k in ctx.seconds}
-        log = {"stage": stage, "epoch_losses": ctx.epoch_losses, "seconds": sum(phases.values()), "phase_seconds": phases}
+        log = {
+            "stage": stage,
+            "epoch_losses": ctx.epoch_losses,
+            "seconds": sum(phases.values()),
+            "phase_seconds": phases,
+        }
         learner.directory.save_stage(stage, files, {"results": stage_result_to_json(ctx.results), "log": log})
         learner.stage_results.append(ctx.results)
         learner.stage_logs.append(log)
@@ -38,7 +44,9 @@ def resume(learner) -> int:
             learner.stage_results.append(stage_result_from_json(doc["results"]))
         except (KeyError, TypeError, ValueError) as e:
             path = directory.stage_dir(len(learner.stage_results)) / "stage.json"
-            raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); delete its stage directory to retrain it") from e
+            raise ValueError(
+                f"{path} is damaged ({type(e).__name__}: {e}); delete its stage directory to retrain it"
+            ) from e
         learner.stage_logs.append(doc["log"])
     stage = len(done)
     if stage > 0:
@@ -46,7 +54,9 @@ def resume(learner) -> int:
         if training_state(learner.metric_loss):
             load_training_state(learner.metric_loss, directory.load_stage_file(stage - 1, "metric_loss.pt"))
         if learner.gallery is not None:
-            learner.gallery.load_stage_states([directory.load_stage_file(b, "gallery.pt") for b in range(stage)])
+            learner.gallery.load_stage_states(
+                [directory.load_stage_file(b, "gallery.pt") for b in range(stage)]
+            )
         if not learner.quiet:
             print(f"[{learner.config.method}] resuming {learner.run_dir} at stage {stage}", flush=True)
     return stage

@@ -1,5 +1,6 @@
 """The drift step: after stage i trains, its prototypes and the drift of every earlier stage up to F_i
 (paper Eq. 3), for the training compensator (virtual features, Eq. 4) and the gallery report alike."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +32,9 @@ class DriftStep:
         # the new model and one old model embed each decoded batch together (one decoding pass fewer):
         # F_{stage-1} if it is still held, else the oldest; the others after it, one at a time
         first = stage - 1 if kept is not None else (earlier[0] if earlier else None)
-        first_model = kept if kept is not None else (learner.load_stage_model(first) if first is not None else None)
+        first_model = (
+            kept if kept is not None else (learner.load_stage_model(first) if first is not None else None)
+        )
         del kept
         models = [ctx.student] + ([first_model] if first_model is not None else [])
         (new_feats, *first_feats), labels = extract(learner, models, loader)
@@ -77,8 +80,13 @@ def extract(learner, model, loader: EmbeddingView, indices=None):
     if not distributed.is_active():
         return extract_embeddings(model, loader(indices), cfg.eval_batch_size, device=device, amp=cfg.amp)
     n = len(indices)
-    emb, labels = extract_embeddings(model, loader(np.asarray(indices)[distributed.shard(n)]), cfg.eval_batch_size,
-                                     device=device, amp=cfg.amp)
+    emb, labels = extract_embeddings(
+        model,
+        loader(np.asarray(indices)[distributed.shard(n)]),
+        cfg.eval_batch_size,
+        device=device,
+        amp=cfg.amp,
+    )
     comm = device if device.type == "cuda" else torch.device("cpu")  # NCCL moves CUDA tensors only
     gather = lambda x: distributed.gather_rows(x.to(comm), n).cpu()  # noqa: E731
     emb = gather(emb) if torch.is_tensor(emb) else [gather(e) for e in emb]

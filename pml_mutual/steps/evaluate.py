@@ -1,5 +1,6 @@
 """The evaluation step: Recall@K of F_i on every class seen so far, old / new / all and per stage (Sec. 4),
 and with ``gallery_report`` the stored gallery's columns."""
+
 from __future__ import annotations
 
 import time
@@ -33,6 +34,14 @@ class EvalStep:
             results = stage_recalls(emb, labels, learner.class_to_stage, stage, learner.config.ks)
             if gallery is not None:
                 # every column, (d) included, by one kernel: the run's own search above may be FAISS's
-                results["gallery"] = gallery.report(emb, seen, labels, learner.class_to_stage, stage, ks=(1,),
-                                                    reembed_seconds=embed_seconds, device=learner.device)
+                results["gallery"] = gallery.report(
+                    emb,
+                    seen,
+                    labels,
+                    learner.class_to_stage,
+                    stage,
+                    ks=(1,),
+                    reembed_seconds=embed_seconds,
+                    device=learner.device,
+                )
         ctx.results = distributed.broadcast_object(results)

@@ -1,14 +1,17 @@
 """The training step of a stage: F_p from F_{i−1}, F_s and the frozen teacher as the method needs them, one
-:class:`~pml_mutual.trainers.IncrementalTrainer` run, an epoch checkpoint after every epoch (paper Eq. 1, 6)."""
+:class:`~pml_mutual.trainers.IncrementalTrainer` run, an epoch checkpoint after every epoch (paper Eq. 1,
+6)."""
+
 from __future__ import annotations
 
+import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import ConcatDataset, Dataset
 
 from .. import distributed
 from ..callbacks import StageContext
 from ..data.stages import dataset_labels
-from ..losses import GramCorrelationLoss, MutualGramLoss
+from ..losses import GramCorrelationLoss, MutualGramLoss, ProjectedDistillationLoss
 from ..losses.state import load_training_state, own_copy, trainable_parameters
 from ..optimization import epoch_checkpoint, seed_everything
 from ..run_dir import RunDirectoryError
@@ -45,6 +48,7 @@ class TrainStep:
             del teacher
             ctx.student, ctx.epoch_losses = student, []
             return
+        dataset = training_dataset(learner, stage)
         models = {"trunk": student}
         loss_funcs = {"metric_loss": learner.metric_loss.to(learner.device)}
         weights = {"metric_loss": cfg.lambda_metric}
@@ -59,32 +63,60 @@ class TrainStep:
             loss_funcs["support_metric_loss"] = own_copy(start_loss).to(learner.device)
             loss_funcs["mutual_loss"] = MutualGramLoss(temperature=cfg.temperature, mode=cfg.mutual_mode)
             weights.update(support_metric_loss=cfg.lambda_metric, mutual_loss=cfg.lambda_mutual)
-        if stage > 0 and method.teacher:
+        if stage > 0 and (method.teacher or cfg.lambda_compat):
             models["teacher_trunk"] = teacher
-            loss_funcs["correlation_loss"] = GramCorrelationLoss(temperature=cfg.temperature, direction=cfg.corr_direction)
+        if stage > 0 and method.teacher:
+            loss_funcs["correlation_loss"] = GramCorrelationLoss(
+                temperature=cfg.temperature, direction=cfg.corr_direction
+            )
             weights["correlation_loss"] = cfg.lambda_corr
+        if stage > 0 and cfg.lambda_compat:
+            # P is fresh each stage (F_i → F_{i-1}); trained, checkpointed and resumed like a loss's W
+            loss_funcs["compatibility_loss"] = ProjectedDistillationLoss(embedding_size(teacher, dataset)).to(
+                learner.device
+            )
+            weights["compatibility_loss"] = cfg.lambda_compat
         del teacher  # held by ``models`` only if the method distils from it
         trained = [k for k in models if k != "teacher_trunk"]
-        trained_losses = {k: loss_funcs[k] for k in ("metric_loss", "support_metric_loss") if k in loss_funcs}
+        trained_losses = {
+            k: loss_funcs[k]
+            for k in ("metric_loss", "support_metric_loss", "compatibility_loss")
+            if k in loss_funcs
+        }
         optimizers = {f"{k}_optimizer": learner.optimizer_factory(models[k].parameters()) for k in trained}
         # a loss's parameters (ArcFace's W, proxies) are trained with their network, by the same optimiser
-        optimizers.update({f"{k}_optimizer": learner.optimizer_factory(trainable_parameters(loss))
-                           for k, loss in trained_losses.items() if trainable_parameters(loss)})
+        optimizers.update(
+            {
+                f"{k}_optimizer": learner.optimizer_factory(trainable_parameters(loss))
+                for k, loss in trained_losses.items()
+                if trainable_parameters(loss)
+            }
+        )
         suffix = f"_scheduler_by_{learner.lr_scheduler_step}"  # PML's key: stepped per epoch or per iteration
-        schedulers = {} if learner.lr_scheduler_factory is None else {
-            k.removesuffix("_optimizer") + suffix: learner.lr_scheduler_factory(o) for k, o in optimizers.items()}
+        schedulers = (
+            {}
+            if learner.lr_scheduler_factory is None
+            else {
+                k.removesuffix("_optimizer") + suffix: learner.lr_scheduler_factory(o)
+                for k, o in optimizers.items()
+            }
+        )
         # F_s's own copy of the miner is the trainer's to make (IncrementalTrainer.custom_setup)
         mining = {"tuple_miner": learner.miner} if learner.miner is not None else {}
-        dataset = training_dataset(learner, stage)
         labels = dataset_labels(dataset)
 
         def new_sampler():
             length = cfg.batch_size * cfg.iterations_per_epoch
             if distributed.is_active():  # one global class-balanced batch per step, split across ranks
-                return distributed.DistributedMPerClassSampler(labels, cfg.m_per_class, cfg.batch_size, length)
+                return distributed.DistributedMPerClassSampler(
+                    labels, cfg.m_per_class, cfg.batch_size, length
+                )
             return MPerClassSampler(labels, cfg.m_per_class, cfg.batch_size, length_before_new_iter=length)
+
         epochs = learner.epochs_of(stage)
-        done_epochs, epoch_losses = load_epoch_checkpoint(learner, stage, models, optimizers, trained_losses, schedulers)
+        done_epochs, epoch_losses = load_epoch_checkpoint(
+            learner, stage, models, optimizers, trained_losses, schedulers
+        )
         use_virtual = method.virtual and learner.compensator.num_stages >= 2
 
         def epoch_start(trainer):
@@ -93,14 +125,24 @@ class TrainStep:
             # epoch a function of (seed, stage, epoch) alone, so a resumed epoch replays exactly.
             trainer.sampler = new_sampler()
 
+        # models / optimizers are closure cells that the `del` after training empties (memory): these
+        # hooks never run after it, so the names are bound whenever they run (ruff's F821 sees the del)
         def epoch_end(trainer):
             epoch_losses.append(dict(trainer.epoch_losses, epoch=trainer.epoch))
-            state = epoch_checkpoint(stage, trainer.epoch, {k: models[k] for k in trained}, optimizers, epoch_losses,
-                                     last=trainer.epoch == epochs, losses=trained_losses, schedulers=schedulers)
+            state = epoch_checkpoint(
+                stage,
+                trainer.epoch,
+                {k: models[k] for k in trained},  # noqa: F821
+                optimizers,  # noqa: F821
+                epoch_losses,
+                last=trainer.epoch == epochs,
+                losses=trained_losses,
+                schedulers=schedulers,
+            )
             # written by a background thread from a CPU snapshot: the next epoch does not wait for the disk
             learner.directory.save_in_background(state)
             ctx.epoch, ctx.epochs, ctx.epoch_losses = trainer.epoch, epochs, dict(trainer.epoch_losses)
-            ctx.learning_rates = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}
+            ctx.learning_rates = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}  # noqa: F821
             ctx.global_step = learner.steps_before(stage) + trainer.epoch * cfg.iterations_per_epoch
             learner.fire("after_epoch")
 
@@ -147,6 +189,19 @@ class TrainStep:
         del trainer, models, optimizers, support
 
 
+def embedding_size(model, dataset) -> int:
+    """D of ``model``'s embeddings, from one item of ``dataset`` (eval mode, no gradient; mode restored)."""
+    was_training = model.training
+    x = dataset[0][0]
+    x = torch.as_tensor(x).unsqueeze(0).to(next(model.parameters()).device)
+    model.eval()
+    try:
+        with torch.no_grad():
+            return int(model(x).shape[1])
+    finally:
+        model.train(was_training)
+
+
 def training_dataset(learner, stage: int) -> Dataset:
     joint = stage > 0 and learner.method.joint
     return ConcatDataset(learner.train_stages[: stage + 1]) if joint else learner.train_stages[stage]
@@ -176,8 +231,9 @@ def batchnorm_frozen(cfg, stage: int, models: dict) -> list[str]:
     return []
 
 
-def load_epoch_checkpoint(learner, stage: int, models: dict, optimizers: dict, losses: dict,
-                          schedulers: dict) -> tuple[int, list[dict]]:
+def load_epoch_checkpoint(
+    learner, stage: int, models: dict, optimizers: dict, losses: dict, schedulers: dict
+) -> tuple[int, list[dict]]:
     """Restore the last finished epoch of ``stage`` if the run was interrupted in it.
 
     Returns (that epoch, the per-epoch loss log so far); (0, []) when the stage starts afresh.
@@ -187,20 +243,27 @@ def load_epoch_checkpoint(learner, stage: int, models: dict, optimizers: dict, l
     if state is None:
         return 0, []
     if not isinstance(state, dict) or not {"stage", "epoch", "models", "epoch_losses"} <= set(state):
-        raise RunDirectoryError(f"{path} is not an epoch checkpoint of this project; delete it to retrain stage {stage}")
+        raise RunDirectoryError(
+            f"{path} is not an epoch checkpoint of this project; delete it to retrain stage {stage}"
+        )
     if isinstance(state["stage"], int) and state["stage"] < stage:
         return 0, []  # the previous stage's, left by a run killed as that stage completed
     epochs = learner.epochs_of(stage)
     if state["stage"] != stage or not isinstance(state["epoch"], int) or not 1 <= state["epoch"] <= epochs:
         raise RunDirectoryError(
-            f"{path} holds stage {state['stage']!r}, epoch {state['epoch']!r}, but this run resumes stage {stage} "
-            f"of epochs 1–{epochs}; delete it to retrain stage {stage} from its start")
+            f"{path} holds stage {state['stage']!r}, epoch {state['epoch']!r}, but this run resumes stage "
+            f"{stage} of epochs 1–{epochs}; delete it to retrain stage {stage} from its start"
+        )
     if set(state["models"]) != set(models) - {"teacher_trunk"}:
-        raise RunDirectoryError(f"{path} holds networks {sorted(state['models'])}, this stage trains "
-                                f"{sorted(set(models) - {'teacher_trunk'})}; delete it to retrain stage {stage}")
+        raise RunDirectoryError(
+            f"{path} holds networks {sorted(state['models'])}, this stage trains "
+            f"{sorted(set(models) - {'teacher_trunk'})}; delete it to retrain stage {stage}"
+        )
     if "optimizers" not in state and state["epoch"] < epochs:
-        raise RunDirectoryError(f"{path} has no optimizer state for epoch {state['epoch']} "
-                                f"of {epochs}; delete it to retrain stage {stage}")
+        raise RunDirectoryError(
+            f"{path} has no optimizer state for epoch {state['epoch']} of {epochs}; delete it to retrain "
+            f"stage {stage}"
+        )
     for k, sd in state["models"].items():
         models[k].load_state_dict(sd)
     for k, sd in state.get("optimizers", {}).items():  # none after the last epoch: no step follows
@@ -225,4 +288,6 @@ def start_loader_workers(learner, start: int) -> None:
         return
     first = next((s for s in range(start, len(learner.train_stages)) if learner.trains(s)), None)
     embedded = [learner.test_dataset] + ([learner.prototype_stages[start]] if drift_users(learner) else [])
-    learner.loaders.start_workers(train=training_dataset(learner, first) if first is not None else None, embed=embedded)
+    learner.loaders.start_workers(
+        train=training_dataset(learner, first) if first is not None else None, embed=embedded
+    )

@@ -39,7 +39,9 @@ class IncrementalTrainer(StageLoaderMixin, MetricLossOnly):
     teachers), the modules called one by one for any other.
 
     Which terms exist follows from the models given: no teacher → no L_corr, no F_s → no L_mutual and
-    no second metric loss, so fine-tuning is this trainer with only ``trunk``.
+    no second metric loss, so fine-tuning is this trainer with only ``trunk``. With a teacher,
+    ``compatibility_loss`` (a :class:`~pml_mutual.losses.ProjectedDistillationLoss`, beyond the paper) may
+    stand beside L_corr or instead of it.
 
     ``epoch_start_hook(trainer)`` runs before each epoch (the orchestrator seeds RNGs there so an
     epoch can be replayed exactly); ``quiet`` hides the progress bar. ``freeze_batchnorm_in`` names the
@@ -56,7 +58,8 @@ class IncrementalTrainer(StageLoaderMixin, MetricLossOnly):
     ``loader_pool`` (a :class:`~pml_mutual.data.loaders.LoaderPool`) supplies the training loader, so
     worker processes persist across stages; without it the trainer builds its own for its epochs.
 
-    Under ``torchrun`` (students wrapped in ``DistributedDataParallel``, see :class:`~pml_mutual.OnlineLearner`),
+    Under ``torchrun`` (students wrapped in ``DistributedDataParallel``, see
+    :class:`~pml_mutual.OnlineLearner`),
     ``gram_scope="global"`` computes every loss on the batch gathered from all ranks, so N ranks with
     batches of B train exactly like one process with N·B; ``"local"`` keeps each rank's batch.
     """
@@ -95,54 +98,36 @@ class IncrementalTrainer(StageLoaderMixin, MetricLossOnly):
             if present:
                 self.models.setdefault(f"{prefix}_embedder", torch.nn.Identity())
         if self.has_support:
-            # F_s trains its own copy: one ArcFace W updated by two networks, or one memory queue filled
-            # with both students' embeddings, would be another loss than the paper's two triplet terms
-            if "support_metric_loss" not in self.loss_funcs:
-                copied = self.loss_funcs["support_metric_loss"] = own_copy(self.loss_funcs["metric_loss"])
-                given = self.optimizers.get("metric_loss_optimizer")
-                if given is not None and trainable_parameters(copied) and "support_metric_loss_optimizer" not in self.optimizers:
-                    # the copy's parameters did not exist when the optimizers were built: the same kind of
-                    # optimizer with the same settings
-                    self.optimizers["support_metric_loss_optimizer"] = type(given)(copied.parameters(), **given.defaults)
-            if "tuple_miner" in self.mining_funcs and "support_tuple_miner" not in self.mining_funcs:
-                self.mining_funcs["support_tuple_miner"] = own_copy(self.mining_funcs["tuple_miner"])
-        required = {"correlation_loss": self.has_teacher, "mutual_loss": self.has_support}
-        for name, needed in required.items():
-            if needed and name not in self.loss_funcs:
-                raise ValueError(f"loss_funcs needs {name!r} when the {name.split('_')[0]} model is given")
-            if not needed and name in self.loss_funcs:
-                raise ValueError(f"loss_funcs has {name!r} but models has no {'teacher' if name[0] == 'c' else 'support'}_trunk")
+            support_copies(self.loss_funcs, self.optimizers, self.mining_funcs)
+        check_distillation_losses(self.loss_funcs, self.has_teacher, self.has_support)
         self.loss_names = list(self.loss_funcs.keys())
-        self.refuse_untrained_loss_parameters()
+        refuse_untrained_loss_parameters(self.loss_funcs, self.optimizers, self.freeze_these)
         self.initialize_data_device()  # PML resolves data_device=None only after custom_setup
         self.device_type = torch.device(self.data_device).type
         self.autocast_dtype = autocast_dtype(torch.device(self.data_device))
         # bfloat16 needs no loss scaling; float16 (GPUs without bfloat16) does, at one sync per step
-        self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp and self.autocast_dtype == torch.float16 else None
+        self.grad_scaler = (
+            torch.amp.GradScaler("cuda") if self.amp and self.autocast_dtype == torch.float16 else None
+        )
         self.dataloader = None
         if self.has_teacher:
             self.freeze_these = tuple(set(self.freeze_these) | set(TEACHER))
 
-    def refuse_untrained_loss_parameters(self):
-        """A loss with trainable parameters (ArcFace, ProxyAnchor, ...) needs an optimizer of its own
-        (``<loss name>_optimizer``, as in PML), or must be frozen: its weights would stay at their random
-        start."""
-        for name, loss in self.loss_funcs.items():
-            if trainable_parameters(loss) and f"{name}_optimizer" not in self.optimizers and name not in self.freeze_these:
-                raise ValueError(
-                    f"loss_funcs[{name!r}] ({type(loss).__name__}) has trainable parameters but optimizers has no "
-                    f"{name + '_optimizer'!r}: pass one (e.g. torch.optim.SGD(loss.parameters(), lr=...)) or name "
-                    f"{name!r} in freeze_these"
-                )
-
     def modify_schema(self):
         students = ["trunk", "embedder"] + list(SUPPORT)
-        losses = ["metric_loss", "support_metric_loss", "correlation_loss", "mutual_loss"]
+        losses = [
+            "metric_loss",
+            "support_metric_loss",
+            "correlation_loss",
+            "mutual_loss",
+            "compatibility_loss",
+        ]
         # Optional models and losses are absent on purpose (fine-tuning has only "trunk"): no warnings.
         self.schema["models"] = KeyChecker(students + list(TEACHER), essential=["trunk"], important=[])
         self.schema["loss_funcs"] = KeyChecker(losses, essential=["metric_loss"], important=[])
         self.schema["mining_funcs"] = KeyChecker(
-            ["subset_batch_miner", "tuple_miner", "support_tuple_miner"], warn_empty=False, important=[])
+            ["subset_batch_miner", "tuple_miner", "support_tuple_miner"], warn_empty=False, important=[]
+        )
         trained = ["trunk"] + (["support_trunk"] if "support_trunk" in self.models else [])
         # as PML's trainers: an optimizer and LR schedulers (by iteration, epoch or plateau) for any model
         # or loss the trainer holds
@@ -151,7 +136,8 @@ class IncrementalTrainer(StageLoaderMixin, MetricLossOnly):
         )
         suffixes = self.allowed_lr_scheduler_key_suffixes.values()
         self.schema["lr_schedulers"] = KeyChecker(
-            [k + s for s in suffixes for k in students + losses], warn_empty=False, important=[])
+            [k + s for s in suffixes for k in students + losses], warn_empty=False, important=[]
+        )
 
     def calculate_loss(self, curr_batch):
         # AMP: the networks run under autocast (bfloat16; float16 + GradScaler on GPUs without it);
@@ -176,14 +162,24 @@ class IncrementalTrainer(StageLoaderMixin, MetricLossOnly):
         if self.has_teacher:
             with torch.no_grad():
                 emb_o = scope(self.compute_embeddings(data, prefix="teacher_"))
-            teachers = [emb_o]
-            if self.drift_compensator is not None:  # Eq. 6: the virtual features of every earlier stage too
-                teachers.append(self.drift_compensator.virtual_feature_stack(emb_o))
+            if "compatibility_loss" in self.loss_funcs:  # F_p through P onto F_{i-1} (beyond the paper)
+                self.losses["compatibility_loss"] = self.loss_funcs["compatibility_loss"](
+                    emb_p, ref_emb=emb_o
+                )
+            if "correlation_loss" in self.loss_funcs:
+                teachers = [emb_o]
+                if self.drift_compensator is not None:  # Eq. 6: the virtual features of every earlier stage
+                    teachers.append(self.drift_compensator.virtual_feature_stack(emb_o))
         # L_mutual and L_corr over all teachers as one stacked computation (few kernel launches)
-        self.losses.update(gram_distillation_losses(
-            emb_p, emb_s, teachers,
-            correlation_loss=self.loss_funcs.get("correlation_loss"), mutual_loss=self.loss_funcs.get("mutual_loss"),
-        ))
+        self.losses.update(
+            gram_distillation_losses(
+                emb_p,
+                emb_s,
+                teachers,
+                correlation_loss=self.loss_funcs.get("correlation_loss"),
+                mutual_loss=self.loss_funcs.get("mutual_loss"),
+            )
+        )
 
     def backward(self):
         if self.grad_scaler is not None:
@@ -227,7 +223,8 @@ class IncrementalTrainer(StageLoaderMixin, MetricLossOnly):
         depends only on the seed and the weights it starts from: that is what makes resume exact.
 
         Loss terms stay on the device (a :class:`LossLog`): their sums and a record of the first iteration
-        at which each term was not finite are read once per epoch (on CPU, where reading is free, after every step),
+        at which each term was not finite are read once per epoch (on CPU, where reading is free, after every
+        step),
         and a non-finite term raises :class:`NonFiniteLossError` before ``end_of_epoch_hook`` can
         checkpoint anything.
         """
@@ -237,7 +234,9 @@ class IncrementalTrainer(StageLoaderMixin, MetricLossOnly):
             self.initialize_dataloader()
             self.set_to_train()
             log = LossLog()
-            pbar = tqdm.tqdm(range(self.iterations_per_epoch), disable=self.quiet, leave=False, desc=f"epoch {self.epoch}")
+            pbar = tqdm.tqdm(
+                range(self.iterations_per_epoch), disable=self.quiet, leave=False, desc=f"epoch {self.epoch}"
+            )
             for self.iteration in pbar:
                 self.forward_and_backward()
                 log.add(self.losses, self.iteration)
@@ -250,7 +249,9 @@ class IncrementalTrainer(StageLoaderMixin, MetricLossOnly):
             self.epoch_losses = {k: v / max(1, self.iterations_per_epoch) for k, v in log.sums().items()}
             if not self.quiet:
                 pbar.write(f"epoch {self.epoch}: total_loss={self.epoch_losses.get('total_loss', 0.0):.4f}")
-            LOGGER.info("epoch %d: %s", self.epoch, " ".join(f"{k}={v:.5f}" for k, v in self.epoch_losses.items()))
+            LOGGER.info(
+                "epoch %d: %s", self.epoch, " ".join(f"{k}={v:.5f}" for k, v in self.epoch_losses.items())
+            )
             self.zero_losses()
             if self.end_of_epoch_hook(self) is False:
                 break
@@ -265,4 +266,53 @@ class IncrementalTrainer(StageLoaderMixin, MetricLossOnly):
             raise NonFiniteLossError(
                 f"{self.context}epoch {self.epoch}, iteration {it + 1}: non-finite loss ({terms}); "
                 "training stopped before anything was checkpointed"
+            )
+
+
+def support_copies(loss_funcs: dict, optimizers: dict, mining_funcs: dict) -> None:
+    """F_s trains its own copy of the metric loss and of the tuple miner (unless given): one ArcFace W
+    updated by two networks, or one memory queue filled with both students' embeddings, would be another
+    loss than the paper's two triplet terms. A copied loss with parameters gets an optimizer of the kind
+    and settings of ``metric_loss_optimizer`` (its parameters did not exist when the optimizers were
+    built)."""
+    if "support_metric_loss" not in loss_funcs:
+        copied = loss_funcs["support_metric_loss"] = own_copy(loss_funcs["metric_loss"])
+        given = optimizers.get("metric_loss_optimizer")
+        if (
+            given is not None
+            and trainable_parameters(copied)
+            and "support_metric_loss_optimizer" not in optimizers
+        ):
+            optimizers["support_metric_loss_optimizer"] = type(given)(copied.parameters(), **given.defaults)
+    if "tuple_miner" in mining_funcs and "support_tuple_miner" not in mining_funcs:
+        mining_funcs["support_tuple_miner"] = own_copy(mining_funcs["tuple_miner"])
+
+
+def check_distillation_losses(loss_funcs: dict, has_teacher: bool, has_support: bool) -> None:
+    """A teacher with L_corr or the compatibility term (or both), either only with a teacher; L_mutual exactly
+    when F_s is given (ValueError otherwise)."""
+    teacher_terms = [k for k in ("correlation_loss", "compatibility_loss") if k in loss_funcs]
+    if has_teacher and not teacher_terms:
+        raise ValueError(
+            "loss_funcs needs 'correlation_loss' (or 'compatibility_loss') when the teacher model is given"
+        )
+    for name in teacher_terms:
+        if not has_teacher:
+            raise ValueError(f"loss_funcs has {name!r} but models has no teacher_trunk")
+    if has_support and "mutual_loss" not in loss_funcs:
+        raise ValueError("loss_funcs needs 'mutual_loss' when the support model is given")
+    if not has_support and "mutual_loss" in loss_funcs:
+        raise ValueError("loss_funcs has 'mutual_loss' but models has no support_trunk")
+
+
+def refuse_untrained_loss_parameters(loss_funcs: dict, optimizers: dict, frozen) -> None:
+    """A loss with trainable parameters (ArcFace, ProxyAnchor, ...) needs an optimizer of its own
+    (``<loss name>_optimizer``, as in PML), or must be frozen: its weights would stay at their random
+    start."""
+    for name, loss in loss_funcs.items():
+        if trainable_parameters(loss) and f"{name}_optimizer" not in optimizers and name not in frozen:
+            raise ValueError(
+                f"loss_funcs[{name!r}] ({type(loss).__name__}) has trainable parameters but optimizers "
+                f"has no {name + '_optimizer'!r}: pass one (e.g. torch.optim.SGD(loss.parameters(), "
+                f"lr=...)) or name {name!r} in freeze_these"
             )

@@ -1,4 +1,5 @@
 """An epoch's loss terms kept on their device, and the error a non-finite term raises."""
+
 from __future__ import annotations
 
 import torch

@@ -18,7 +18,8 @@ class SelfDistillationTrainer(MetricLossOnly):
     weight is ramped λ · epoch / ``num_epochs`` (set ``num_epochs``, the length of the whole run).
     In the first epoch the teacher is the starting network (e.g. the pretrained one).
 
-    Under ``torchrun`` wrap ``trunk`` in ``DistributedDataParallel`` (the snapshot copies the bare network) and
+    Under ``torchrun`` wrap ``trunk`` in ``DistributedDataParallel`` (the snapshot copies the bare network)
+    and
     use a :class:`~pml_mutual.distributed.DistributedMPerClassSampler`; with ``gram_scope="global"`` the loss
     (base loss and diffused Gram target) is computed on the batch gathered from every rank.
     """
@@ -34,7 +35,9 @@ class SelfDistillationTrainer(MetricLossOnly):
 
     def snapshot_teacher(self):
         bare = lambda m: getattr(m, "module", m)  # noqa: E731  (DistributedDataParallel → the network)
-        teacher = torch.nn.Sequential(copy.deepcopy(bare(self.models["trunk"])), copy.deepcopy(bare(self.models["embedder"])))
+        teacher = torch.nn.Sequential(
+            copy.deepcopy(bare(self.models["trunk"])), copy.deepcopy(bare(self.models["embedder"]))
+        )
         teacher.eval()
         c_f.set_requires_grad(teacher, requires_grad=False)
         self.teacher = teacher
@@ -58,4 +61,6 @@ class SelfDistillationTrainer(MetricLossOnly):
             teacher_emb = distributed.gather(teacher_emb)
             labels = distributed.gather(c_f.to_device(labels, device=self.data_device))
         indices_tuple = self.maybe_mine_embeddings(embeddings, labels)
-        self.losses["metric_loss"] = self.loss_funcs["metric_loss"](embeddings, labels, indices_tuple, ref_emb=teacher_emb)
+        self.losses["metric_loss"] = self.loss_funcs["metric_loss"](
+            embeddings, labels, indices_tuple, ref_emb=teacher_emb
+        )

@@ -1,4 +1,5 @@
 """A frozen teacher for any PML trainer: correlation distillation (paper Eq. 1, L_corr) added to its loss."""
+
 from __future__ import annotations
 
 import torch
@@ -20,7 +21,9 @@ class TeacherMixin:
     def custom_setup(self):
         super().custom_setup()
         if "teacher_trunk" not in self.models or "correlation_loss" not in self.loss_funcs:
-            raise ValueError(f"{type(self).__name__} needs models['teacher_trunk'] and loss_funcs['correlation_loss']")
+            raise ValueError(
+                f"{type(self).__name__} needs models['teacher_trunk'] and loss_funcs['correlation_loss']"
+            )
         self.models.setdefault("teacher_embedder", torch.nn.Identity())
         self.freeze_these = tuple(set(self.freeze_these) | set(TEACHER_MODELS))
         self._student_batch = None

@@ -6,6 +6,7 @@ and at the end; so the two paths' rounded pixels differ by at most 1 level of 25
 the CPU is libjpeg-turbo, as Pillow's: bit-equal pixels before the resize. A transform whose crop is larger
 than its resize enlarges twice, one level each.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,13 @@ from pml_mutual.data.device_decode import (
     resized_center_crop,
 )
 from pml_mutual.data.loaders import LoaderPool
-from pml_mutual.data.transforms import INPUT_SPACES, center_crop, resize_shorter, shorter_side_size, to_input_space
+from pml_mutual.data.transforms import (
+    INPUT_SPACES,
+    center_crop,
+    resize_shorter,
+    shorter_side_size,
+    to_input_space,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -38,16 +45,21 @@ def levels(x: torch.Tensor, input_space: str) -> torch.Tensor:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    width=st.integers(1, 90), height=st.integers(1, 90), size=st.integers(1, 40),
-    extra=st.integers(-20, 30), seed=st.integers(0, 2**31 - 1),
+    width=st.integers(1, 90),
+    height=st.integers(1, 90),
+    size=st.integers(1, 40),
+    extra=st.integers(-20, 30),
+    seed=st.integers(0, 2**31 - 1),
 )
 def test_tensor_test_transform_is_pillows_within_one_level(width, height, size, extra, seed):
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     image = Image.fromarray(pixels)
     resize = max(1, size + extra)  # below size: the crop enlarges the image first
     expected = np.asarray(center_crop(resize_shorter(image, resize), size), dtype=np.float32)
-    got = resized_center_crop(torch.from_numpy(pixels).permute(2, 0, 1)[None].float(),
-                                ProtocolTransform(False, size=size, resize=resize))[0]
+    got = resized_center_crop(
+        torch.from_numpy(pixels).permute(2, 0, 1)[None].float(),
+        ProtocolTransform(False, size=size, resize=resize),
+    )[0]
     assert got.shape == (3, size, size)
     assert torch.equal(got, got.round())  # whole levels, as Pillow's 8-bit output
     # one level per resize: a second one (the crop enlarging an image smaller than itself) carries the first's
@@ -59,7 +71,9 @@ def test_no_resize_needed_gives_pillows_pixels_exactly():
     pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     t = ProtocolTransform(False, size=32, resize=40)
     expected = t(Image.fromarray(pixels))
-    got = to_input_space(resized_center_crop(torch.from_numpy(pixels).permute(2, 0, 1)[None].float(), t), "imagenet")
+    got = to_input_space(
+        resized_center_crop(torch.from_numpy(pixels).permute(2, 0, 1)[None].float(), t), "imagenet"
+    )
     assert torch.equal(got[0], expected)
 
 
@@ -70,15 +84,26 @@ def write_images(root, specs, seed=0):
     for name, w, h, fmt, mode in specs:
         channels = {"RGB": 3, "L": None, "CMYK": 4}[mode]
         shape = (h, w) if channels is None else (h, w, channels)
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / name, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(
+            root / name, fmt, **({"quality": 90} if fmt == "JPEG" else {})
+        )
         paths.append(name)
     return paths
 
 
-PNGS = [("a.png", 120, 90, "PNG", "RGB"), ("b.png", 64, 80, "PNG", "L"), ("c.png", 120, 90, "PNG", "RGB"),
-        ("d.png", 30, 20, "PNG", "RGB"), ("e.png", 200, 41, "PNG", "RGB")]
-JPEGS = [("a.jpg", 120, 90, "JPEG", "RGB"), ("b.jpg", 64, 80, "JPEG", "L"), ("c.jpg", 90, 120, "JPEG", "CMYK"),
-         ("d.jpg", 30, 20, "JPEG", "RGB")] + PNGS[:2]
+PNGS = [
+    ("a.png", 120, 90, "PNG", "RGB"),
+    ("b.png", 64, 80, "PNG", "L"),
+    ("c.png", 120, 90, "PNG", "RGB"),
+    ("d.png", 30, 20, "PNG", "RGB"),
+    ("e.png", 200, 41, "PNG", "RGB"),
+]
+JPEGS = [
+    ("a.jpg", 120, 90, "JPEG", "RGB"),
+    ("b.jpg", 64, 80, "JPEG", "L"),
+    ("c.jpg", 90, 120, "JPEG", "CMYK"),
+    ("d.jpg", 30, 20, "JPEG", "RGB"),
+] + PNGS[:2]
 
 
 def dataset(root, specs, input_space="imagenet", boxes=False, train=False):
@@ -104,7 +129,9 @@ def worker_and_device(ds, num_workers=0):
 
 @pytest.mark.parametrize("input_space", ["imagenet", "bgr255"])
 @pytest.mark.parametrize("boxes", [False, True])
-def test_files_pillow_decodes_in_the_worker_are_resized_on_the_device_within_one_level(tmp_path, input_space, boxes):
+def test_files_pillow_decodes_in_the_worker_are_resized_on_the_device_within_one_level(
+    tmp_path, input_space, boxes
+):
     ds = dataset(tmp_path, PNGS, input_space, boxes)
     expected, got, labels = worker_and_device(ds, num_workers=1)
     assert got.shape == expected.shape == (len(PNGS), 3, 24, 24)

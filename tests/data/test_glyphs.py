@@ -1,4 +1,5 @@
 """The glyph builder on real fonts: Debian's DejaVu (fonts-dejavu-core) when installed, else skipped."""
+
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,9 @@ pytest.importorskip("fontTools")
 from pml_mutual.data.glyphs import build_glyphs, candidate_characters, load_glyphs  # noqa: E402
 
 DEJAVU = Path("/usr/share/fonts/truetype/dejavu")
-pytestmark = pytest.mark.skipif(not DEJAVU.is_dir(), reason="needs fonts-dejavu-core (apt-get install fonts-dejavu-core)")
+pytestmark = pytest.mark.skipif(
+    not DEJAVU.is_dir(), reason="needs fonts-dejavu-core (apt-get install fonts-dejavu-core)"
+)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,10 @@ def test_shared_embedding_loader_serves_each_dataset_its_own_items_from_one_set_
         views = [pool.embed(d) for d in (stage_a, stage_b, test)]
         rows = [fetched(v) for v in views]
         assert [[r[:2] for r in rs] for rs in rows] == [
-            [[0, 1], [0, 4], [0, 5]], [[0, 9], [0, 0]], [[1, i] for i in range(7)]]
+            [[0, 1], [0, 4], [0, 5]],
+            [[0, 9], [0, 0]],
+            [[1, i] for i in range(7)],
+        ]
         pids = {r[2] for rs in rows for r in rs}
         assert len(pids) == 1 and pids != {os.getpid()}  # one worker process fetched every item
         assert [r[:2] for r in fetched(views[0])] == [[0, 1], [0, 4], [0, 5]]  # again, after the others
@@ -102,7 +105,9 @@ def test_start_workers_without_workers_starts_nothing():
     assert [r[1] for r in fetched(pool.embed(Tagged(1, 3)))] == [0, 1, 2]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim"
+)
 def test_return_free_heap_gives_freed_heap_pages_back_to_the_system():
     # in a process of its own: what a test suite's earlier tests left in this process's heap (free chunks
     # that the blocks below would reuse) is not this function's business
@@ -117,7 +122,9 @@ held = rss()
 return_free_heap()
 print(held, rss())
 """
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=120
+    )
     held, after = map(float, out.stdout.split())
     assert after < held - 100
 

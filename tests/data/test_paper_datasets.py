@@ -1,4 +1,5 @@
 """The loaders of CUB-200-2011, Cars196 and DeepFashion2 read tiny datasets written in the real formats."""
+
 import json
 
 import numpy as np
@@ -64,7 +65,9 @@ def test_paper_stage_ends():
     assert np.bincount(list(cars.values())).tolist() == [98, 25, 25, 25, 23]  # 1–98, 99–123, …, 174–196
     df2 = stages_from_ends(range(21190), deepfashion2.STAGE_ENDS["multi-task"])
     assert np.bincount(list(df2.values())).tolist() == [10595, 2661, 2634, 2668, 2632]
-    assert np.bincount(list(stages_from_ends(range(196), cars196.STAGE_ENDS["one-task"]).values())).tolist() == [98, 98]
+    assert np.bincount(
+        list(stages_from_ends(range(196), cars196.STAGE_ENDS["one-task"]).values())
+    ).tolist() == [98, 98]
     assert scale_stage_ends((100, 125, 150, 175), 200, 200) == (100, 125, 150, 175)
     assert scale_stage_ends((100, 125, 150, 175), 200, 16) == (8, 10, 12, 14)
     with pytest.raises(ValueError, match="too few"):
@@ -97,7 +100,9 @@ def test_cars196_missing_annotations_are_named(tmp_path):
 
 # ------------------------------------------------------------------ DeepFashion2
 def test_deepfashion2_identities_are_pair_and_style_items_cropped(tmp_path):
-    root = fixtures.write_deepfashion2_fixture(tmp_path / "df2", n_pairs=3, images_per_pair=5, splits=("train", "validation"))
+    root = fixtures.write_deepfashion2_fixture(
+        tmp_path / "df2", n_pairs=3, images_per_pair=5, splits=("train", "validation")
+    )
     items = deepfashion2.read_deepfashion2(root)
     # two styled items per image (style 0 ignored), 3 pairs × 2 styles = 6 identities of 5 crops each
     assert items.identities.tolist() == [[1, 1], [1, 2], [2, 1], [2, 2], [3, 1], [3, 2]]
@@ -148,12 +153,14 @@ def test_annotation_files_with_bad_lines_are_refused_naming_the_file_and_line(tm
     from pml_mutual.data.cub import read_cub
     from pml_mutual.data.deepfashion2 import read_deepfashion2
     from pml_mutual.data.fixtures import write_cars196_fixture, write_cub_fixture, write_deepfashion2_fixture
-    from pml_mutual.data.images import ImageItems, read_list_file
+    from pml_mutual.data.images import ImageItems
 
     root = write_cub_fixture(tmp_path / "CUB", [3] * 2)
     lines = (root / "images.txt").read_text().splitlines()
-    for bad, message in (([lines[0].replace("1 ", "abc ", 1)] + lines[1:], r"images.txt:1: the image id 'abc'"),
-                         (lines + [lines[0]], r"images.txt:7: image id 1 given twice \(first on line 1\)")):
+    for bad, message in (
+        ([lines[0].replace("1 ", "abc ", 1)] + lines[1:], r"images.txt:1: the image id 'abc'"),
+        (lines + [lines[0]], r"images.txt:7: image id 1 given twice \(first on line 1\)"),
+    ):
         (root / "images.txt").write_text("\n".join(bad) + "\n")
         with pytest.raises(ValueError, match=message):
             read_cub(root)

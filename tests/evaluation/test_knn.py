@@ -1,4 +1,5 @@
 """The FAISS and torch kNN backends: same neighbours, same recalls, O(chunk·N) memory under ties."""
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +29,9 @@ def stable_sort_reference(emb, k):
     return np.array(out, dtype=np.int64).reshape(len(emb), k)
 
 
-@given(st.integers(2, 70), st.integers(4, 9), st.integers(1, 12), st.integers(1, 9), st.integers(0, 2**31 - 1))
+@given(
+    st.integers(2, 70), st.integers(4, 9), st.integers(1, 12), st.integers(1, 9), st.integers(0, 2**31 - 1)
+)
 def test_backends_return_the_stable_sort_neighbours(n, dim, k, chunk, seed):
     emb = exact_data(np.random.default_rng(seed), n, dim)  # few distinct rows: ties everywhere
     want = stable_sort_reference(emb, min(k, n - 1))
@@ -73,8 +76,14 @@ def test_tie_resolution_memory_follows_the_chunk_not_n_squared():
     assert knn.column_block(torch.device("cuda")) is None
 
 
-@given(st.integers(2, 60), st.integers(4, 9), st.integers(1, 12), st.integers(1, 70), st.integers(1, 60),
-       st.integers(0, 2**31 - 1))
+@given(
+    st.integers(2, 60),
+    st.integers(4, 9),
+    st.integers(1, 12),
+    st.integers(1, 70),
+    st.integers(1, 60),
+    st.integers(0, 2**31 - 1),
+)
 def test_the_kernel_in_column_blocks_returns_the_stable_sort_neighbours(n, dim, k, block, rows, seed):
     """Blocks of any width (one column to more than N), query chunks of any size: each block's top
     k + 1 merged, and a tie continuing past k settled by scanning recomputed blocks, give the stable sort."""
@@ -88,12 +97,15 @@ def test_the_kernel_in_column_blocks_returns_the_stable_sort_neighbours(n, dim, 
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         got = knn.exact_topk(x[start:stop], x, torch.arange(start, stop), k, column_block=block)
-        np.testing.assert_array_equal(got.numpy(), want[start:stop], err_msg=f"block {block}, rows {start}:{stop}")
+        np.testing.assert_array_equal(
+            got.numpy(), want[start:stop], err_msg=f"block {block}, rows {start}:{stop}"
+        )
 
 
 def test_blocked_tie_scan_leaves_rows_once_settled_and_scans_the_rest_in_blocks():
     """N beyond the tie scan's first 1,024 columns, blocks of 300: rows settled on the first columns
-    (a collapsed majority) and rows whose tied items lie only in later blocks (a duplicate group at the end)."""
+    (a collapsed majority) and rows whose tied items lie only in later blocks (a duplicate group at the
+    end)."""
     rng = np.random.default_rng(1)
     n, k = 2600, 8
     emb = exact_data(rng, n, 8)
@@ -180,7 +192,9 @@ def test_ieee_matmul_scope_sets_float32_and_restores_either_api(device, matmul_p
     assert backend.fp32_precision == ("tf32" if device == "cuda" else "bf16")
 
 
-def test_torch_kernel_scores_in_float32_under_a_reduced_matmul_precision(monkeypatch, matmul_precision_restored):
+def test_torch_kernel_scores_in_float32_under_a_reduced_matmul_precision(
+    monkeypatch, matmul_precision_restored
+):
     """``set_float32_matmul_precision("medium")`` makes float32 CPU matmuls bfloat16 on CPUs with AMX /
     AVX-512 BF16 (errors of ~0.1 on unit-variance products here): the kNN kernel must not inherit it."""
     emb = np.random.default_rng(0).standard_normal((300, 32)).astype(np.float32)

@@ -8,7 +8,8 @@ from pml_mutual.evaluation import nearest_neighbours, recall_at_k
 
 
 def brute_force_recall(emb, labels, ks):
-    """Exact Recall@K by a full similarity matrix; self excluded by index; ties → lower index (stable sort)."""
+    """Exact Recall@K by a full similarity matrix; self excluded by index; ties → lower index (stable
+    sort)."""
     x = emb.astype(np.float64)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     sim = (x.astype(np.float32) @ x.astype(np.float32).T).astype(np.float64)
@@ -86,7 +87,9 @@ def test_agrees_with_pml_precision_at_1():
     emb = (centres[labels] + 0.8 * rng.standard_normal((400, 16))).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     calc = AccuracyCalculator(include=("precision_at_1",), k=1)
-    pml = calc.get_accuracy(torch.tensor(emb), torch.tensor(labels), ref_includes_query=True)["precision_at_1"]
+    pml = calc.get_accuracy(torch.tensor(emb), torch.tensor(labels), ref_includes_query=True)[
+        "precision_at_1"
+    ]
     ours = recall_at_k(emb, labels, (1,))[1]
     assert 0.2 < ours < 1.0  # a non-trivial case
     assert ours == pytest.approx(pml, abs=1e-9)
@@ -117,7 +120,9 @@ def test_heavy_ties_with_mixed_labels_follow_lower_index_rule(backend, n_dup, k,
     rng = np.random.default_rng(seed)
     emb = np.concatenate([np.repeat(rng.standard_normal((1, 5)), n_dup, 0), rng.standard_normal((10, 5))])
     labels = rng.integers(0, 3, len(emb))
-    assert recall_at_k(emb, labels, (1, k), chunk_size=16, backend=backend) == pytest.approx(brute_force_recall(emb, labels, (1, k)))
+    assert recall_at_k(emb, labels, (1, k), chunk_size=16, backend=backend) == pytest.approx(
+        brute_force_recall(emb, labels, (1, k))
+    )
 
 
 @given(st.integers(3, 60), st.integers(1, 8), st.integers(0, 2**31 - 1))

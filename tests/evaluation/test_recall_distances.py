@@ -22,13 +22,19 @@ def brute_scores(x: np.ndarray, distance: str) -> np.ndarray:
 
 def brute_force(x: np.ndarray, y: np.ndarray, ks, distance: str) -> dict[int, float]:
     score = brute_scores(x, distance)
-    order = np.argsort(-score, axis=1, kind="stable")[:, : len(y) - 1]  # ties → lower index; self (−inf) last, cut
+    order = np.argsort(-score, axis=1, kind="stable")[
+        :, : len(y) - 1
+    ]  # ties → lower index; self (−inf) last, cut
     return {k: float(np.mean([(y[order[i, :k]] == y[i]).any() for i in range(len(y))])) for k in ks}
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(2, 80), st.integers(1, 6), st.sampled_from(["cosine", "inner_product", "euclidean"]),
-       st.integers(0, 2**31 - 1))
+@given(
+    st.integers(2, 80),
+    st.integers(1, 6),
+    st.sampled_from(["cosine", "inner_product", "euclidean"]),
+    st.integers(0, 2**31 - 1),
+)
 def test_every_distance_equals_a_brute_force_search(n, d, distance, seed):
     rng = np.random.default_rng(seed)
     # rows of very different norms: where the three rankings part
@@ -49,7 +55,8 @@ def test_euclidean_recall_at_1_is_pml_accuracy_calculators_precision_at_1():
     y = np.repeat(np.arange(30), 10)  # every class has other items: PML leaves out no query
     pml = AccuracyCalculator(include=("precision_at_1",), k=1).get_accuracy(torch.tensor(x), torch.tensor(y))
     assert recall_at_k(x, y, (1,), distance="euclidean")[1] == pytest.approx(pml["precision_at_1"], abs=1e-12)
-    assert recall_at_k(x, y, (1,))[1] != recall_at_k(x, y, (1,), distance="euclidean")[1]  # cosine: another number
+    # cosine: another number
+    assert recall_at_k(x, y, (1,))[1] != recall_at_k(x, y, (1,), distance="euclidean")[1]
 
 
 def test_an_unknown_distance_is_refused():

@@ -1,5 +1,6 @@
 """FAISS and the torch kernel return the same neighbours on data whose similarities tie to float32
 resolution: quantised, near-duplicate and near-collapsed embeddings (the float64 ranking, ties by index)."""
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -31,11 +32,18 @@ def data(kind: str, n: int, d: int, seed: int) -> np.ndarray:
 
 
 @settings(max_examples=12, deadline=None)
-@given(st.sampled_from(["quantised", "near_duplicate", "near_collapsed"]), st.integers(20, 300), st.integers(2, 32),
-       st.integers(1, 8), st.integers(0, 2**31 - 1))
+@given(
+    st.sampled_from(["quantised", "near_duplicate", "near_collapsed"]),
+    st.integers(20, 300),
+    st.integers(2, 32),
+    st.integers(1, 8),
+    st.integers(0, 2**31 - 1),
+)
 def test_both_backends_return_the_float64_ranking_with_ties_by_index(kind, n, d, k, seed):
     emb = data(kind, n, d, seed)
-    got = {b: nearest_neighbours(emb, k, backend=b, normalize=True, chunk_size=64) for b in ("faiss", "torch")}
+    got = {
+        b: nearest_neighbours(emb, k, backend=b, normalize=True, chunk_size=64) for b in ("faiss", "torch")
+    }
     np.testing.assert_array_equal(got["faiss"], got["torch"])  # 0e3a6e5: other neighbours on such data
     # and the float64 ranking: the same indices, except where two similarities are equal in exact arithmetic
     # and float64 rounds them apart (e.g. 4/√48 and 6/√108), where the scores still agree to 1e-12
@@ -43,7 +51,9 @@ def test_both_backends_return_the_float64_ranking_with_ties_by_index(kind, n, d,
     x = emb.astype(np.float64)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     rows = np.arange(len(x))[:, None]
-    np.testing.assert_allclose((x[rows] * x[got["torch"]]).sum(-1), (x[rows] * x[want]).sum(-1), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        (x[rows] * x[got["torch"]]).sum(-1), (x[rows] * x[want]).sum(-1), rtol=0, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("kind", ["quantised", "near_duplicate", "near_collapsed"])
@@ -51,4 +61,6 @@ def test_recall_is_the_same_whichever_backend_at_n_3000(kind):
     """The size at which 0e3a6e5 disagreed on 160 (quantised) and 287 (near-duplicate) of 3,000 rows."""
     emb = data(kind, 3000, 16, 0)
     labels = np.random.default_rng(1).integers(0, 50, 3000)
-    assert recall_at_k(emb, labels, (1, 2, 4, 8), backend="faiss") == recall_at_k(emb, labels, (1, 2, 4, 8), backend="torch")
+    assert recall_at_k(emb, labels, (1, 2, 4, 8), backend="faiss") == recall_at_k(
+        emb, labels, (1, 2, 4, 8), backend="torch"
+    )

@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pml_mutual.data.loaders import EmbeddingLoader
-
 from pml_mutual.evaluation import (
     accuracy_matrix,
     average_forgetting,
@@ -60,7 +59,9 @@ def _fake_stage_results():
     out = []
     for i, row in enumerate(HAND):
         per = [{1: v, 2: min(1.0, v + 0.05)} for v in row[: i + 1]]
-        out.append({"stage": i, "old": per[0] if i else None, "new": per[-1], "all": per[0], "per_stage": per})
+        out.append(
+            {"stage": i, "old": per[0] if i else None, "new": per[-1], "all": per[0], "per_stage": per}
+        )
     return out
 
 
@@ -112,10 +113,17 @@ class _BatchSizes(torch.nn.Module):
 
 
 @settings(deadline=None)
-@given(n=st.integers(1, 60), batch=st.integers(1, 20), workers=st.integers(0, 4), tasks=st.integers(1, 8),
-       min_task=st.integers(1, 8))
+@given(
+    n=st.integers(1, 60),
+    batch=st.integers(1, 20),
+    workers=st.integers(0, 4),
+    tasks=st.integers(1, 8),
+    min_task=st.integers(1, 8),
+)
 def test_small_worker_tasks_are_regrouped_into_the_same_model_batches(n, batch, workers, tasks, min_task):
-    ds = torch.utils.data.TensorDataset(torch.randn(n, 4, generator=torch.Generator().manual_seed(n)), torch.arange(n))
+    ds = torch.utils.data.TensorDataset(
+        torch.randn(n, 4, generator=torch.Generator().manual_seed(n)), torch.arange(n)
+    )
     # workers only sizes the tasks here: iterating in this process gives the same batches
     loader = EmbeddingLoader(ds, batch, num_workers=0, tasks_per_worker=tasks, min_task=min_task)
     loader.num_workers = workers

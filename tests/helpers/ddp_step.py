@@ -3,6 +3,7 @@
 ``run_step(world, rank, out)`` trains on rank ``rank``'s slice of the global batch (world = 1: all of it, no
 process group) and saves the loss terms and the students' gradients to ``out``.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,9 @@ GLOBAL_BATCH = 24
 EMBEDDING_SIZE = 32
 LOSS_WEIGHTS = {"metric_loss": 1, "support_metric_loss": 1, "correlation_loss": 10, "mutual_loss": 8}
 STAGES = 3
-CORRELATION_TERMS = STAGES  # the real teacher and the virtual features of the STAGES − 1 earlier stages (Eq. 6)
+CORRELATION_TERMS = (
+    STAGES  # the real teacher and the virtual features of the STAGES − 1 earlier stages (Eq. 6)
+)
 
 
 def global_batch():
@@ -36,7 +39,9 @@ def compensator():
         feats = F.normalize(torch.randn(60, 32, generator=g), dim=1)
         comp.add_stage(feats, torch.arange(5 * s, 5 * s + 5).repeat(12))
         for t in comp.stages_to_measure():
-            comp.update_drift(feats, F.normalize(feats + 0.1 * torch.randn(60, 32, generator=g), dim=1), stage=t)
+            comp.update_drift(
+                feats, F.normalize(feats + 0.1 * torch.randn(60, 32, generator=g), dim=1), stage=t
+            )
     return comp
 
 
@@ -53,14 +58,24 @@ def run_step(world: int, rank: int, out: str, gram_scope: str = "global") -> Non
         models = {k: DDP(m) if k in trained else m for k, m in models.items()}
     x, y = global_batch()
     b = GLOBAL_BATCH // world
-    batch = (x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b])
+    batch = (x[rank * b : (rank + 1) * b], y[rank * b : (rank + 1) * b])
     trainer = IncrementalTrainer(
-        models=models, optimizers=optimizers, batch_size=b, loss_funcs={
-            "metric_loss": losses.TripletMarginLoss(margin=0.1), "correlation_loss": GramCorrelationLoss(),
-            "mutual_loss": MutualGramLoss()},
-        dataset=None, mining_funcs={"tuple_miner": miners.BatchHardMiner()}, iterations_per_epoch=1,
-        data_device=torch.device("cpu"), loss_weights=LOSS_WEIGHTS,
-        drift_compensator=compensator(), quiet=True, gram_scope=gram_scope,
+        models=models,
+        optimizers=optimizers,
+        batch_size=b,
+        loss_funcs={
+            "metric_loss": losses.TripletMarginLoss(margin=0.1),
+            "correlation_loss": GramCorrelationLoss(),
+            "mutual_loss": MutualGramLoss(),
+        },
+        dataset=None,
+        mining_funcs={"tuple_miner": miners.BatchHardMiner()},
+        iterations_per_epoch=1,
+        data_device=torch.device("cpu"),
+        loss_weights=LOSS_WEIGHTS,
+        drift_compensator=compensator(),
+        quiet=True,
+        gram_scope=gram_scope,
     )
     trainer.get_batch = lambda: batch
     trainer.set_to_train()
@@ -97,12 +112,18 @@ def run_obdsd_step(world: int, rank: int, out: str, gram_scope: str = "global") 
         wrapped = DDP(model)
     x, y = global_batch()
     b = GLOBAL_BATCH // world
-    batch = (x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b])
+    batch = (x[rank * b : (rank + 1) * b], y[rank * b : (rank + 1) * b])
     loss = BatchDiffusionSelfDistillationLoss(alpha=0.5, weight=100.0)
     trainer = SelfDistillationTrainer(
-        models={"trunk": wrapped}, optimizers={"trunk_optimizer": torch.optim.SGD(model.parameters(), lr=0.0)},
-        batch_size=b, loss_funcs={"metric_loss": loss}, dataset=None, iterations_per_epoch=1,
-        data_device=torch.device("cpu"), num_epochs=2, gram_scope=gram_scope,
+        models={"trunk": wrapped},
+        optimizers={"trunk_optimizer": torch.optim.SGD(model.parameters(), lr=0.0)},
+        batch_size=b,
+        loss_funcs={"metric_loss": loss},
+        dataset=None,
+        iterations_per_epoch=1,
+        data_device=torch.device("cpu"),
+        num_epochs=2,
+        gram_scope=gram_scope,
     )
     trainer.epoch = 1
     trainer.set_to_train()
@@ -112,8 +133,16 @@ def run_obdsd_step(world: int, rank: int, out: str, gram_scope: str = "global") 
     trainer.get_batch = lambda: batch
     trainer.forward_and_backward()
     if rank == 0:
-        torch.save({"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
-                    "losses": {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in trainer.losses.items()}}, out)
+        torch.save(
+            {
+                "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+                "losses": {
+                    k: float(v.detach()) if torch.is_tensor(v) else float(v)
+                    for k, v in trainer.losses.items()
+                },
+            },
+            out,
+        )
 
 
 def wrap_then_shutdown(world: int, rank: int, out: str, gram_scope: str = "global") -> None:
@@ -123,8 +152,10 @@ def wrap_then_shutdown(world: int, rank: int, out: str, gram_scope: str = "globa
 
     from pml_mutual.steps.train import wrap_for_ranks
 
-    models = {"trunk": EmbeddingMLP(in_features=8, hidden=8, embedding_size=4),
-              "teacher_trunk": EmbeddingMLP(in_features=8, hidden=8, embedding_size=4)}
+    models = {
+        "trunk": EmbeddingMLP(in_features=8, hidden=8, embedding_size=4),
+        "teacher_trunk": EmbeddingMLP(in_features=8, hidden=8, embedding_size=4),
+    }
     learner = SimpleNamespace(device=torch.device("cpu"))
     wrapped = wrap_for_ranks(learner, models, ["trunk"])
     seen = {k: type(m).__name__ for k, m in wrapped.items()}

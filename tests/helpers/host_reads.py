@@ -1,5 +1,6 @@
 """Which ops of a computation read a device value back to the host (a GPU synchronisation), seen on CPU
 through torch's dispatcher: the ops whose output size or value depends on tensor contents."""
+
 import os
 import traceback
 
@@ -8,8 +9,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 TORCH_DIR = os.path.dirname(torch.__file__)
 
-SIZE_OR_VALUE_READS = {"aten.nonzero", "aten._local_scalar_dense", "aten.masked_select", "aten.unique",
-                       "aten._unique2", "aten.unique_consecutive", "aten.repeat_interleave"}
+SIZE_OR_VALUE_READS = {
+    "aten.nonzero",
+    "aten._local_scalar_dense",
+    "aten.masked_select",
+    "aten.unique",
+    "aten._unique2",
+    "aten.unique_consecutive",
+    "aten.repeat_interleave",
+}
 
 
 class HostReads(TorchDispatchMode):
@@ -20,7 +28,9 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
         bool_index = name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
-            t is not None and torch.is_tensor(t) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ()))
+            t is not None and torch.is_tensor(t) and t.dtype == torch.bool
+            for t in (args[1] if len(args) > 1 else ())
+        )
         if name in SIZE_OR_VALUE_READS or bool_index:
             callers = [f.filename for f in traceback.extract_stack() if not f.filename.startswith(TORCH_DIR)]
             self.ops.append((name, os.path.basename(callers[-2]) if len(callers) > 1 else "?"))

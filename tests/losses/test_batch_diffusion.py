@@ -14,7 +14,10 @@ def hand_target(t, alpha, tau, tau_d):
     x = t.double().numpy()
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     S = x @ x.T
-    soft = lambda a: np.exp(a - a.max(1, keepdims=True)) / np.exp(a - a.max(1, keepdims=True)).sum(1, keepdims=True)  # noqa: E731
+    # noqa: E731
+    soft = lambda a: (  # noqa: E731
+        np.exp(a - a.max(1, keepdims=True)) / np.exp(a - a.max(1, keepdims=True)).sum(1, keepdims=True)
+    )
     base = soft(S / tau)
     P = soft((S - 1e9 * np.eye(len(S))) / tau_d)
     W = (1 - alpha) * np.linalg.inv(np.eye(len(S)) - alpha * P)
@@ -25,7 +28,13 @@ def emb(b, d, seed):
     return torch.randn(b, d, generator=torch.Generator().manual_seed(seed))
 
 
-@given(st.floats(0.0, 0.99), st.floats(0.1, 5.0), st.floats(0.05, 5.0), st.integers(2, 12), st.integers(0, 10_000))
+@given(
+    st.floats(0.0, 0.99),
+    st.floats(0.1, 5.0),
+    st.floats(0.05, 5.0),
+    st.integers(2, 12),
+    st.integers(0, 10_000),
+)
 def test_target_matches_hand_formula_and_is_row_stochastic(alpha, tau, tau_d, b, seed):
     t = emb(b, 6, seed)
     W, want = hand_target(t, alpha, tau, tau_d)
@@ -38,21 +47,31 @@ def test_target_matches_hand_formula_and_is_row_stochastic(alpha, tau, tau_d, b,
 
 def test_alpha_zero_is_psd():
     t, s = emb(8, 5, 1), emb(8, 5, 2)
-    assert torch.allclose(batch_diffusion_target(t, 0.0, 1.0), torch.softmax(F.normalize(t) @ F.normalize(t).T, 1), atol=1e-6)
-    obd = BatchDiffusionSelfDistillationLoss(base_loss=losses.TripletMarginLoss(), alpha=0.0, temperature=4.0, weight=1.0, miner=None)
+    assert torch.allclose(
+        batch_diffusion_target(t, 0.0, 1.0), torch.softmax(F.normalize(t) @ F.normalize(t).T, 1), atol=1e-6
+    )
+    obd = BatchDiffusionSelfDistillationLoss(
+        base_loss=losses.TripletMarginLoss(), alpha=0.0, temperature=4.0, weight=1.0, miner=None
+    )
     labels = torch.arange(4).repeat(2)
     # With α = 0 the distillation term is L_corr of this package at the same temperature.
     total = obd(s, labels, ref_emb=t)
     base = losses.TripletMarginLoss()(s, labels)
-    assert (total - base).item() == pytest.approx(GramCorrelationLoss(temperature=4.0)(s, ref_emb=t).item(), rel=1e-4)
+    assert (total - base).item() == pytest.approx(
+        GramCorrelationLoss(temperature=4.0)(s, ref_emb=t).item(), rel=1e-4
+    )
 
 
 def test_zero_when_student_is_teacher_and_alpha_zero():
     s = emb(10, 4, 3)
     labels = torch.arange(5).repeat(2)
-    loss = BatchDiffusionSelfDistillationLoss(base_loss=losses.TripletMarginLoss(margin=0.0), alpha=0.0, weight=100.0, miner=None)
+    loss = BatchDiffusionSelfDistillationLoss(
+        base_loss=losses.TripletMarginLoss(margin=0.0), alpha=0.0, weight=100.0, miner=None
+    )
     parts_total = loss(s, labels, ref_emb=s.clone())
-    assert parts_total.item() == pytest.approx(losses.TripletMarginLoss(margin=0.0)(s, labels).item(), abs=1e-5)
+    assert parts_total.item() == pytest.approx(
+        losses.TripletMarginLoss(margin=0.0)(s, labels).item(), abs=1e-5
+    )
 
 
 def test_gradient_reaches_only_the_student():
@@ -83,7 +102,9 @@ def test_finite_on_degenerate_batches(s, t, labels, alpha):
 def test_sub_losses_and_weight_scale():
     s, t = emb(8, 5, 10), emb(8, 5, 11)
     labels = torch.arange(4).repeat(2)
-    loss = BatchDiffusionSelfDistillationLoss(base_loss=losses.TripletMarginLoss(), alpha=0.3, weight=2.0, miner=None)
+    loss = BatchDiffusionSelfDistillationLoss(
+        base_loss=losses.TripletMarginLoss(), alpha=0.3, weight=2.0, miner=None
+    )
     assert loss.sub_loss_names() == ["base", "distill"]
     full = loss(s, labels, ref_emb=t).item()
     loss.weight_scale = 0.5

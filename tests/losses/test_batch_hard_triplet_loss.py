@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers.host_reads import host_reads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
@@ -7,7 +8,6 @@ from pytorch_metric_learning.losses import TripletMarginLoss
 from pytorch_metric_learning.miners import BatchHardMiner
 
 from pml_mutual.losses import BatchHardTripletLoss
-from helpers.host_reads import host_reads
 
 
 def pml_batch_hard(emb, labels, margin, distance=None):
@@ -17,7 +17,7 @@ def pml_batch_hard(emb, labels, margin, distance=None):
 
 
 batches = st.tuples(
-    st.integers(0, 2**31 - 1),                        # embeddings' seed: continuous values, no ties
+    st.integers(0, 2**31 - 1),  # embeddings' seed: continuous values, no ties
     st.lists(st.integers(0, 5), min_size=2, max_size=24),  # labels: singletons, one class, many classes
     st.sampled_from([0.0, 0.05, 0.2, 1.0]),
     st.sampled_from(["l2", "l2_unnormalized", "cosine"]),
@@ -25,7 +25,11 @@ batches = st.tuples(
 
 
 def distance_of(name):
-    return {"l2": None, "l2_unnormalized": LpDistance(normalize_embeddings=False), "cosine": CosineSimilarity()}[name]
+    return {
+        "l2": None,
+        "l2_unnormalized": LpDistance(normalize_embeddings=False),
+        "cosine": CosineSimilarity(),
+    }[name]
 
 
 @settings(max_examples=150, deadline=None)
@@ -36,7 +40,9 @@ def test_equals_pml_triplet_margin_loss_on_batch_hard_miner_triplets(batch):
     labels = torch.tensor(labels)
     x = torch.randn(len(labels), 8, generator=g, dtype=torch.float64)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ours = BatchHardTripletLoss(margin=margin, **({} if distance_of(dist) is None else {"distance": distance_of(dist)}))(x1, labels)
+    ours = BatchHardTripletLoss(
+        margin=margin, **({} if distance_of(dist) is None else {"distance": distance_of(dist)})
+    )(x1, labels)
     theirs = pml_batch_hard(x2, labels, margin, distance_of(dist))
     # float64: the same few terms summed in another order
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-12, abs=1e-15)
@@ -65,7 +71,9 @@ def test_reads_nothing_back_to_the_host_while_pml_pair_does():
 def test_refuses_mined_triplets_and_missing_labels():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="without a miner"):
-        BatchHardTripletLoss()(x, torch.tensor([0, 0, 1, 1]), (torch.tensor([0]), torch.tensor([1]), torch.tensor([2])))
+        BatchHardTripletLoss()(
+            x, torch.tensor([0, 0, 1, 1]), (torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
+        )
     with pytest.raises(ValueError, match="labels"):
         BatchHardTripletLoss()(x)
 

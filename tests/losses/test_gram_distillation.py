@@ -12,7 +12,7 @@ from pytorch_metric_learning.reducers import MeanReducer, SumReducer
 from pml_mutual.losses import GramCorrelationLoss, MutualGramLoss, gram_distillation_losses
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from dispatched_ops import computing_ops  # noqa: E402
+from common import computing_ops  # noqa: E402
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -34,11 +34,19 @@ def called(student, support, teachers, corr, mutual):
     return out
 
 
-cases = st.fixed_dictionaries({
-    "b": st.integers(1, 12), "d": st.integers(1, 16), "teachers": st.integers(0, 4), "support": st.booleans(),
-    "direction": st.sampled_from(["forward", "reverse"]), "T": st.floats(0.1, 10.0),
-    "scale": st.sampled_from([1e-3, 1.0, 1e3]), "stacked": st.booleans(), "seed": st.integers(0, 2**31 - 1),
-}).filter(lambda c: c["teachers"] or c["support"])
+cases = st.fixed_dictionaries(
+    {
+        "b": st.integers(1, 12),
+        "d": st.integers(1, 16),
+        "teachers": st.integers(0, 4),
+        "support": st.booleans(),
+        "direction": st.sampled_from(["forward", "reverse"]),
+        "T": st.floats(0.1, 10.0),
+        "scale": st.sampled_from([1e-3, 1.0, 1e3]),
+        "stacked": st.booleans(),
+        "seed": st.integers(0, 2**31 - 1),
+    }
+).filter(lambda c: c["teachers"] or c["support"])
 
 
 @given(cases)
@@ -55,7 +63,9 @@ def test_stacked_computation_equals_the_calls_in_value_and_gradient(c):
     # as separate tensors
     rest = torch.stack(teachers[1:]) if len(teachers) > 1 else torch.zeros(0, c["b"], c["d"])
     given_teachers = ([teachers[0], rest] if c["stacked"] else teachers) if teachers else None
-    got = gram_distillation_losses(student, support, given_teachers, correlation_loss=corr, mutual_loss=mutual)
+    got = gram_distillation_losses(
+        student, support, given_teachers, correlation_loss=corr, mutual_loss=mutual
+    )
     want = called(student, support, teachers, corr, mutual)
     assert got.keys() == want.keys()
     pairs = c["teachers"] + c["support"]
@@ -75,8 +85,13 @@ def test_stacked_computation_equals_the_calls_in_value_and_gradient(c):
 @given(st.integers(1, 10), st.integers(1, 8), st.floats(0.5, 8.0), st.integers(0, 10_000))
 def test_zero_for_identical_networks(b, d, T, seed):
     x = torch.randn(b, d, generator=torch.Generator().manual_seed(seed))
-    got = gram_distillation_losses(x, x.clone(), [x.clone(), x.clone()[None]],
-                                   correlation_loss=GramCorrelationLoss(temperature=T), mutual_loss=MutualGramLoss(temperature=T))
+    got = gram_distillation_losses(
+        x,
+        x.clone(),
+        [x.clone(), x.clone()[None]],
+        correlation_loss=GramCorrelationLoss(temperature=T),
+        mutual_loss=MutualGramLoss(temperature=T),
+    )
     # zero up to rounding: the batched Gram of two equal slices need not be bitwise equal
     assert abs(got["mutual_loss"].item()) <= 8 * units(T, b, 1)
     assert abs(got["correlation_loss"].item()) <= 8 * units(T, b, 2)
@@ -89,15 +104,18 @@ class ScaledCorrelation(GramCorrelationLoss):
         return out
 
 
-@pytest.mark.parametrize("corr, mutual", [
-    (GramCorrelationLoss(reducer=SumReducer()), MutualGramLoss()),
-    (GramCorrelationLoss(), MutualGramLoss(mode="dml")),
-    (GramCorrelationLoss(), MutualGramLoss(reducer=SumReducer())),
-    (GramCorrelationLoss(temperature=2.0), MutualGramLoss(temperature=4.0)),
-    (GramCorrelationLoss(distance=DotProductSimilarity()), MutualGramLoss()),
-    (GramCorrelationLoss(distance=CosineSimilarity(power=2)), MutualGramLoss()),
-    (ScaledCorrelation(), MutualGramLoss()),
-])
+@pytest.mark.parametrize(
+    "corr, mutual",
+    [
+        (GramCorrelationLoss(reducer=SumReducer()), MutualGramLoss()),
+        (GramCorrelationLoss(), MutualGramLoss(mode="dml")),
+        (GramCorrelationLoss(), MutualGramLoss(reducer=SumReducer())),
+        (GramCorrelationLoss(temperature=2.0), MutualGramLoss(temperature=4.0)),
+        (GramCorrelationLoss(distance=DotProductSimilarity()), MutualGramLoss()),
+        (GramCorrelationLoss(distance=CosineSimilarity(power=2)), MutualGramLoss()),
+        (ScaledCorrelation(), MutualGramLoss()),
+    ],
+)
 def test_any_other_configuration_is_the_calls_themselves(corr, mutual):
     g = torch.Generator().manual_seed(3)
     student, support = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
@@ -150,16 +168,22 @@ def test_launches_do_not_grow_with_the_number_of_virtual_teachers():
 
     def step(n_teachers):
         teachers = [torch.randn(16, 32), torch.randn(n_teachers - 1, 16, 32)]
+
         def run():
             student.grad = support.grad = None  # the next backward writes the gradients, adds nothing
-            out = gram_distillation_losses(student, support, teachers, correlation_loss=corr, mutual_loss=mutual)
+            out = gram_distillation_losses(
+                student, support, teachers, correlation_loss=corr, mutual_loss=mutual
+            )
             (out["correlation_loss"] + out["mutual_loss"]).backward()
+
         return computing_ops(run)
 
     two, five = step(2), step(5)
     assert two == five
+
     # and fewer than half of what the modules dispatch when called one by one (141 at this writing; 66 here)
     def calls():
         student.grad = support.grad = None
         sum(called(student, support, [torch.randn(16, 32)], corr, mutual).values()).backward()
+
     assert 2 * sum(step(1).values()) < sum(computing_ops(calls).values())

@@ -13,6 +13,7 @@ from pml_mutual.losses import GramCorrelationLoss, MutualGramLoss
 
 def hand_kl_gram(teacher, student, T):
     """Eq. 1/5 written out with plain loops: (T²/B) Σ_i Σ_j p_ij log(p_ij / q_ij)."""
+
     def probs(x):
         x = x.double()
         n = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -68,7 +69,9 @@ def test_invariant_to_positive_rescaling(bds, a, b):
         # entry is then exact to ~eps·(1/T + log B), and the loss carries a factor T² (Eq. 1).
         T, B = loss.temperature, s.shape[0]
         eps = float(torch.finfo(torch.float32).eps)
-        assert loss(s * a, ref_emb=t * b).item() == pytest.approx(base, rel=1e-3, abs=T * T * 8 * eps * (1 / T + math.log(B)))
+        assert loss(s * a, ref_emb=t * b).item() == pytest.approx(
+            base, rel=1e-3, abs=T * T * 8 * eps * (1 / T + math.log(B))
+        )
 
 
 @given(batches)
@@ -80,7 +83,9 @@ def test_permutation_equivariance(bds):
         # exact to ~eps·(1/T + log B), and the loss carries a factor T² (Eq. 1).
         T, B = loss.temperature, s.shape[0]
         tol = T * T * 8 * float(torch.finfo(torch.float32).eps) * (1 / T + math.log(B))
-        assert loss(s[perm], ref_emb=t[perm]).item() == pytest.approx(loss(s, ref_emb=t).item(), rel=1e-4, abs=tol)
+        assert loss(s[perm], ref_emb=t[perm]).item() == pytest.approx(
+            loss(s, ref_emb=t).item(), rel=1e-4, abs=tol
+        )
 
 
 @given(batches, st.floats(0.2, 8.0))
@@ -251,8 +256,14 @@ def test_matches_torch_kl_div_batchmean():
     assert GramCorrelationLoss(temperature=T)(s, ref_emb=t).item() == pytest.approx(want.item(), rel=1e-5)
 
 
-@given(st.integers(1, 10), st.integers(2, 8), st.integers(1, 5), st.sampled_from(["forward", "reverse"]),
-       st.floats(0.5, 8.0), st.integers(0, 10_000))
+@given(
+    st.integers(1, 10),
+    st.integers(2, 8),
+    st.integers(1, 5),
+    st.sampled_from(["forward", "reverse"]),
+    st.floats(0.5, 8.0),
+    st.integers(0, 10_000),
+)
 def test_sum_over_teachers_equals_the_sum_of_calls(b, d, n_teachers, direction, T, seed):
     g = torch.Generator().manual_seed(seed)
     student = torch.randn(b, d, generator=g, requires_grad=True)
@@ -268,7 +279,8 @@ def test_sum_over_teachers_equals_the_sum_of_calls(b, d, n_teachers, direction, 
     # A non-default reducer takes the plain path, with the same value as calling it per teacher.
     summed = GramCorrelationLoss(temperature=T, direction=direction, reducer=SumReducer())
     assert summed.sum_over_teachers(student, teachers).item() == pytest.approx(
-        sum(summed(student, ref_emb=t) for t in teachers).item(), rel=1e-5, abs=1e-7)
+        sum(summed(student, ref_emb=t) for t in teachers).item(), rel=1e-5, abs=1e-7
+    )
 
 
 def test_sum_over_teachers_bad_input():

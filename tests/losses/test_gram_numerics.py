@@ -1,4 +1,5 @@
 """The Gram losses stay exact where float32 would not: large temperatures, rows of extreme scale."""
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ def exact_correlation(student, teacher, T):
     def log_p(x):
         z = F.normalize(x.double(), dim=1)
         return F.log_softmax(z @ z.T / T, dim=1)
+
     a, b = log_p(teacher), log_p(student)
     return ((a.exp() * (a - b)).sum(1) * T * T).mean().item()
 
@@ -28,7 +30,10 @@ def test_the_loss_is_exact_at_any_accepted_temperature(T, b, seed):
     loss = GramCorrelationLoss(temperature=T)
     # G is float32 (cosines exact to ~1e-7 absolute); the rest float64: a few 1e-4 of the value at T = 1000
     # (float32 gave 0.0561 for 0.0404 at T = 500 on 0e3a6e5)
-    for got in (loss(s, ref_emb=t).item(), gram_distillation_losses(s, teachers=[t], correlation_loss=loss)["correlation_loss"].item()):
+    for got in (
+        loss(s, ref_emb=t).item(),
+        gram_distillation_losses(s, teachers=[t], correlation_loss=loss)["correlation_loss"].item(),
+    ):
         assert got == pytest.approx(want, rel=2e-3)
 
 
@@ -38,10 +43,15 @@ def test_rows_of_extreme_scale_give_the_cosines_value(factor):
     s, t = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
     for loss in (GramCorrelationLoss(), MutualGramLoss()):
         want = loss(s, ref_emb=t).item()
-        assert loss(s, ref_emb=t * factor).item() == pytest.approx(want, rel=1e-5)  # 0e3a6e5: 0.084 / 0.059 for ≈ 0
-        stacked = gram_distillation_losses(s, t * factor if isinstance(loss, MutualGramLoss) else None,
-                                           [t * factor] if isinstance(loss, GramCorrelationLoss) else None,
-                                           correlation_loss=GramCorrelationLoss(), mutual_loss=MutualGramLoss())
+        # 0e3a6e5: 0.084 / 0.059 for ≈ 0
+        assert loss(s, ref_emb=t * factor).item() == pytest.approx(want, rel=1e-5)
+        stacked = gram_distillation_losses(
+            s,
+            t * factor if isinstance(loss, MutualGramLoss) else None,
+            [t * factor] if isinstance(loss, GramCorrelationLoss) else None,
+            correlation_loss=GramCorrelationLoss(),
+            mutual_loss=MutualGramLoss(),
+        )
         assert next(iter(stacked.values())).item() == pytest.approx(want, rel=1e-5)
 
 

@@ -1,4 +1,5 @@
 """BN-Inception: architecture, and loading the Caffe-converted state dict by its reference key names."""
+
 import pytest
 import torch
 

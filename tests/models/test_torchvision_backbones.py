@@ -1,4 +1,5 @@
 """ResNet-50 and ViT-B/16 embedding networks (need torchvision; skipped without it)."""
+
 import pytest
 import torch
 
@@ -7,8 +8,13 @@ tvm = pytest.importorskip("torchvision.models")
 from pml_mutual.models import backbone_factory, build_backbone  # noqa: E402
 
 
-@pytest.mark.parametrize("name, make, head", [("resnet50", lambda: tvm.resnet50(weights=None), "fc."),
-                                              ("vit_b16", lambda: tvm.vit_b_16(weights=None), "heads.")])
+@pytest.mark.parametrize(
+    "name, make, head",
+    [
+        ("resnet50", lambda: tvm.resnet50(weights=None), "fc."),
+        ("vit_b16", lambda: tvm.vit_b_16(weights=None), "heads."),
+    ],
+)
 def test_torchvision_backbone_loads_a_torchvision_checkpoint(tmp_path, name, make, head):
     reference = make()
     torch.save(reference.state_dict(), tmp_path / "w.pth")
@@ -22,7 +28,9 @@ def test_torchvision_backbone_loads_a_torchvision_checkpoint(tmp_path, name, mak
     assert any(torch.equal(first, v) for v in loaded.values())
     factory = backbone_factory(name, tmp_path / "w.pth")
     a, b = factory(), factory()
-    assert all(torch.equal(x, y) for x, y in zip(a.trunk.state_dict().values(), b.trunk.state_dict().values()))
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.trunk.state_dict().values(), b.trunk.state_dict().values())
+    )
     assert not torch.equal(a.embedding.weight, b.embedding.weight)  # a fresh head for every network
 
 

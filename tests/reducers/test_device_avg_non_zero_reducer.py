@@ -1,10 +1,10 @@
 import torch
+from helpers.host_reads import host_reads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pytorch_metric_learning.reducers import AvgNonZeroReducer
 
 from pml_mutual.reducers import DeviceAvgNonZeroReducer
-from helpers.host_reads import host_reads
 
 
 def element(losses):

@@ -1,14 +1,14 @@
 import copy
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
-import torch
 from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.samplers import MPerClassSampler
 
 from pml_mutual import DriftCompensator, GramCorrelationLoss, IncrementalTrainer, MutualGramLoss
-from pml_mutual.data import load_digits_splits, split_by_stage, stage_assignment, dataset_labels
+from pml_mutual.data import dataset_labels, load_digits_splits, split_by_stage, stage_assignment
 from pml_mutual.models import EmbeddingMLP
 
 
@@ -20,7 +20,9 @@ def new_stage():
 
 def make_trainer(dataset, models, loss_funcs, weights, **kwargs):
     optimizers = {
-        f"{k}_optimizer": torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items() if not k.startswith("teacher")
+        f"{k}_optimizer": torch.optim.Adam(m.parameters(), lr=1e-3)
+        for k, m in models.items()
+        if not k.startswith("teacher")
     }
     return IncrementalTrainer(
         models=models,
@@ -46,7 +48,11 @@ def full_models():
 
 
 def full_losses():
-    return {"metric_loss": losses.TripletMarginLoss(0.1), "correlation_loss": GramCorrelationLoss(), "mutual_loss": MutualGramLoss()}
+    return {
+        "metric_loss": losses.TripletMarginLoss(0.1),
+        "correlation_loss": GramCorrelationLoss(),
+        "mutual_loss": MutualGramLoss(),
+    }
 
 
 def test_teacher_frozen_students_trained(new_stage):
@@ -61,7 +67,13 @@ def test_teacher_frozen_students_trained(new_stage):
         changed = any(not torch.equal(before[name][k], v) for k, v in models[name].state_dict().items())
         assert changed, name
     assert not any(p.requires_grad for p in models["teacher_trunk"].parameters())
-    assert set(trainer.epoch_losses) == {"metric_loss", "support_metric_loss", "correlation_loss", "mutual_loss", "total_loss"}
+    assert set(trainer.epoch_losses) == {
+        "metric_loss",
+        "support_metric_loss",
+        "correlation_loss",
+        "mutual_loss",
+        "total_loss",
+    }
     assert all(v >= 0 for v in trainer.epoch_losses.values())
 
 
@@ -79,7 +91,12 @@ def test_total_loss_is_weighted_sum_of_terms(new_stage):
 
 
 def test_finetune_is_metric_loss_only(new_stage):
-    trainer = make_trainer(new_stage, {"trunk": EmbeddingMLP()}, {"metric_loss": losses.TripletMarginLoss(0.1)}, {"metric_loss": 1})
+    trainer = make_trainer(
+        new_stage,
+        {"trunk": EmbeddingMLP()},
+        {"metric_loss": losses.TripletMarginLoss(0.1)},
+        {"metric_loss": 1},
+    )
     trainer.train(1, 1)
     assert set(trainer.losses) == {"metric_loss", "total_loss"}
     assert trainer.epoch_losses["total_loss"] == pytest.approx(trainer.epoch_losses["metric_loss"])
@@ -110,11 +127,19 @@ def test_virtual_features_enter_the_correlation_loss(new_stage):
 
 def test_missing_or_extra_losses_are_errors(new_stage):
     with pytest.raises(ValueError, match="correlation_loss"):
-        make_trainer(new_stage, {"trunk": EmbeddingMLP(), "teacher_trunk": EmbeddingMLP()},
-                     {"metric_loss": losses.TripletMarginLoss()}, {"metric_loss": 1})
+        make_trainer(
+            new_stage,
+            {"trunk": EmbeddingMLP(), "teacher_trunk": EmbeddingMLP()},
+            {"metric_loss": losses.TripletMarginLoss()},
+            {"metric_loss": 1},
+        )
     with pytest.raises(ValueError, match="mutual_loss"):
-        make_trainer(new_stage, {"trunk": EmbeddingMLP()},
-                     {"metric_loss": losses.TripletMarginLoss(), "mutual_loss": MutualGramLoss()}, {"metric_loss": 1})
+        make_trainer(
+            new_stage,
+            {"trunk": EmbeddingMLP()},
+            {"metric_loss": losses.TripletMarginLoss(), "mutual_loss": MutualGramLoss()},
+            {"metric_loss": 1},
+        )
 
 
 def test_amp_on_cpu_runs_in_bfloat16_with_float32_losses(new_stage):
@@ -147,11 +172,23 @@ def test_a_trained_trainer_and_its_loader_workers_go_with_the_last_reference(new
     gc.collect()
     gc.disable()
     try:
-        optimizers = {f"{k}_optimizer": torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items() if k != "teacher_trunk"}
+        optimizers = {
+            f"{k}_optimizer": torch.optim.Adam(m.parameters(), lr=1e-3)
+            for k, m in models.items()
+            if k != "teacher_trunk"
+        }
+        # PML defaults: data_device and sampler unset (a shuffled epoch)
         trainer = IncrementalTrainer(
-            models=models, optimizers=optimizers, batch_size=20, loss_funcs=full_losses(), dataset=new_stage,
-            iterations_per_epoch=2, dataloader_num_workers=1, loss_weights=weights, quiet=True,
-        )  # PML defaults: data_device and sampler unset (a shuffled epoch)
+            models=models,
+            optimizers=optimizers,
+            batch_size=20,
+            loss_funcs=full_losses(),
+            dataset=new_stage,
+            iterations_per_epoch=2,
+            dataloader_num_workers=1,
+            loss_weights=weights,
+            quiet=True,
+        )
         trainer.train(1, 1)
         assert trainer.dataloader is None  # workers ended with the epochs
         alive = [weakref.ref(x) for x in (trainer, *models.values())]
@@ -171,11 +208,12 @@ def test_the_stage_default_step_reads_nothing_back_but_the_cpu_only_value_checks
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from helpers.host_reads import host_reads
-    from perf_step import make_trainer as make_step_trainer
-    from perf_step import stage5_compensator
+    from perf_training import make_trainer as make_step_trainer
+    from perf_training import stage5_compensator
 
     x, y = torch.randn(16, 64), torch.arange(4).repeat_interleave(4)
-    trainer = make_step_trainer("ours", "mlp", (x, y), torch.device("cpu"), stage5_compensator(64, "cpu"))  # EmbeddingMLP: 64-d
+    # EmbeddingMLP: 64-d
+    trainer = make_step_trainer("ours", "mlp", (x, y), torch.device("cpu"), stage5_compensator(64, "cpu"))
     trainer.forward_and_backward()
     reads = host_reads(trainer.forward_and_backward)
     assert reads and {where for _, where in reads} == {"checks.py"}
@@ -223,7 +261,7 @@ def test_loss_log_ops_per_step_do_not_grow_with_the_number_of_terms():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from dispatched_ops import computing_ops
+    from common import computing_ops
 
     from pml_mutual.trainers.incremental_trainer import LossLog
 

@@ -15,7 +15,9 @@ def test_teacher_is_previous_epoch_snapshot_and_weight_ramps():
     train, _ = load_digits_splits()
     model = EmbeddingMLP()
     start = copy.deepcopy(model.state_dict())
-    loss = BatchDiffusionSelfDistillationLoss(base_loss=losses.MultiSimilarityLoss(2, 40, 0.5), alpha=0.3, weight=10.0)
+    loss = BatchDiffusionSelfDistillationLoss(
+        base_loss=losses.MultiSimilarityLoss(2, 40, 0.5), alpha=0.3, weight=10.0
+    )
     seen = {}
 
     def end_of_epoch(trainer):
