@@ -9,6 +9,8 @@ in the same column order); a gallery row is one of :func:`pml_mutual.experiment.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .evaluation import gap_closed
@@ -146,4 +148,35 @@ def format_gallery(rows: list[dict]) -> str:
             + " ".join(f"{c:>15}" for c in cells)
             + f" {gap('translation'):>8.2f} {gap('learned'):>8.2f} {ratio:>13.4f}"
         )
+    by_origin = [
+        (m, [r["report"] for r in values if "report" in r])
+        for m, values in _by_method([r for r in rows if r.get("after_stage", 0) == last]).items()
+    ]
+    if any(reports for _, reports in by_origin):
+        lines.append(
+            "share of the gap (a) → (d) that (c) recovers, by the stage whose classes the queries are of:"
+        )
+        for m, reports in by_origin:
+            if reports:
+                with warnings.catch_warnings():  # the latest stage's column is NaN in every seed
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    gaps = np.nanmean([gap_by_stage(rep, "learned") for rep in reports], axis=0)
+                cells = [f"stage {j}: " + ("–" if np.isnan(g) else f"{g:.2f}") for j, g in enumerate(gaps)]
+                lines.append(f"{m:<14} " + " ".join(cells))
     return "\n".join(lines)
+
+
+def gap_by_stage(report: dict, update: str) -> list[float]:
+    """Per stage j of a gallery report, (update_j − stored_j) / (re-embedded_j − stored_j) of Recall@1 (NaN
+    where re-embedding gains less than half a point)."""
+
+    def r1(name, j):
+        cell = report[name]["per_stage"][j]
+        return cell.get(1, cell.get("1"))
+
+    gaps = []
+    for j in range(len(report["stored"]["per_stage"])):
+        gap = r1("reembedded", j) - r1("stored", j)
+        # under half a point of Recall@1 to recover (the latest stage's items): no share to speak of
+        gaps.append((r1(update, j) - r1("stored", j)) / gap if gap >= 0.005 else float("nan"))
+    return gaps

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pml_mutual.tables import format_gallery, format_recall_table, mean_std
+from pml_mutual.tables import format_gallery, format_recall_table, gap_by_stage, mean_std
 
 
 def results_row(method, seed, per_stage, all_):
@@ -48,3 +48,27 @@ def test_gallery_table_gap_and_time_ratio():
 def test_mean_std_is_the_sample_deviation():
     mean, std = mean_std([[1.0, 2.0], [3.0, 2.0]])
     assert list(mean) == [2.0, 2.0] and std[0] == pytest.approx(2**0.5) and std[1] == 0
+
+
+def test_gap_recovered_by_stage_of_origin():
+    def cells(*values):
+        return {"per_stage": [{1: v} for v in values]}
+
+    report = {
+        "stored": cells(0.1, 0.2, 0.9),
+        "learned": cells(0.5, 0.2, 0.9),
+        "reembedded": cells(0.9, 0.6, 0.902),
+    }
+    gaps = gap_by_stage(report, "learned")
+    assert gaps[0] == pytest.approx(0.5) and gaps[1] == pytest.approx(0.0)
+    assert gaps[2] != gaps[2]  # NaN: re-embedding gains under half a point there
+    row = {
+        "method": "ours",
+        "after_stage": 2,
+        "stored": 0.4,
+        "translation": 0.4,
+        "learned": 0.5,
+        "reembedded": 0.8,
+        "report": report,
+    }
+    assert "stage 0: 0.50 stage 1: 0.00 stage 2: –" in format_gallery([row])
