@@ -325,14 +325,11 @@ def add_ops_arguments(p):
 def step_ops(args):
     """The computing ops of one training step of each method (forward, losses, backward, optimiser)."""
     device = torch.device("cpu")
-    x, y = example_batch(
-        args.model,
-        device,
-        args.batch_size,
-        args.classes_per_batch,
-        32 if args.model in ("small_cnn", "mlp") else 64,
+    image_size = (
+        64  # the paper's backbones at a small size: the ops do not depend on it (small models ignore it)
     )
-    dim = build(args.model, device, x.shape[-1])[0](x[:2]).shape[1]
+    x, y = example_batch(args.model, device, args.batch_size, args.classes_per_batch, image_size)
+    dim = build(args.model, device, image_size)[0](x[:2]).shape[1]
     result = {}
     for name, c in (
         ("finetune", None),

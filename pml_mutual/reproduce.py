@@ -1,11 +1,8 @@
 """Reproduce the paper's Tables 2–6 on CUB-200-2011, Cars196 and DeepFashion2 (the CLI behind
 ``benchmarks/cub200.py``, ``benchmarks/cars196.py`` and ``benchmarks/deepfashion2.py``).
 
-Nothing is downloaded: the dataset and the ImageNet weights come from ``--data-root`` and ``--weights``.
-Defaults are the paper's (Adam 1e-5, weight decay 5e-4, λ = 1/10/8, T = 4, 512-d, BatchNorm frozen,
-batch 16 classes × 5 images for BN-Inception and 16 × 3 otherwise). The paper gives no schedule; the
-default of 30 epochs × 100 iterations per stage is ours. ``--smoke`` writes a tiny dataset in the real
-on-disk format and runs every stage of every method on it in seconds (random weights, 32-pixel crops).
+Data, weights and defaults: :data:`pml_mutual.reproduce_args.EPILOG` (what every script's ``--help`` ends
+with).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 
 from .evaluation import gap_closed
+from .evaluation.results import recall_at
 from .gallery import GALLERIES
 
 ONE_TASK_COLUMNS = ("old", "new", "all")
@@ -131,7 +132,9 @@ def format_gallery(rows: list[dict]) -> str:
         f"{'method':<14} {'(a) stored':>15} {'(b) translation':>15} {'(c) learned':>15} "
         f"{'(d) re-embedded':>15} {'gap (b)':>8} {'gap (c)':>8} {'time (c)/(d)':>13}",
     ]
+    by_origin = []  # (method, the full reports of its seeds): the recovery by stage of origin, below
     for m, values in _by_method([r for r in rows if r.get("after_stage", 0) == last]).items():
+        by_origin.append((m, [r["report"] for r in values if "report" in r]))
         cells = [mean_std_cell(*[v[0] for v in mean_std([[100 * r[k]] for r in values])]) for k in GALLERIES]
 
         def gap(k):
@@ -148,10 +151,6 @@ def format_gallery(rows: list[dict]) -> str:
             + " ".join(f"{c:>15}" for c in cells)
             + f" {gap('translation'):>8.2f} {gap('learned'):>8.2f} {ratio:>13.4f}"
         )
-    by_origin = [
-        (m, [r["report"] for r in values if "report" in r])
-        for m, values in _by_method([r for r in rows if r.get("after_stage", 0) == last]).items()
-    ]
     if any(reports for _, reports in by_origin):
         lines.append(
             "share of the gap (a) → (d) that (c) recovers, by the stage whose classes the queries are of:"
@@ -171,8 +170,7 @@ def gap_by_stage(report: dict, update: str) -> list[float]:
     where re-embedding gains less than half a point)."""
 
     def r1(name, j):
-        cell = report[name]["per_stage"][j]
-        return cell.get(1, cell.get("1"))
+        return recall_at(report[name]["per_stage"][j], 1)
 
     gaps = []
     for j in range(len(report["stored"]["per_stage"])):

@@ -72,9 +72,9 @@ class TrainStep:
             weights["correlation_loss"] = cfg.lambda_corr
         if stage > 0 and cfg.lambda_compat:
             # P is fresh each stage (F_i → F_{i-1}); trained, checkpointed and resumed like a loss's W
-            loss_funcs["compatibility_loss"] = ProjectedDistillationLoss(embedding_size(teacher, dataset)).to(
-                learner.device
-            )
+            loss_funcs["compatibility_loss"] = ProjectedDistillationLoss(
+                embedding_size(teacher, learner.prototype_stages[stage])
+            ).to(learner.device)
             weights["compatibility_loss"] = cfg.lambda_compat
         del teacher  # held by ``models`` only if the method distils from it
         trained = [k for k in models if k != "teacher_trunk"]
@@ -190,7 +190,8 @@ class TrainStep:
 
 
 def embedding_size(model, dataset) -> int:
-    """D of ``model``'s embeddings, from one item of ``dataset`` (eval mode, no gradient; mode restored)."""
+    """D of ``model``'s embeddings, from one item of ``dataset`` (eval mode, no gradient; mode restored).
+    Called with the prototype dataset: its deterministic transform draws nothing from the RNG."""
     was_training = model.training
     x = dataset[0][0]
     x = torch.as_tensor(x).unsqueeze(0).to(next(model.parameters()).device)
