@@ -100,12 +100,18 @@ def _replay_drift(learner: OnlineLearner, users: Sequence, embed):
     user (a :class:`~pml_mutual.DriftCompensator` or :class:`~pml_mutual.gallery.StoredGallery`) gets
     ``add_stage`` and the ``update_drift`` calls it asks for; each earlier model that any of them needs
     embeds stage i's images once, one model loaded at a time. Yields i once its users are up to F_i."""
-    from .steps.drift import feed_drift
+    from .steps.drift import feed_drift, view_dataset
 
     for i in range(len(learner.train_stages)):
-        new, labels = embed(i, learner.prototype_stages[i])
+        views = view_dataset(learner, i)
+
+        def rows(t):  # the prototype images, then the augmented views (OnlineConfig.drift_views)
+            feats, labels = embed(t, learner.prototype_stages[i])  # noqa: B023
+            return (feats if views is None else torch.cat([feats, embed(t, views)[0]])), labels  # noqa: B023
+
+        new, labels = rows(i)
         earlier = sorted(set().union(*(user.stages_to_measure(after_adding=1) for user in users)))
-        feed_drift(users, new, labels, earlier, lambda t: embed(t, learner.prototype_stages[i])[0])  # noqa: B023
+        feed_drift(users, new, labels, earlier, lambda t: rows(t)[0])  # noqa: B023
         yield i
 
 

@@ -43,6 +43,7 @@ from .optimization import (
 )
 from .run_checks import (
     check_decodable_on_device,
+    check_drift_views,
     check_initial_state_dict,
     check_inputs_finite,
     check_model_factory,
@@ -171,6 +172,7 @@ class OnlineLearner:
         self.stage_labels, self.class_to_stage, self.test_labels = checked_labels(
             cfg, self.train_stages, test_dataset, self.metric_loss, self.miner
         )
+        check_drift_views(cfg, self.method, self.train_stages)
         self.image_file_sizes = image_file_sizes(self.named_bases())
         self.compensator = DriftCompensator(
             mode=cfg.drift_mode if self.method.drift else "none", similarity=cfg.drift_similarity

@@ -71,6 +71,10 @@ class OnlineConfig:
     # the previous model only, composed stage to stage) or "none" (zero drift)
     drift_mode: str = "direct"
     drift_similarity: str = "cosine_relu"
+    # Extra views of each stage's training images, drawn through its training transform, added to the
+    # images that measure drift and fit the learned maps (beyond the paper, LDC-style; prototypes stay the
+    # prototype images' means). Needs a random training transform; 0: the prototype images only.
+    drift_views: int = 0
     # "fresh": model_factory() (random, or pretrained trunk + new head); "teacher": F_{i-1}'s weights
     support_init: str = "fresh"
     # BatchNorm layers kept in eval mode while training: True (the paper: every trained network, right for
@@ -124,6 +128,7 @@ class OnlineConfig:
             "seed",
             "initial_epochs",
             "min_images_per_class",
+            "drift_views",
         ):
             value = getattr(self, name)
             if value is None and name in ("initial_epochs", "min_images_per_class"):
@@ -143,8 +148,9 @@ class OnlineConfig:
                 f"initial_epochs must be at least 1 (or None: same as epochs), got {self.initial_epochs!r}; "
                 "to start from weights you have, pass OnlineLearner(..., initial_state_dict=...)"
             )
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be at least 0, got {self.num_workers}")
+        for name in ("num_workers", "drift_views"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
         for name in (
             "lr",
             "weight_decay",

@@ -16,6 +16,7 @@ from .checks import nonfinite_tensors
 from .data.images import ImageItems
 from .data.loaders import base_indices
 from .data.stages import check_stages, dataset_labels
+from .data.views import check_views_differ
 from .losses import BatchHardTripletLoss
 from .losses.state import trainable_parameters
 
@@ -232,3 +233,18 @@ def checked_labels(cfg, train_stages, test_dataset, metric_loss, miner):
     seen_rows = cfg.batch_size * (distributed.world_size() if cfg.gram_scope == "global" else 1)
     check_batch_layout(metric_loss, miner, seen_rows, cfg.m_per_class)
     return stage_labels, class_to_stage, test_labels
+
+
+def check_drift_views(cfg, method, train_stages) -> None:
+    """``drift_views`` must change something: a drift measurement that uses it (a method with estimated
+    virtual features, or the gallery report) and training stages after the first with a random transform."""
+    if not cfg.drift_views:
+        return
+    measures_drift = (method.virtual and method.drift and cfg.drift_mode != "none") or cfg.gallery_report
+    if not measures_drift:
+        raise ValueError(
+            f"drift_views={cfg.drift_views} has no effect: method {cfg.method!r} with drift_mode="
+            f"{cfg.drift_mode!r} measures no drift and gallery_report is off; set drift_views=0"
+        )
+    for stage, dataset in enumerate(train_stages[1:], start=1):
+        check_views_differ(dataset, f"train_stages[{stage}]")

@@ -52,6 +52,7 @@ def not_identity(config) -> tuple[str, ...]:
     skip += ("gram_scope",) if distributed.world_size() == 1 else ()
     skip += () if config.gallery_report else ("gallery_report",)
     skip += () if config.lambda_compat else ("lambda_compat",)
+    skip += () if config.drift_views else ("drift_views",)
     return skip + (("embed_decode",) if config.embed_decode == "workers" else ())
 
 

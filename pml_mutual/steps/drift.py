@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from .. import distributed
 from ..callbacks import StageContext
 from ..data.loaders import EmbeddingView
+from ..data.views import AugmentedViews
 from ..evaluation import extract_embeddings
 
 
@@ -26,6 +28,7 @@ class DriftStep:
             return
         stage = ctx.stage
         loader = learner.loaders.embed(learner.prototype_stages[stage])  # its workers serve every model below
+        views = view_dataset(learner, stage)
         earlier = sorted(set().union(*(u.stages_to_measure(after_adding=1) for u in users)))
         if stage - 1 not in earlier:
             kept = None
@@ -37,17 +40,42 @@ class DriftStep:
         )
         del kept
         models = [ctx.student] + ([first_model] if first_model is not None else [])
-        (new_feats, *first_feats), labels = extract(learner, models, loader)
+        (new_feats, *first_feats), labels = embed_rows(learner, models, loader, views)
         del first_model, models
 
         def old_features(t):
             if t == first:
                 return first_feats.pop()
             old_model = learner.load_stage_model(t)
-            (old,), _ = extract(learner, [old_model], loader)
+            (old,), _ = embed_rows(learner, [old_model], loader, views)
             return old  # the model is freed here, before the next one loads
 
         feed_drift(users, new_feats, labels, earlier, old_features)
+
+
+def view_dataset(learner, stage: int):
+    """Stage ``stage``'s training images through their training transform, ``drift_views`` times each
+    (:class:`~pml_mutual.data.views.AugmentedViews`, seeded by the run's seed and the stage), or None."""
+    views = learner.config.drift_views
+    if not views or stage == 0:  # nothing is measured after the first stage
+        return None
+    return AugmentedViews(learner.train_stages[stage], views, seed=(learner.config.seed, stage))
+
+
+def embed_rows(learner, models, loader: EmbeddingView, views=None):
+    """What drift is measured on: each model's features of the prototype images, followed by those of the
+    augmented ``views`` when there are any; the labels are the prototype images' only."""
+    feats, labels = extract(learner, models, loader)
+    if views is None:
+        return feats, labels
+    cfg = learner.config
+    extra, _ = extract_embeddings(
+        models,
+        DataLoader(views, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers),
+        device=learner.device,
+        amp=cfg.amp,
+    )
+    return [torch.cat([f, e]) for f, e in zip(feats, extra)], labels
 
 
 def feed_drift(users, new_feats, labels, earlier, old_features) -> None:
@@ -55,8 +83,8 @@ def feed_drift(users, new_feats, labels, earlier, old_features) -> None:
     ``add_stage(new_feats, labels)`` for every user, then for each earlier stage t of ``earlier`` (ascending)
     the old model's features ``old_features(t)`` (one call per stage, so one old model at a time) and
     ``update_drift`` for the users that measure t."""
-    for user in users:
-        user.add_stage(new_feats, labels)
+    for user in users:  # rows after the labelled ones are augmented views: drift only, not prototypes
+        user.add_stage(new_feats[: len(labels)], labels)
     for t in earlier:
         old = old_features(t)
         for user in users:
