@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from pml_mutual.checks import check_output_file
-from pml_mutual.data.cpu_benchmark import load_cpu_benchmark
+from pml_mutual.data.cpu_benchmark import RandomAffine, load_cpu_benchmark
 from pml_mutual.drift import DRIFT_MODES, SIMILARITIES
 from pml_mutual.experiment import (
     final_row,
@@ -65,6 +65,8 @@ def make_config(dataset: str, method: str, seed: int, quick: bool, args) -> Onli
         lambda_mutual=args.lambda_mutual if args.lambda_mutual is not None else d["lambda_mutual"],
         temperature=args.temperature,
         lambda_compat=args.lambda_compat,
+        # the methods whose runs measure drift; the gallery replays of the others use the images alone
+        drift_views=args.drift_views if METHODS[method].virtual and args.drift_mode != "none" else 0,
         drift_similarity=args.drift_similarity,
         drift_mode=args.drift_mode,
         # From-scratch CNN: BatchNorm learns in stage 0 and in the fresh F_s, and is frozen in networks
@@ -138,6 +140,19 @@ def main(argv=None):
         help="weight of the compatibility term (OnlineConfig.lambda_compat; 0: off)",
     )
     p.add_argument(
+        "--augment",
+        action="store_true",
+        help="train on randomly rotated, scaled and shifted images "
+        "(pml_mutual.data.cpu_benchmark.RandomAffine)",
+    )
+    p.add_argument(
+        "--drift-views",
+        type=int,
+        default=0,
+        help="augmented views of each stage's training images added to drift measurement "
+        "(OnlineConfig.drift_views; needs --augment)",
+    )
+    p.add_argument(
         "--drift-similarity",
         choices=SIMILARITIES,
         default=OnlineConfig.drift_similarity,
@@ -184,6 +199,8 @@ def main(argv=None):
             "--gallery measures the checkpoints of a trained method over several stages: it needs --setting "
             "multi-task and a method other than initial"
         )
+    if args.drift_views and not args.augment:
+        raise SystemExit("--drift-views draws views through the training transform: it needs --augment")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = args.seeds[:1] if args.quick else args.seeds
     train, test, stages = load_cpu_benchmark(
@@ -193,6 +210,10 @@ def main(argv=None):
     names = ["initial"] + [m for m in args.methods if m != "initial"]
     tag = f"{args.dataset}_{args.setting}{'_quick' if args.quick else ''}{'_val' if args.validation else ''}"
     tag += f"_compat{args.lambda_compat:g}" if args.lambda_compat else ""
+    tag += "_aug" if args.augment else ""
+    tag += f"_views{args.drift_views}" if args.drift_views else ""
+    # augmented training images; prototypes, drift and evaluation see the images as they are
+    learner_kwargs = {"prototype_dataset": train} if args.augment else {}
     rows, fidelity, gallery = [], [], []
     t_all = time.perf_counter()
     for seed in seeds:
@@ -200,12 +221,13 @@ def main(argv=None):
         t0 = time.perf_counter()
         results, learners = run_methods(
             lambda: SmallCNN(widths=tuple(args.widths)),
-            train,
+            RandomAffine(train) if args.augment else train,
             test,
             class_to_stage,
             configs,
             args.runs / tag / f"seed{seed}",
             return_learners=True,
+            **learner_kwargs,
         )
         elapsed = time.perf_counter() - t0
         if args.fidelity and "ours" in learners:

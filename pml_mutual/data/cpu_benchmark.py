@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
 
 from .stages import stage_assignment
 
@@ -76,3 +79,25 @@ def load_cpu_benchmark(
     if validation:
         train, test = _validation_split(train, 0.2, rng)
     return train, test, stages
+
+
+class RandomAffine(Dataset):
+    """A ``TensorDataset`` of (C, H, W) images through a random affine transform (rotation up to
+    ``degrees``, scale in 1 ± ``scale``, shift up to ``shift`` of the side; bilinear, zero outside), drawn
+    from torch's generator: the training augmentation of the CPU benchmark's ``--augment``."""
+
+    def __init__(self, base: TensorDataset, degrees: float = 10.0, scale: float = 0.1, shift: float = 0.08):
+        self.base, self.degrees, self.scale, self.shift = base, degrees, scale, shift
+        self.targets = base.tensors[1]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        angle, zoom, dx, dy = (2 * torch.rand(4) - 1).tolist()
+        angle, zoom = math.radians(self.degrees * angle), 1 + self.scale * zoom
+        cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
+        theta = torch.tensor([[cos, -sin, 2 * self.shift * dx], [sin, cos, 2 * self.shift * dy]])
+        grid = F.affine_grid(theta[None], [1, *x.shape], align_corners=False)
+        return F.grid_sample(x[None], grid, align_corners=False)[0], y
