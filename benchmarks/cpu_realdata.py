@@ -50,6 +50,10 @@ DATASETS = {
 }
 
 
+def measures_drift(method: str, drift_mode: str) -> bool:
+    return METHODS[method].virtual and METHODS[method].drift and drift_mode != "none"
+
+
 def make_config(dataset: str, method: str, seed: int, quick: bool, args) -> OnlineConfig:
     d = DATASETS[dataset]
     return OnlineConfig(
@@ -66,7 +70,7 @@ def make_config(dataset: str, method: str, seed: int, quick: bool, args) -> Onli
         temperature=args.temperature,
         lambda_compat=args.lambda_compat,
         # the methods whose runs measure drift; the gallery replays of the others use the images alone
-        drift_views=args.drift_views if METHODS[method].virtual and args.drift_mode != "none" else 0,
+        drift_views=args.drift_views if measures_drift(method, args.drift_mode) else 0,
         drift_similarity=args.drift_similarity,
         drift_mode=args.drift_mode,
         # From-scratch CNN: BatchNorm learns in stage 0 and in the fresh F_s, and is frozen in networks
@@ -105,8 +109,9 @@ def print_tables(rows, setting, methods):
         )
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The benchmark's flags (also read by tools that measure its runs, e.g. ``gallery_maps.py``)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=list(DATASETS), required=True)
     p.add_argument("--setting", choices=["one-task", "multi-task"], required=True)
     p.add_argument(
@@ -181,7 +186,36 @@ def main(argv=None):
         "--runs", type=Path, default=Path("runs/cpu_realdata"), help="checkpoint directory (resumable)"
     )
     p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def run_tag(args) -> str:
+    """The run directory's name under ``--runs`` for these flags."""
+    tag = f"{args.dataset}_{args.setting}{'_quick' if args.quick else ''}{'_val' if args.validation else ''}"
+    tag += f"_compat{args.lambda_compat:g}" if args.lambda_compat else ""
+    tag += "_aug" if args.augment else ""
+    return tag + (f"_views{args.drift_views}" if args.drift_views else "")
+
+
+def run_seed(args, seed: int, names, train, test, class_to_stage):
+    """(configs, results, learners) of ``names`` for one seed, trained or resumed under ``--runs``."""
+    configs = {m: make_config(args.dataset, m, seed, args.quick, args) for m in names}
+    results, learners = run_methods(
+        lambda: SmallCNN(widths=tuple(args.widths)),
+        RandomAffine(train) if args.augment else train,
+        test,
+        class_to_stage,
+        configs,
+        args.runs / run_tag(args) / f"seed{seed}",
+        return_learners=True,
+        # augmented training images; prototypes, drift and evaluation see the images as they are
+        **({"prototype_dataset": train} if args.augment else {}),
+    )
+    return configs, results, learners
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args.methods is None:
         args.methods = ALL_METHODS + (MULTI_TASK_ONLY if args.setting == "multi-task" else [])
     # known before any training: refused now, not after the runs
@@ -208,27 +242,11 @@ def main(argv=None):
     )
     class_to_stage = stages[args.setting]
     names = ["initial"] + [m for m in args.methods if m != "initial"]
-    tag = f"{args.dataset}_{args.setting}{'_quick' if args.quick else ''}{'_val' if args.validation else ''}"
-    tag += f"_compat{args.lambda_compat:g}" if args.lambda_compat else ""
-    tag += "_aug" if args.augment else ""
-    tag += f"_views{args.drift_views}" if args.drift_views else ""
-    # augmented training images; prototypes, drift and evaluation see the images as they are
-    learner_kwargs = {"prototype_dataset": train} if args.augment else {}
     rows, fidelity, gallery = [], [], []
     t_all = time.perf_counter()
     for seed in seeds:
-        configs = {m: make_config(args.dataset, m, seed, args.quick, args) for m in names}
         t0 = time.perf_counter()
-        results, learners = run_methods(
-            lambda: SmallCNN(widths=tuple(args.widths)),
-            RandomAffine(train) if args.augment else train,
-            test,
-            class_to_stage,
-            configs,
-            args.runs / tag / f"seed{seed}",
-            return_learners=True,
-            **learner_kwargs,
-        )
+        configs, results, learners = run_seed(args, seed, names, train, test, class_to_stage)
         elapsed = time.perf_counter() - t0
         if args.fidelity and "ours" in learners:
             t1 = time.perf_counter()

@@ -91,6 +91,9 @@ def test_cpu_realdata_quick_glyphs(tmp_path):
         "--quick",
         "--drift-mode",
         "learned",
+        "--augment",
+        "--drift-views",
+        "1",
         "--methods",
         "ours_no_drift",
         "ours",
@@ -109,6 +112,8 @@ def test_cpu_realdata_quick_glyphs(tmp_path):
     assert {r["method"] for r in doc["gallery"]} == {"ours_no_drift", "ours"}
     assert len(doc["results"][0]["recall@1"]["per_stage"]) == 5
     assert doc["config"]["hyper_parameters"]["lambda_corr"] > 0
+    assert doc["config"]["hyper_parameters"]["drift_views"] == 1 and doc["config"]["augment"]
+    assert (tmp_path / "runs" / "glyphs_multi-task_quick_aug_views1" / "seed0" / "ours").is_dir()
 
 
 def test_perf_step_quick(tmp_path):
@@ -372,3 +377,34 @@ def test_no_benchmark_or_example_reaches_into_a_private_member():
         for m in pattern.finditer(p.read_text())
     ]
     assert not hits, hits
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not Path("/usr/share/fonts/truetype/dejavu").is_dir(), reason="needs the fonts (scripts/install_data.sh)"
+)
+def test_gallery_maps_quick(tmp_path):
+    out = run(
+        "gallery_maps.py",
+        "--dataset",
+        "glyphs",
+        "--setting",
+        "multi-task",
+        "--quick",
+        "--validation",
+        "--augment",
+        "--drift-views",
+        "1",
+        "--shrinks",
+        "0.3",
+        "--clusters",
+        "4",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(tmp_path / "m.json"),
+    )
+    assert "class-local λ0.3" in out and "cluster-local k4 λ0.3" in out
+    maps = json.loads((tmp_path / "m.json").read_text())["rows"][0]["maps"]
+    assert maps["stored"]["share"] == 0 and maps["reembedded"]["share"] == pytest.approx(1)
+    assert 0 < maps["global"]["all"] <= 1 and len(maps["global"]["share_by_stage"]) == 4
