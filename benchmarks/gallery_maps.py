@@ -42,8 +42,8 @@ from pml_mutual.evaluation import cross_stage_recalls, extract_embeddings  # noq
 
 def local_maps(source, target, centres, global_map, shrink: float, sigma: float):
     """Per centre k: W_k = (Xᵀ Ω_k X + λ_k I)⁻¹ (Xᵀ Ω_k Y + λ_k W_global) on Ω_k-weighted centred rows,
-    Ω_k the rows' Gaussian weights on centre k (normalised over centres), λ_k = ``shrink`` × the mean eigenvalue of
-    the rows' scatter per row × Σ Ω_k: a centre with little weight keeps the global map."""
+    Ω_k the rows' Gaussian weights on centre k (normalised over centres), λ_k = ``shrink`` × the mean
+    eigenvalue of the rows' scatter per row × Σ Ω_k: a centre with little weight keeps the global map."""
     x, y = source.double(), target.double()
     weights = similarity_weights(source, centres, "gaussian", dim=1, sigma=sigma).double()
     per_row = float(((x - x.mean(0)) ** 2).sum()) / x.shape[1] / len(x)
