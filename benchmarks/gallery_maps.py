@@ -21,23 +21,19 @@ re-embedded gap each recovers, by the stage whose classes the queries are of.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
+import cpu_realdata  # the benchmark whose runs this measures (the script's folder is on the path)
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cpu_realdata  # noqa: E402
-
-from pml_mutual.checks import check_output_file  # noqa: E402
-from pml_mutual.data.cpu_benchmark import load_cpu_benchmark  # noqa: E402
-from pml_mutual.data.views import AugmentedViews  # noqa: E402
-from pml_mutual.drift import fit_linear_map  # noqa: E402
-from pml_mutual.drift.equations import similarity_weights  # noqa: E402
-from pml_mutual.evaluation import cross_stage_recalls, extract_embeddings  # noqa: E402
+from pml_mutual.checks import check_output_file
+from pml_mutual.data.cpu_benchmark import load_cpu_benchmark
+from pml_mutual.data.views import AugmentedViews
+from pml_mutual.drift import fit_linear_map
+from pml_mutual.drift.equations import similarity_weights
+from pml_mutual.evaluation import cross_stage_recalls, extract_embeddings
 
 
 def local_maps(source, target, centres, global_map, shrink: float, sigma: float):
