@@ -64,7 +64,8 @@ def view_dataset(learner, stage: int):
 
 def embed_rows(learner, models, loader: EmbeddingView, views=None):
     """What drift is measured on: each model's features of the prototype images, followed by those of the
-    augmented ``views`` when there are any; the labels are the prototype images' only."""
+    augmented ``views`` when there are any; the labels are the prototype images' only. Under torchrun
+    every rank embeds all the views (not sharded: V × the stage's images, once per model)."""
     feats, labels = extract(learner, models, loader)
     if views is None:
         return feats, labels
