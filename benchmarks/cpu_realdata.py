@@ -154,8 +154,8 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
         "--drift-views",
         type=int,
         default=0,
-        help="augmented views of each stage's training images added to drift measurement "
-        "(OnlineConfig.drift_views; needs --augment)",
+        help="views of each stage's training images through RandomAffine added to drift measurement "
+        "(OnlineConfig.drift_views, view_dataset=; training sees them so only with --augment)",
     )
     p.add_argument(
         "--drift-similarity",
@@ -210,6 +210,8 @@ def run_seed(args, seed: int, names, train, test, class_to_stage):
         return_learners=True,
         # augmented training images; prototypes, drift and evaluation see the images as they are
         **({"prototype_dataset": train} if args.augment else {}),
+        # drift's extra views: the images through RandomAffine, whether training sees them so or not
+        **({"view_dataset": RandomAffine(train)} if args.drift_views else {}),
     )
     return configs, results, learners
 
@@ -233,8 +235,6 @@ def main(argv=None):
             "--gallery measures the checkpoints of a trained method over several stages: it needs --setting "
             "multi-task and a method other than initial"
         )
-    if args.drift_views and not args.augment:
-        raise SystemExit("--drift-views draws views through the training transform: it needs --augment")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = args.seeds[:1] if args.quick else args.seeds
     train, test, stages = load_cpu_benchmark(

@@ -92,7 +92,7 @@ def measure(learner, views: int, shrinks, sigma: float, clusters: int) -> dict:
         feats = embed(model, learner.prototype_stages[last])
         if not views:
             return feats
-        extra = AugmentedViews(learner.train_stages[last], views, seed=(learner.config.seed, last))
+        extra = AugmentedViews(learner.view_stages[last], views, seed=(learner.config.seed, last))
         return torch.cat([feats, embed(model, extra)])
 
     latest, fit_new = embed(models[last], items), rows(models[last])

@@ -50,6 +50,7 @@ from .run_checks import (
     checked_labels,
     metric_loss_and_miner,
     named_bases,
+    stages_like,
 )
 from .run_dir import RunDirectory, save_json, write_atomic
 from .run_identity import content_records, image_file_sizes, run_identity
@@ -94,6 +95,8 @@ class OnlineLearner:
             the batch, as in PML).
         prototype_stages: the training stages with the deterministic test transform, for prototypes
             and drift (default: ``train_stages``).
+        view_stages: the training stages through a random transform, for ``config.drift_views``'s views
+            (default: ``train_stages``, i.e. the training transform).
         initial_state_dict: weights of an already trained F_0 (skips training stage 0), so several
             methods can share one initial model as in the paper.
         quiet: no progress bars.
@@ -127,6 +130,7 @@ class OnlineLearner:
         metric_loss: torch.nn.Module | None = None,
         miner: torch.nn.Module | None = None,
         prototype_stages: Sequence[Dataset] | None = None,
+        view_stages: Sequence[Dataset] | None = None,
         initial_state_dict: dict | None = None,
         quiet: bool = False,
         identity_tags: dict | None = None,
@@ -143,9 +147,8 @@ class OnlineLearner:
         self.method = METHODS[cfg.method]
         self.model_factory = model_factory
         self.train_stages = list(train_stages)
-        self.prototype_stages = list(prototype_stages) if prototype_stages is not None else self.train_stages
-        if len(self.prototype_stages) != len(self.train_stages):
-            raise ValueError("prototype_stages must have one dataset per training stage")
+        self.prototype_stages = stages_like(self.train_stages, prototype_stages, "prototype_stages")
+        self.view_stages = stages_like(self.train_stages, view_stages, "view_stages")
         self.test_dataset = test_dataset
         if run_dir is None:  # under torchrun every rank must use rank 0's directory
             run_dir = distributed.broadcast_object(
@@ -172,7 +175,7 @@ class OnlineLearner:
         self.stage_labels, self.class_to_stage, self.test_labels = checked_labels(
             cfg, self.train_stages, test_dataset, self.metric_loss, self.miner
         )
-        check_drift_views(cfg, self.method, self.train_stages)
+        check_drift_views(cfg, self.method, self.view_stages)
         self.image_file_sizes = image_file_sizes(self.named_bases())
         self.compensator = DriftCompensator(
             mode=cfg.drift_mode if self.method.drift else "none", similarity=cfg.drift_similarity
@@ -189,8 +192,9 @@ class OnlineLearner:
     def from_class_assignment(cls, model_factory, train_dataset, test_dataset, class_to_stage, **kwargs):
         """One training dataset and a class → stage mapping instead of a list of stage datasets."""
         stages = split_by_stage(train_dataset, check_class_to_stage(class_to_stage))
-        if "prototype_dataset" in kwargs:
-            kwargs["prototype_stages"] = split_by_stage(kwargs.pop("prototype_dataset"), class_to_stage)
+        for name in ("prototype", "view"):  # prototype_dataset= / view_dataset=: split like the training set
+            if f"{name}_dataset" in kwargs:
+                kwargs[f"{name}_stages"] = split_by_stage(kwargs.pop(f"{name}_dataset"), class_to_stage)
         return cls(model_factory, stages, test_dataset, **kwargs)
 
     def named_bases(self):
@@ -198,6 +202,7 @@ class OnlineLearner:
         return named_bases(
             ("training", self.train_stages),
             ("prototype", self.prototype_stages),
+            ("view", self.view_stages if self.view_stages is not self.train_stages else []),
             ("test", [self.test_dataset]),
         )
 

@@ -235,9 +235,21 @@ def checked_labels(cfg, train_stages, test_dataset, metric_loss, miner):
     return stage_labels, class_to_stage, test_labels
 
 
-def check_drift_views(cfg, method, train_stages) -> None:
+def stages_like(train_stages: list, stages, name: str) -> list:
+    """``stages`` (one dataset per training stage) as a list, or ``train_stages`` itself when None."""
+    if stages is None:
+        return train_stages
+    if len(stages) != len(train_stages):
+        raise ValueError(
+            f"{name} must have one dataset per training stage ({len(train_stages)}), got {len(stages)}"
+        )
+    return list(stages)
+
+
+def check_drift_views(cfg, method, view_stages) -> None:
     """``drift_views`` must change something: a drift measurement that uses it (a method with estimated
-    virtual features, or the gallery report) and training stages after the first with a random transform."""
+    virtual features, or the gallery report) and view datasets (default: the training stages) after the
+    first with a random transform."""
     if not cfg.drift_views:
         return
     measures_drift = (method.virtual and method.drift and cfg.drift_mode != "none") or cfg.gallery_report
@@ -246,5 +258,5 @@ def check_drift_views(cfg, method, train_stages) -> None:
             f"drift_views={cfg.drift_views} has no effect: method {cfg.method!r} with drift_mode="
             f"{cfg.drift_mode!r} measures no drift and gallery_report is off; set drift_views=0"
         )
-    for stage, dataset in enumerate(train_stages[1:], start=1):
-        check_views_differ(dataset, f"train_stages[{stage}]")
+    for stage, dataset in enumerate(view_stages[1:], start=1):
+        check_views_differ(dataset, f"the view dataset of stage {stage} (view_stages, default train_stages)")

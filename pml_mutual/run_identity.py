@@ -24,6 +24,12 @@ def run_identity(learner) -> dict:
             "train": [identity.dataset_fingerprint(d) for d in learner.train_stages],
             "prototype": [identity.dataset_fingerprint(d) for d in learner.prototype_stages],
             "test": identity.dataset_fingerprint(learner.test_dataset),
+            # views of other datasets than the training ones (absent otherwise: earlier runs resume)
+            **(
+                {"view": [identity.dataset_fingerprint(d) for d in learner.view_stages]}
+                if learner.view_stages is not learner.train_stages
+                else {}
+            ),
         },
         "model": identity.model_fingerprint(learner.fingerprint_model()),
         "metric_loss": identity.describe(learner.metric_loss),

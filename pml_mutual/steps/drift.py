@@ -54,12 +54,13 @@ class DriftStep:
 
 
 def view_dataset(learner, stage: int):
-    """Stage ``stage``'s training images through their training transform, ``drift_views`` times each
+    """Stage ``stage``'s training images through their random transform (``view_stages``, default the
+    training datasets), ``drift_views`` times each
     (:class:`~pml_mutual.data.views.AugmentedViews`, seeded by the run's seed and the stage), or None."""
     views = learner.config.drift_views
     if not views or stage == 0:  # nothing is measured after the first stage
         return None
-    return AugmentedViews(learner.train_stages[stage], views, seed=(learner.config.seed, stage))
+    return AugmentedViews(learner.view_stages[stage], views, seed=(learner.config.seed, stage))
 
 
 def embed_rows(learner, models, loader: EmbeddingView, views=None):

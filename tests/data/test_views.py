@@ -1,6 +1,8 @@
 """Augmented views for drift measurement: AugmentedViews, the maps fitted on them, and
 OnlineConfig(drift_views=...) in the stage loop."""
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -143,8 +145,30 @@ def test_the_stage_loop_fits_its_maps_on_the_prototype_images_and_the_views(digi
     )
 
 
+def test_views_of_their_own_leave_training_as_it_is(digits, tmp_path):
+    # training on the images as they are, views through a random transform of the user's (view_dataset=)
+    plain = learner_for(digits, tmp_path / "plain", drift_mode="learned", drift_views=0)
+    viewed_own = OnlineLearner.from_class_assignment(
+        EmbeddingMLP,
+        digits[0],
+        digits[1],
+        C2S,
+        config=dataclasses.replace(plain.config, drift_views=3),
+        run_dir=tmp_path / "own",
+        quiet=True,
+        view_dataset=Jittered(digits[0]),
+    )
+    assert "view" in viewed_own.run_identity()["data"] and "view" not in plain.run_identity()["data"]
+    plain.run()
+    viewed_own.run()
+    first = [plain.load_stage_model(0).state_dict(), viewed_own.load_stage_model(0).state_dict()]
+    assert all(torch.equal(first[0][k], first[1][k]) for k in first[0])  # stage 0 measures no drift
+    (a, b) = (plain.compensator.forward_maps[0][0], viewed_own.compensator.forward_maps[0][0])
+    assert not torch.allclose(a, b, atol=1e-4)  # the views joined stage 1's measurement
+
+
 def test_views_that_change_nothing_are_refused_before_training(digits, tmp_path):
-    with pytest.raises(ValueError, match=r"train_stages\[1\] gave the same input twice"):
+    with pytest.raises(ValueError, match=r"view dataset of stage 1 .* gave the same input twice"):
         learner_for(digits, tmp_path / "a", drift_views=2)  # TensorDataset: no random transform
     jittered = Jittered(digits[0])
     with pytest.raises(ValueError, match="drift_views=2 has no effect: method 'finetune'"):
