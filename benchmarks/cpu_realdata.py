@@ -50,10 +50,6 @@ DATASETS = {
 }
 
 
-def measures_drift(method: str, drift_mode: str) -> bool:
-    return METHODS[method].virtual and METHODS[method].drift and drift_mode != "none"
-
-
 def make_config(dataset: str, method: str, seed: int, quick: bool, args) -> OnlineConfig:
     d = DATASETS[dataset]
     return OnlineConfig(
@@ -70,7 +66,7 @@ def make_config(dataset: str, method: str, seed: int, quick: bool, args) -> Onli
         temperature=args.temperature,
         lambda_compat=args.lambda_compat,
         # the methods whose runs measure drift; the gallery replays of the others use the images alone
-        drift_views=args.drift_views if measures_drift(method, args.drift_mode) else 0,
+        drift_views=args.drift_views if METHODS[method].measures_drift(args.drift_mode) else 0,
         drift_similarity=args.drift_similarity,
         drift_mode=args.drift_mode,
         # From-scratch CNN: BatchNorm learns in stage 0 and in the fresh F_s, and is frozen in networks

@@ -106,10 +106,10 @@ def measure(learner, views: int, shrinks, sigma: float, clusters: int) -> dict:
         proto_feats, proto_labels = extract_embeddings(models[t], learner.prototype_stages[t], batch_size=256)
         prototypes = torch.stack([proto_feats[proto_labels == c].mean(0) for c in torch.unique(proto_labels)])
         moved = {"global": x @ global_map[0] + global_map[1]}
+        centres = kmeans(fit_old, clusters)
         for shrink in shrinks:
             maps = local_maps(fit_old, fit_new, prototypes, global_map, shrink, sigma)
             moved[f"class-local λ{shrink:g}"] = apply_local(x, prototypes, maps, sigma)
-            centres = kmeans(fit_old, clusters)
             maps = local_maps(fit_old, fit_new, centres, global_map, shrink, sigma)
             moved[f"cluster-local k{clusters} λ{shrink:g}"] = apply_local(x, centres, maps, sigma)
         for name, v in moved.items():  # the last stage's items stay as stored: by the last model

@@ -79,11 +79,13 @@ def per_stage_row(summary: dict) -> list[float]:
 def _embedder(learner: OnlineLearner, batch_size: int):
     from .evaluation import extract_embeddings
 
-    def embed(stage, dataset):  # one model loaded at a time
+    def embed(stage, dataset, *more):  # one model loaded at a time, once for all the datasets given
         model = learner.load_stage_model(stage)
-        return extract_embeddings(
-            model, dataset, batch_size=batch_size, device=learner.device, amp=learner.config.amp
-        )
+        out = [
+            extract_embeddings(model, d, batch_size=batch_size, device=learner.device, amp=learner.config.amp)
+            for d in (dataset, *more)
+        ]
+        return out if more else out[0]
 
     return embed
 
@@ -106,8 +108,10 @@ def _replay_drift(learner: OnlineLearner, users: Sequence, embed):
         views = view_dataset(learner, i)
 
         def rows(t):  # the prototype images, then the augmented views (OnlineConfig.drift_views)
-            feats, labels = embed(t, learner.prototype_stages[i])  # noqa: B023
-            return (feats if views is None else torch.cat([feats, embed(t, views)[0]])), labels  # noqa: B023
+            if views is None:  # noqa: B023
+                return embed(t, learner.prototype_stages[i])  # noqa: B023
+            (feats, labels), (extra, _) = embed(t, learner.prototype_stages[i], views)  # noqa: B023
+            return torch.cat([feats, extra]), labels
 
         new, labels = rows(i)
         earlier = sorted(set().union(*(user.stages_to_measure(after_adding=1) for user in users)))

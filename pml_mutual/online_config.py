@@ -25,6 +25,11 @@ class Method:
     virtual: bool = False  # virtual features of earlier stages in L_corr (Eq. 6)
     drift: bool = True  # estimate them with Eq. 3–4; False: f̂ = the teacher feature (an ablation)
 
+    def measures_drift(self, drift_mode: str) -> bool:
+        """Whether a run of this method with ``drift_mode`` measures drift after each stage (for its
+        virtual features; the gallery report measures it for any method)."""
+        return self.virtual and self.drift and drift_mode != "none"
+
 
 METHODS: dict[str, Method] = {
     "initial": Method(train=False),

@@ -252,8 +252,7 @@ def check_drift_views(cfg, method, view_stages) -> None:
     first with a random transform."""
     if not cfg.drift_views:
         return
-    measures_drift = (method.virtual and method.drift and cfg.drift_mode != "none") or cfg.gallery_report
-    if not measures_drift:
+    if not (method.measures_drift(cfg.drift_mode) or cfg.gallery_report):
         raise ValueError(
             f"drift_views={cfg.drift_views} has no effect: method {cfg.method!r} with drift_mode="
             f"{cfg.drift_mode!r} measures no drift and gallery_report is off; set drift_views=0"
